@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` (distill the shipped digits teacher, export, print the table)
+# and `make test`. Both create .venv and install everything first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Without CUDA take the CPU wheel of torch: an unpinned torch would pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test lint install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check onestep pipelines scripts tests
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/onestep train configs/digits/dmd2.yaml output_dir=$(DEMO_DIR)
+	$(VENV)/bin/onestep bench $(DEMO_DIR) --out $(DEMO_DIR)/bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check onestep pipelines scripts tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,122 @@
+"""Typed run configs: YAML + `key=value` overrides parsed by OmegaConf into validated dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from onestep.errors import UserInputError
+from onestep.training.trainer import TrainerConfig
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | image_folder | prompts
+    image_dir: str | None = None  # real images for GAN / paired losses (image_folder)
+    prompts: str | None = None  # text file, one prompt per line (text teachers)
+    batch_size: int = 64
+
+
+@dataclass
+class TeacherConfig:
+    path: str = "builtin:digits"  # a diffusers folder, or builtin:digits for the shipped teacher
+    guidance_scale: float = 1.0
+    allow_pickle: bool = False
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1000
+    features: str = "digits"  # digits | inception
+    reference: str = "digits"  # digits | STATS.npz | IMAGE_DIR
+    sampling_batch: int = 500
+
+
+@dataclass
+class RunConfig:
+    method: str = MISSING
+    output_dir: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    options: Any = field(default_factory=dict)  # the method's own options, validated against its dataclass
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    msg = text[0] if text else type(err).__name__
+    details = {k: v.strip() for k, v in (line.split(":", 1) for line in text[1:] if ":" in line)}
+    if "full_key" in details and details["full_key"] not in msg:
+        msg = f"{details['full_key']}: {msg}"
+    return msg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """Impossible values that types alone don't catch."""
+    positive = {"data.batch_size": cfg.data.batch_size, "train.max_steps": cfg.train.max_steps,
+                "train.log_every": cfg.train.log_every, "eval.num_samples": cfg.eval.num_samples,
+                "eval.sampling_batch": cfg.eval.sampling_batch}
+    non_negative = {"train.eval_every": cfg.train.eval_every, "train.sample_every": cfg.train.sample_every,
+                    "train.checkpoint_every": cfg.train.checkpoint_every,
+                    "train.keep_checkpoints": cfg.train.keep_checkpoints}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserInputError(f"config {key} must be > 0, got {value}")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserInputError(f"config {key} must be >= 0, got {value}")
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserInputError(f"config train.mixed_precision must be no, fp16 or bf16, got {cfg.train.mixed_precision}")
+    if cfg.teacher.guidance_scale < 0:
+        raise UserInputError(f"config teacher.guidance_scale must be >= 0, got {cfg.teacher.guidance_scale}")
+    if cfg.eval.features not in ("digits", "inception"):
+        raise UserInputError(f"config eval.features must be digits or inception, got {cfg.eval.features!r}")
+
+
+def load_config(path: str | Path, overrides: list[str] = (), options_schema: type | None = None) -> RunConfig:
+    """Read a YAML run config, apply `key=value` overrides, validate types and values.
+
+    `options_schema` is the method's options dataclass (looked up from `method` by the caller when None is given
+    here, see `onestep.runs.options_schema`); unknown or mistyped keys anywhere raise UserInputError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        if options_schema is None:
+            from onestep.runs import options_schema as lookup
+
+            options_schema = lookup(merged.method)
+        options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
+        merged.options = options
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserInputError(f"bad config {path}: {_one_line(err)}") from None
+    except KeyError as err:
+        raise UserInputError(f"bad config {path}: {err.args[0]}") from None
+    _check_values(cfg)
+    check = getattr(cfg.options, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as err:
+            raise UserInputError(f"bad config {path}: options.{err}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-serialisable dict of a config dataclass."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg

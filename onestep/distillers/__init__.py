@@ -1,0 +1,32 @@
+"""The registry of distillers: a method name maps to its class and its options (presets are option defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onestep.distillers.base import Distiller
+from onestep.distillers.dmd import DMD, DMD1Options, DMDOptions
+
+
+@dataclass(frozen=True)
+class Registration:
+    distiller_cls: type[Distiller]
+    options_cls: type
+
+
+DISTILLERS: dict[str, Registration] = {
+    "dmd": Registration(DMD, DMD1Options),
+    "dmd2": Registration(DMD, DMDOptions),
+}
+
+
+def build_distiller(name: str, teacher, options=None, **kwargs) -> Distiller:
+    """`build_distiller("dmd2", teacher, options)`: options default to the method's preset; kwargs go to the class
+    (conditions, judge, real images, ...)."""
+    if name not in DISTILLERS:
+        raise ValueError(f"unknown distiller {name!r}; choose from {', '.join(sorted(DISTILLERS))}")
+    reg = DISTILLERS[name]
+    return reg.distiller_cls(teacher, options if options is not None else reg.options_cls(), **kwargs)
+
+
+__all__ = ["DISTILLERS", "Distiller", "build_distiller"]

@@ -1,0 +1,47 @@
+"""The frame every distiller shares: frozen teacher, trainable generator, condition sampling, evaluation, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from onestep.data.conditions import ConditionSampler
+from onestep.generator import Generator
+from onestep.teacher import Teacher
+from onestep.training.updates import Update
+
+
+class Distiller:
+    """Base class: subclasses build their critics and state their losses as `updates()`.
+
+    A distiller knows no command line and does not run the loop: the Trainer calls its updates on their cadence.
+    """
+
+    options_cls: type
+
+    def __init__(self, teacher: Teacher, options, conditions: ConditionSampler | None = None, judge=None,
+                 generator_timesteps: list[int] | tuple[int, ...] = (999,), batch_size: int = 64):
+        self.teacher, self.options, self.judge, self.batch_size = teacher, options, judge, batch_size
+        self.conditions = conditions or ConditionSampler(
+            classes=range(teacher.num_classes) if teacher.num_classes else None)
+        self.generator = Generator.from_teacher(teacher.unet, teacher.schedule, generator_timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.teacher.device
+
+    def updates(self) -> list[Update]:
+        raise NotImplementedError
+
+    # --- what the trainer reports and writes -------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        return {} if self.judge is None else self.judge.generator_metrics(self.generator, self.teacher)
+
+    def sample_images(self) -> torch.Tensor | None:
+        return None if self.judge is None else self.judge.generator_grid(self.generator, self.teacher)
+
+    def export(self, out_dir: Path) -> None:
+        from onestep.export import export_generator
+
+        export_generator(self.generator, self.teacher, out_dir)

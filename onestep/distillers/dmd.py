@@ -1,0 +1,168 @@
+"""Distribution Matching Distillation: DMD (Yin et al., CVPR 2024) and DMD2 (Yin et al., NeurIPS 2024).
+
+Algorithm (one iteration; `dmd` and `dmd2` are presets of these options):
+  1. every `generator_every`-th step, generator update:
+       x = G(z, c)                                        (backward simulation for multi-step generators)
+       L_G = L_DM(x) + w_gan_G * softplus(-D(x_t)) + w_reg * d(G(z_ref), y_ref)
+  2. every step, critic update on sg(x):
+       L_mu = denoising loss of the fake score on sg(x) + w_gan_D * [softplus(D(fake_t)) + softplus(-D(real_t))]
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from onestep.conditioning import Condition
+from onestep.critics import FakeScore
+from onestep.denoising import denoising_loss, sample_timesteps
+from onestep.distillers.base import Distiller
+from onestep.distillers.regression import PairedRegression, RegressionOptions
+from onestep.training.updates import LossOutput, OptimizerConfig, Update
+from onestep.unet import frozen_parameters
+
+
+def distribution_matching_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> torch.Tensor:
+    """DMD eq. 7 with DMD2's normaliser: grad = (mu_fake - mu_real) / mean_CHW |x - mu_real|.
+
+    Returns the per-sample loss 0.5 * mean_CHW (x - sg(x - grad))^2, whose gradient w.r.t. x is grad / numel(CHW).
+    mu_real and mu_fake must carry no gradient; all arithmetic is float32.
+    """
+    x = x.float()
+    with torch.no_grad():
+        normaliser = (x - mu_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+        grad = torch.nan_to_num((mu_fake.float() - mu_real.float()) / normaliser)
+        target = x - grad
+    return 0.5 * (x - target).square().flatten(1).mean(1)
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss softplus(-D(G(z)))."""
+    return F.softplus(-fake_logits)
+
+
+def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """softplus(D(fake)) + softplus(-D(real))."""
+    return F.softplus(fake_logits) + F.softplus(-real_logits)
+
+
+@dataclass
+class DMDOptions:
+    """`options:` of a dmd2 config (DMD2 preset: TTUR 5, GAN on, no regression)."""
+
+    generator_timesteps: list[int] = field(default_factory=lambda: [999])
+    dm_t_min: float = 0.02  # DM timestep range as a share of T
+    dm_t_max: float = 0.98
+    generator_every: int = 5  # TTUR: the critic takes every step, the generator every N-th
+    generator_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-5, weight_decay=0.01, warmup_steps=0, grad_clip=10.0))
+    critic_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=0.01, warmup_steps=0, grad_clip=10.0))
+    generator_ema: float | None = 0.99
+    gan: bool = True
+    gan_generator_weight: float = 3e-3
+    gan_critic_weight: float = 1e-2
+    regression: RegressionOptions = field(default_factory=RegressionOptions)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.dm_t_min < self.dm_t_max <= 1.0:
+            raise ValueError(f"need 0 <= dm_t_min < dm_t_max <= 1, got {self.dm_t_min}, {self.dm_t_max}")
+        if self.generator_every < 1:
+            raise ValueError(f"generator_every must be >= 1, got {self.generator_every}")
+        for name in ("generator_optimizer", "critic_optimizer"):
+            if getattr(self, name).lr <= 0:
+                raise ValueError(f"{name}.lr must be > 0, got {getattr(self, name).lr}")
+
+
+@dataclass
+class DMD1Options(DMDOptions):
+    """DMD preset: DM + paired regression, generator and critic updated every step, no GAN."""
+
+    generator_every: int = 1
+    gan: bool = False
+    regression: RegressionOptions = field(default_factory=lambda: RegressionOptions(weight=0.25))
+
+
+class DMD(Distiller):
+    """DMD / DMD2 over one frame: the generator, one fake score (with DMD2's GAN head), the frozen teacher."""
+
+    options_cls = DMDOptions
+
+    def __init__(self, teacher, options: DMDOptions, conditions=None, judge=None, batch_size: int = 64, real=None,
+                 regression_cache=None):
+        super().__init__(teacher, options, conditions, judge, options.generator_timesteps, batch_size)
+        self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule, gan_head=options.gan)
+        if options.gan and real is None:
+            raise ValueError("the GAN term needs real images (data.name digits or image_folder)")
+        self.real = real
+        self.regression = (PairedRegression(teacher, self.conditions, options.regression, regression_cache)
+                           if options.regression.weight > 0 else None)
+        T = teacher.schedule.num_train_timesteps
+        self.dm_range = (int(options.dm_t_min * T), int(options.dm_t_max * T))
+        self._fresh: tuple[torch.Tensor, Condition] | None = None  # the generator step's sample, reused by the critic
+
+    def updates(self) -> list[Update]:
+        o = self.options
+        return [Update("generator", self.generator, self.generator_loss, o.generator_optimizer, o.generator_every,
+                       o.generator_ema),
+                Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
+
+    # --- generator ----------------------------------------------------------------------------------------------
+    def _generator_sample(self, generator) -> tuple[torch.Tensor, Condition]:
+        """x = G(z, c); multi-step generators train at a random step after backward simulation without grad."""
+        n = self.batch_size
+        condition = self.conditions(n, self.device)
+        noise = torch.randn((n, *self.teacher.sample_shape), device=self.device)
+        step = int(torch.randint(0, len(self.generator.timesteps), ()))
+        x_t = self.generator.simulate(noise, condition, step) if step else None
+        return generator(noise, condition, step, x_t), condition
+
+    def generator_loss(self, generator) -> LossOutput:
+        x, condition = self._generator_sample(generator)
+        self._fresh = (x.detach(), condition)
+        t = sample_timesteps(x.shape[0], *self.dm_range, self.device)
+        x_t = self.teacher.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        with torch.no_grad():
+            mu_real = self.teacher.x0(x_t, t, condition)
+            mu_fake = self.fake(x_t, t, condition)
+        loss_dm = distribution_matching_loss(x, mu_real, mu_fake).mean()
+        loss, logs = loss_dm, {"dm": loss_dm.item()}
+        if self.options.gan:
+            t_gan = sample_timesteps(x.shape[0], 0, self.teacher.schedule.num_train_timesteps, self.device)
+            with frozen_parameters(self.fake):
+                x_gan = self.teacher.schedule.add_noise(x, torch.randn_like(x), t_gan)
+                logits = self.fake(x_gan, t_gan, condition, output="logits")
+            loss_gan = gan_generator_loss(logits).mean()
+            loss = loss + self.options.gan_generator_weight * loss_gan
+            logs["gan"] = loss_gan.item()
+        if self.regression is not None:
+            loss_reg = self.regression.loss(generator)
+            loss = loss + self.options.regression.weight * loss_reg
+            logs["regression"] = loss_reg.item()
+        return LossOutput(loss, logs)
+
+    # --- critic -------------------------------------------------------------------------------------------------
+    def critic_loss(self, fake) -> LossOutput:
+        if self._fresh is not None:
+            x, condition = self._fresh
+            self._fresh = None
+        else:
+            with torch.no_grad():
+                x, condition = self._generator_sample(self.generator)
+        raw = functools.partial(fake, output="raw")
+        loss_dsm = denoising_loss(raw, self.teacher.schedule, x, condition).mean()
+        loss, logs = loss_dsm, {"denoising": loss_dsm.item()}
+        if self.options.gan:
+            schedule, T = self.teacher.schedule, self.teacher.schedule.num_train_timesteps
+            real, real_condition = self.real.sample(x.shape[0], self.device)
+            t_fake, t_real = (sample_timesteps(x.shape[0], 0, T, self.device) for _ in range(2))
+            fake_logits = fake(schedule.add_noise(x, torch.randn_like(x), t_fake), t_fake, condition, output="logits")
+            real_t = schedule.add_noise(real, torch.randn_like(real), t_real)
+            real_logits = fake(real_t, t_real, real_condition, output="logits")
+            loss_d = gan_discriminator_loss(fake_logits, real_logits).mean()
+            loss = loss + self.options.gan_critic_weight * loss_d
+            logs.update(gan_d=loss_d.item(), d_real=real_logits.mean().item(), d_fake=fake_logits.mean().item())
+        return LossOutput(loss, logs)

@@ -1,0 +1,97 @@
+"""DMD's paired regression loss: the generator matches the teacher's deterministic ODE output from the same noise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from onestep.data.conditions import ConditionSampler
+from onestep.sampling import sample_teacher
+from onestep.teacher import Teacher
+
+
+DISTANCES = ("mse", "pseudo_huber", "lpips")
+
+
+@dataclass
+class RegressionOptions:
+    weight: float = 0.0  # 0 turns the term off (DMD2); DMD1 uses 0.25
+    distance: str = "mse"  # mse | pseudo_huber | lpips (LPIPS needs the `lpips` package and its weights on disk)
+    num_pairs: int = 1000
+    teacher_steps: int = 50  # DDIM steps of the teacher's deterministic sampler
+    batch_size: int = 16
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(||a - b||^2 + c^2) - c per sample, c = 0.00054 sqrt(d) (Song & Dhariwal 2023, iCT)."""
+    d = a[0].numel()
+    c = 0.00054 * d**0.5
+    return ((a - b).float().square().flatten(1).sum(1) + c**2).sqrt() - c
+
+
+class PairedRegression:
+    """(z, c, y) pairs with y = teacher's `teacher_steps`-step DDIM from z, built once and cached as safetensors."""
+
+    def __init__(self, teacher: Teacher, conditions: ConditionSampler, options: RegressionOptions,
+                 cache_dir: Path | None = None):
+        if options.distance not in DISTANCES:
+            raise ValueError(f"regression.distance must be one of {DISTANCES}, got {options.distance!r}")
+        self.teacher, self.conditions, self.options = teacher, conditions, options
+        self._lpips = self._load_lpips() if options.distance == "lpips" else None
+        self.noise, self.index, self.targets = self._pairs(cache_dir)
+
+    @staticmethod
+    def _load_lpips():
+        try:
+            import lpips
+        except ImportError:
+            raise ValueError("regression.distance lpips needs `pip install lpips` with its backbone weights on "
+                             "disk; use mse or pseudo_huber otherwise") from None
+        return lpips.LPIPS(net="vgg").eval().requires_grad_(False)
+
+    def _key(self) -> str:
+        o = self.options
+        identity = {"num_pairs": o.num_pairs, "steps": o.teacher_steps, "shape": list(self.teacher.sample_shape),
+                    "conditions": len(self.conditions), "guidance": self.teacher.guidance_scale,
+                    "teacher": sum(float(p.double().sum()) for p in self.teacher.unet.parameters())}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _pairs(self, cache_dir: Path | None):
+        path = cache_dir / f"regression-pairs-{self._key()}.safetensors" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            data = load_file(path)
+            return data["noise"], data["index"], data["targets"]
+        rng = torch.Generator().manual_seed(0)
+        n = self.options.num_pairs
+        noise = torch.randn((n, *self.teacher.sample_shape), generator=rng)
+        index = torch.randint(0, max(len(self.conditions), 1), (n,), generator=rng)
+        condition = self.conditions.condition(index, self.teacher.device)
+        targets = sample_teacher(self.teacher, condition, n, self.options.teacher_steps, "ddim", noise=noise).cpu()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"noise": noise, "index": index, "targets": targets}, str(tmp),
+                      metadata={"options": json.dumps(asdict(self.options))})
+            tmp.replace(path)
+        return noise, index, targets
+
+    def loss(self, generator) -> torch.Tensor:
+        """Mean distance between G(z_i, c_i) and y_i over a random minibatch of pairs (one-step read-out)."""
+        pick = torch.randint(0, self.noise.shape[0], (self.options.batch_size,))
+        device = self.teacher.device
+        x = generator(self.noise[pick].to(device), self.conditions.condition(self.index[pick], device))
+        y = self.targets[pick].to(device)
+        if self.options.distance == "mse":
+            return (x - y).square().flatten(1).mean(1).mean()
+        if self.options.distance == "pseudo_huber":
+            return pseudo_huber(x, y).mean()
+        decode = self.teacher.decode
+        x_img, y_img = decode(x), decode(y)
+        if x_img.shape[1] == 1:
+            x_img, y_img = x_img.repeat(1, 3, 1, 1), y_img.repeat(1, 3, 1, 1)
+        return self._lpips(x_img, y_img).mean()

@@ -1,0 +1,5 @@
+"""The one error type for bad user input: the CLI prints it as one line and exits with code 2."""
+
+
+class UserInputError(ValueError):
+    """A problem with what the user gave us (paths, configs, shapes, values), explained in one line."""

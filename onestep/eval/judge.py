@@ -1,0 +1,106 @@
+"""Scores what a run produces: class-balanced samples from fixed noise, FD against a fixed reference, protocol kept."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from onestep.conditioning import Condition
+from onestep.sampling import sample_teacher
+from onestep.teacher import Teacher
+
+
+class Judge:
+    """FD of `num_samples` class-balanced samples, always from the same noise (seed), against `reference`.
+
+    Uses its own torch.Generator so that evaluating never moves the training RNG (resume stays exact).
+    """
+
+    def __init__(self, num_samples: int = 1000, features: str = "digits", reference: str = "digits",
+                 num_classes: int | None = None, seed: int = 1234, batch_size: int = 500):
+        self.num_samples, self.features, self.reference = num_samples, features, reference
+        self.num_classes, self.seed, self.batch_size = num_classes, seed, batch_size
+
+    @property
+    def metric_name(self) -> str:
+        return "fd_digits" if self.features == "digits" else "fid"
+
+    def condition(self, n: int, device: torch.device | str = "cpu") -> Condition:
+        from onestep.eval.sampling import balanced_labels
+
+        if self.num_classes is None:
+            return Condition()
+        return Condition(class_labels=balanced_labels(n, self.num_classes).to(device))
+
+    def score(self, images: torch.Tensor) -> dict:
+        """FD (and its protocol) of images in [-1, 1]."""
+        from onestep.eval.fd import frechet_distance
+        from onestep.eval.quantize import to_uint8
+
+        return frechet_distance(to_uint8(images), reference=self.reference, features=self.features).to_dict()
+
+    def _generator(self, device) -> torch.Generator:
+        return torch.Generator(device).manual_seed(self.seed)
+
+    @torch.no_grad()
+    def teacher_samples(self, teacher: Teacher, steps: int, n: int, sampler: str = "ddim",
+                        guidance_scale: float | None = None) -> torch.Tensor:
+        condition = self.condition(n, teacher.device)
+        latents = sample_teacher(teacher, condition, n, steps, sampler, guidance_scale,
+                                 generator=self._generator(teacher.device), batch_size=self.batch_size)
+        return teacher.decode(latents).clamp(-1, 1)
+
+    def teacher_metrics(self, teacher: Teacher, steps: list[int], sampler: str = "ddim",
+                        guidance_scale: float | None = None) -> dict[str, float]:
+        out = {}
+        for k in steps:
+            start = time.perf_counter()
+            images = self.teacher_samples(teacher, k, self.num_samples, sampler, guidance_scale)
+            elapsed = time.perf_counter() - start
+            out[f"{self.metric_name}/teacher_{sampler}{k}"] = self.score(images)["value"]
+            out[f"images_per_s/teacher_{sampler}{k}"] = self.num_samples / elapsed
+        return out
+
+    @torch.no_grad()
+    def generator_samples(self, generator, teacher: Teacher, n: int) -> torch.Tensor:
+        """Images in [-1, 1] of the (possibly multi-step) generator from this judge's fixed noise."""
+        rng = self._generator(teacher.device)
+        condition = self.condition(n, teacher.device)
+        out = []
+        for start in range(0, n, self.batch_size):
+            m = min(self.batch_size, n - start)
+            noise = torch.randn((m, *teacher.sample_shape), generator=rng, device=teacher.device)
+            x0 = generator.sample(noise, condition[start:start + m], generator=rng)
+            out.append(teacher.decode(x0).clamp(-1, 1))
+        return torch.cat(out)
+
+    def generator_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
+        start = time.perf_counter()
+        images = self.generator_samples(generator, teacher, self.num_samples)
+        elapsed = time.perf_counter() - start
+        return {f"{self.metric_name}/student": self.score(images)["value"],
+                "images_per_s/student": self.num_samples / elapsed}
+
+    def grid_condition(self, per_class: int, device) -> tuple[int, Condition]:
+        """One row per class (labels 0,0,..,1,1,..) for sample grids."""
+        if self.num_classes is None:
+            return per_class * per_class, Condition()
+        labels = torch.arange(self.num_classes, device=device).repeat_interleave(per_class)
+        return labels.numel(), Condition(class_labels=labels)
+
+    def teacher_grid(self, teacher: Teacher, steps: int = 50, per_class: int = 10) -> torch.Tensor:
+        from onestep.eval.quantize import to_uint8
+
+        n, condition = self.grid_condition(per_class, teacher.device)
+        latents = sample_teacher(teacher, condition, n, steps, generator=self._generator(teacher.device))
+        return to_uint8(teacher.decode(latents).clamp(-1, 1))
+
+    @torch.no_grad()
+    def generator_grid(self, generator, teacher: Teacher, per_class: int = 10) -> torch.Tensor:
+        from onestep.eval.quantize import to_uint8
+
+        rng = self._generator(teacher.device)
+        n, condition = self.grid_condition(per_class, teacher.device)
+        noise = torch.randn((n, *teacher.sample_shape), generator=rng, device=teacher.device)
+        return to_uint8(teacher.decode(generator.sample(noise, condition, generator=rng)).clamp(-1, 1))

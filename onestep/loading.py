@@ -1,0 +1,115 @@
+"""Reading diffusers folders safely: safetensors only unless pickle is explicitly allowed, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from onestep.errors import UserInputError
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserInputError(f"missing {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserInputError(f"corrupt JSON in {path}: {err}") from None
+
+
+def check_weights(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse a model folder whose weights are pickle-only (arbitrary code on load) unless allowed."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled and not allow_pickle:
+        raise UserInputError(f"{folder} holds only pickle weights ({pickled[0]}); convert them to safetensors "
+                             "or pass --allow-pickle if you trust the file")
+    if not pickled:
+        raise UserInputError(f"{folder} holds no weights (*.safetensors)")
+
+
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """A diffusers model (class named in its config.json) from a local folder."""
+    import diffusers
+
+    if not folder.is_dir():
+        raise UserInputError(f"model folder not found: {folder}")
+    class_name = _read_json(folder / "config.json").get("_class_name")
+    model_cls = getattr(diffusers, str(class_name), None)
+    if model_cls is None:
+        raise UserInputError(f"{folder}/config.json names an unknown diffusers model class {class_name!r}")
+    check_weights(folder, allow_pickle)
+    try:
+        model = model_cls.from_pretrained(folder, use_safetensors=not allow_pickle)
+    except Exception as err:  # diffusers raises many types for truncated/corrupt files
+        raise UserInputError(f"cannot load {folder}: {str(err).splitlines()[0]}") from None
+    return model.to(dtype)
+
+
+def load_scheduler(folder: Path):
+    import diffusers
+
+    config = _read_json(folder / "scheduler_config.json")
+    scheduler_cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+        raise UserInputError(f"{folder} names an unknown scheduler class {config.get('_class_name')!r}")
+    return scheduler_cls.from_config(config)
+
+
+def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> dict:
+    """unet + scheduler (+ vae, text_encoder, tokenizer when present) of a standard diffusers folder."""
+    if not path.is_dir():
+        raise UserInputError(f"teacher folder not found: {path}")
+    for needed in ("unet", "scheduler"):
+        if not (path / needed).is_dir():
+            raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
+    parts = {"unet": load_model(path / "unet", dtype, allow_pickle), "scheduler": load_scheduler(path / "scheduler")}
+    if (path / "vae").is_dir():
+        parts["vae"] = load_model(path / "vae", dtype, allow_pickle)
+    if (path / "text_encoder").is_dir():
+        import transformers
+
+        check_weights(path / "text_encoder", allow_pickle)
+        config = _read_json(path / "text_encoder" / "config.json")
+        encoder_cls = getattr(transformers, (config.get("architectures") or ["CLIPTextModel"])[0])
+        parts["text_encoder"] = encoder_cls.from_pretrained(path / "text_encoder", use_safetensors=not allow_pickle)
+        parts["tokenizer"] = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
+    return parts
+
+
+def save_diffusers_folder(out_dir: Path, pipeline_class: str | list[str], **components) -> None:
+    """Write a standard diffusers folder (model_index.json + one subfolder per component), atomically.
+
+    Built in a temporary sibling folder and renamed into place, so a crash never leaves a half-written folder
+    where a complete one was.
+    """
+    import shutil
+    import tempfile
+
+    import diffusers
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    for name, component in components.items():
+        component.save_pretrained(tmp / name)
+        module = type(component).__module__.split(".")[0]
+        index[name] = [module if module in ("diffusers", "transformers") else type(component).__module__,
+                       type(component).__name__]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)

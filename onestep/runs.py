@@ -1,0 +1,135 @@
+"""From a validated RunConfig to a running Trainer: which method, which teacher, which data, which judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from onestep.config import RunConfig, to_dict
+from onestep.errors import UserInputError
+from onestep.training.checkpoints import write_json_atomic
+from onestep.training.denoiser_task import DenoiserOptions, DenoiserTraining
+from onestep.training.trainer import Trainer
+
+
+BUILTIN_TEACHERS = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher"}
+
+
+def options_schema(method: str) -> type:
+    """The options dataclass of a method name (`teacher` or a registered distiller)."""
+    if method == "teacher":
+        return DenoiserOptions
+    from onestep.distillers import DISTILLERS
+
+    if method not in DISTILLERS:
+        raise UserInputError(f"unknown method {method!r}; choose from teacher, {', '.join(sorted(DISTILLERS))}")
+    return DISTILLERS[method].options_cls
+
+
+def resolve_teacher_path(path: str) -> Path:
+    return BUILTIN_TEACHERS.get(path, Path(path))
+
+
+def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """Images in [-1, 1] (N, C, H, W), labels (or None) and the number of classes."""
+    if cfg.data.name == "digits":
+        from onestep.data.digits import NUM_CLASSES, load_digits_tensors
+
+        images, labels = load_digits_tensors()
+        return images, labels, NUM_CLASSES
+    if cfg.data.name == "image_folder":
+        from onestep.data.folders import load_image_folder
+
+        if not cfg.data.image_dir:
+            raise UserInputError("data.name is image_folder but data.image_dir is not set")
+        return load_image_folder(Path(cfg.data.image_dir)), None, None
+    raise UserInputError(f"data.name must be digits or image_folder, got {cfg.data.name!r}")
+
+
+IDENTITY_KEYS = ("method", "data", "teacher", "options")  # what makes two configs the same run (not its length)
+RUN_CONFIG = "config.json"
+
+
+def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
+    """Refuse to resume into / overwrite an output folder that holds a different run, unless told to."""
+    out = Path(cfg.output_dir)
+    saved = out / RUN_CONFIG
+    if overwrite or not out.exists():
+        return
+    if not saved.is_file():
+        if any(out.iterdir()):
+            raise UserInputError(f"output_dir {out} is not empty and holds no onestep run; pass --overwrite to use it")
+        return
+    try:
+        previous = json.loads(saved.read_text())
+    except json.JSONDecodeError:
+        raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to replace it") from None
+    current = to_dict(cfg)
+    changed = [k for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
+    if changed:
+        raise UserInputError(f"output_dir {out} belongs to a different run (its {', '.join(changed)} differ); "
+                             "choose another output_dir or pass --overwrite")
+
+
+def load_teacher(cfg: RunConfig):
+    from onestep.teacher import Teacher
+
+    return Teacher.from_pretrained(resolve_teacher_path(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale,
+                                   allow_pickle=cfg.teacher.allow_pickle)
+
+
+def _check_teacher_matches_data(teacher, images: torch.Tensor) -> None:
+    expected = tuple(images.shape[1:])
+    got = teacher.sample_shape if teacher.vae is None else None
+    if got is not None and tuple(got) != expected:
+        raise UserInputError(f"teacher works on {got[0]}x{got[1]}x{got[2]} (C x H x W) but the data is "
+                             f"{expected[0]}x{expected[1]}x{expected[2]}")
+
+
+def build_distiller_task(cfg: RunConfig):
+    from onestep.data.conditions import ConditionSampler, RealImages
+    from onestep.distillers import DISTILLERS
+    from onestep.eval.judge import Judge
+
+    teacher = load_teacher(cfg)
+    prompts = None
+    if cfg.data.prompts:
+        from onestep.data.prompts import read_prompts
+
+        prompts = read_prompts(Path(cfg.data.prompts))
+    conditions = ConditionSampler(classes=range(teacher.num_classes) if teacher.num_classes else None,
+                                  prompts=prompts, encode=teacher.encode_prompts if prompts else None)
+    real = None
+    if cfg.data.name in ("digits", "image_folder"):
+        images, labels, _ = load_real_data(cfg)
+        _check_teacher_matches_data(teacher, images)
+        real = RealImages(images, labels if teacher.num_classes else None,
+                          encode=teacher.encode if teacher.vae is not None else None)
+    judge = None
+    if cfg.eval.num_samples and not teacher.is_text:
+        judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, teacher.num_classes,
+                      batch_size=cfg.eval.sampling_batch)
+    distiller_cls = DISTILLERS[cfg.method].distiller_cls
+    try:
+        return distiller_cls(teacher, cfg.options, conditions=conditions, judge=judge, batch_size=cfg.data.batch_size,
+                             real=real, regression_cache=Path(cfg.output_dir) / "cache")
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+
+
+def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
+    from onestep.eval.judge import Judge
+
+    check_output_dir(cfg, overwrite)
+    if cfg.method == "teacher":
+        images, labels, num_classes = load_real_data(cfg)
+        judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, num_classes,
+                      batch_size=cfg.eval.sampling_batch)
+        task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)
+    else:
+        task = build_distiller_task(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(cfg.output_dir) / RUN_CONFIG, to_dict(cfg))
+    return Trainer(task, cfg.output_dir, cfg.train, run_config=to_dict(cfg))

@@ -1,0 +1,143 @@
+"""The frozen teacher: a diffusers UNet and its noise schedule read out as x0(x_t, t, condition), with guidance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onestep.conditioning import Condition
+from onestep.schedules import VPSchedule
+from onestep.unet import takes_text, unet_x0
+
+
+def classifier_free_guidance(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """x̂ = x̂_u + s (x̂_c − x̂_u) (Ho & Salimans 2022); s = 1 is the conditional model."""
+    return x0_uncond + scale * (x0_cond - x0_uncond)
+
+
+class Teacher(nn.Module):
+    """A frozen diffusers diffusion model giving guided x0-predictions.
+
+    Args:
+        unet: `UNet2DModel`, `UNet2DConditionModel`, or any module with that call signature.
+        scheduler: a DDPM-family diffusers scheduler (supplies `alphas_cumprod` and `prediction_type`).
+        vae: optional `AutoencoderKL` for latent models (encode/decode with its scaling factor).
+        text_encoder, tokenizer: optional CLIP-style text encoder for text-conditional models.
+        num_classes: number of real classes of a class-conditional model; label `num_classes` is the null class.
+        guidance_scale: default classifier-free guidance scale (1 = none).
+        frozen: put the networks in eval mode without gradients (the default; a teacher is never trained).
+    """
+
+    def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None, text_encoder: nn.Module | None = None,
+                 tokenizer=None, num_classes: int | None = None, guidance_scale: float = 1.0, frozen: bool = True):
+        super().__init__()
+        # frozen=False only for a view on a network still in training (periodic evaluation of teacher training).
+        self.unet = unet.eval().requires_grad_(False) if frozen else unet
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.schedule = VPSchedule.from_scheduler(scheduler)
+        if num_classes is None and getattr(unet.config, "num_class_embeds", None):
+            num_classes = unet.config.num_class_embeds - 1  # the last embedding is the null class
+        self.num_classes = num_classes
+        self.guidance_scale = guidance_scale
+        self._null_text: torch.Tensor | None = None
+
+    # --- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, guidance_scale: float = 1.0,
+                        dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Teacher:
+        """Read a standard diffusers folder (`unet/`, `scheduler/`, optional `vae/`, `text_encoder/`, `tokenizer/`).
+
+        Weights load from safetensors only; `allow_pickle=True` accepts `.bin` files you trust.
+        """
+        from onestep.loading import load_diffusers_folder
+
+        parts = load_diffusers_folder(Path(path), dtype=dtype, allow_pickle=allow_pickle)
+        return cls(**parts, guidance_scale=guidance_scale)
+
+    # --- shapes -----------------------------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model space (latents for latent models)."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return cfg.in_channels, size, size
+
+    @property
+    def is_text(self) -> bool:
+        return takes_text(self.unet)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # --- conditions -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP-style prompt embeddings (last hidden state), padded to the tokenizer's max length."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this teacher has no text encoder/tokenizer; it cannot take prompts")
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def condition(self, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None) -> Condition:
+        if prompts is not None:
+            return Condition(encoder_hidden_states=self.encode_prompts(prompts))
+        if class_labels is not None and self.num_classes is None:
+            raise ValueError("class labels given to a teacher that is not class-conditional")
+        return Condition(class_labels=class_labels)
+
+    def null_condition(self, condition: Condition) -> Condition:
+        """The unconditional counterpart: null class label (index num_classes) or the empty-prompt embedding."""
+        null = {}
+        if condition.class_labels is not None:
+            null["class_labels"] = torch.full_like(condition.class_labels, self.num_classes)
+        if condition.encoder_hidden_states is not None:
+            if self._null_text is None:
+                self._null_text = self.encode_prompts([""])
+            batch = condition.encoder_hidden_states.shape[0]
+            null["encoder_hidden_states"] = self._null_text.to(condition.encoder_hidden_states).expand(batch, -1, -1)
+        return Condition(**null)
+
+    # --- prediction -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
+           guidance_scale: float | None = None) -> torch.Tensor:
+        """Guided x0-prediction in float32; conditional and unconditional passes run as one batch."""
+        return self.x0_with_grad(x_t, t, condition, guidance_scale)
+
+    def x0_with_grad(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
+                     guidance_scale: float | None = None) -> torch.Tensor:
+        """As `x0`, but lets gradients flow to x_t (SiD/SFD differentiate through the teacher's input)."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        unconditional = condition.class_labels is None and condition.encoder_hidden_states is None
+        if scale == 1.0 or unconditional:
+            return unet_x0(self.unet, self.schedule, x_t, t, condition)
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        both = Condition.cat([self.null_condition(condition), condition])
+        x0_u, x0_c = unet_x0(self.unet, self.schedule, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        return classifier_free_guidance(x0_u, x0_c, scale)
+
+    # --- latent space -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to model space (VAE latents times the scaling factor; identity for pixel models)."""
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model space to images in [-1, 1]."""
+        if self.vae is None:
+            return latents
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()

@@ -1,0 +1,76 @@
+"""Atomic checkpoints: accelerate's save_state into a temporary folder, renamed into place when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+COMPLETE_MARKER = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"checkpoint-{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a crash mid-save leaves only a `.tmp-*` folder, which is ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / COMPLETE_MARKER).read_text())
+
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) -> Path:
+    """Save all ranks' state, then (main process) write the marker, fsync and rename; prune to the last `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / COMPLETE_MARKER, state)
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): swap the old one out last
+            old = root / f".old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        for stale in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

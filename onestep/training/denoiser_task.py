@@ -1,0 +1,87 @@
+"""Training a (class-conditional) diffusers UNet from data with the denoising loss: how the digits teacher is made."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from onestep.conditioning import Condition
+from onestep.denoising import denoising_loss
+from onestep.training.updates import LossOutput, OptimizerConfig, Update
+from onestep.unet import unet_forward
+
+
+@dataclass
+class DenoiserOptions:
+    """`options:` of a teacher-training config."""
+
+    unet: dict[str, Any] = field(default_factory=dict)  # UNet2DModel kwargs
+    scheduler: dict[str, Any] = field(default_factory=dict)  # DDPMScheduler kwargs
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema_decay: float | None = 0.999
+    label_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    eval_steps: int = 10  # DDIM steps of the periodic FD evaluation
+    export_dtype: str = "float32"  # float16 halves the shipped size
+
+    def validate(self) -> None:
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.optimizer.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
+
+
+class DenoiserTraining:
+    """The teacher's own training: x0 ~ data, t ~ U{0..T-1}, denoising loss, labels dropped to the null class."""
+
+    def __init__(self, options: DenoiserOptions, images: torch.Tensor, labels: torch.Tensor | None,
+                 num_classes: int | None, batch_size: int, evaluator=None):
+        self.options, self.batch_size, self.evaluator = options, batch_size, evaluator
+        self.images, self.labels, self.num_classes = images, labels, num_classes
+        unet_kwargs = dict(options.unet)
+        if num_classes is not None:
+            unet_kwargs["num_class_embeds"] = num_classes + 1  # + the null class
+        self.unet = UNet2DModel(**unet_kwargs)
+        self.scheduler = DDPMScheduler(**options.scheduler)
+        from onestep.teacher import Teacher
+
+        self.teacher_view = Teacher(self.unet, self.scheduler, num_classes=num_classes, frozen=False)
+
+    def updates(self) -> list[Update]:
+        return [Update("unet", self.unet, self.loss, self.options.optimizer, ema_decay=self.options.ema_decay)]
+
+    def loss(self, unet: torch.nn.Module) -> LossOutput:
+        device = self.images.device
+        idx = torch.randint(0, self.images.shape[0], (self.batch_size,), device=device)
+        x0 = self.images[idx]
+        condition = Condition()
+        if self.labels is not None:
+            labels = self.labels[idx].clone()
+            labels[torch.rand(self.batch_size, device=device) < self.options.label_dropout] = self.num_classes
+            condition = Condition(class_labels=labels)
+        net = functools.partial(unet_forward, unet)
+        loss = denoising_loss(net, self.teacher_view.schedule, x0, condition).mean()
+        return LossOutput(loss)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        return self.evaluator.teacher_metrics(self.teacher_view, steps=[self.options.eval_steps])
+
+    def sample_images(self) -> torch.Tensor | None:
+        if self.evaluator is None:
+            return None
+        return self.evaluator.teacher_grid(self.teacher_view, steps=50)
+
+    def export(self, out_dir: Path) -> None:
+        import copy
+
+        from onestep.loading import save_diffusers_folder
+
+        unet = copy.deepcopy(self.unet).to(getattr(torch, self.options.export_dtype))
+        save_diffusers_folder(out_dir, ["pipeline_class_conditional", "ClassConditionalDiffusionPipeline"],
+                              unet=unet, scheduler=self.scheduler)

@@ -1,0 +1,49 @@
+"""How a method states its training: named updates, each an optimizer over some parameters, a loss, a cadence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings of one update (DMD2: betas (0.9, 0.999), wd 0.01; SiD: betas (0, 0.999), wd 0)."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float | None = 10.0
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to minimise and float-valued logs (already detached)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """One optimizer's rule: minimise `loss(module)` over `module`'s trainable parameters when step % every == 0.
+
+    The loss receives the module as prepared by accelerate (DDP-wrapped under multi-process training), so its
+    forward syncs gradients; other networks it uses are read without gradient to their parameters.
+    `ema_decay` keeps an exponential moving average of the module (what gets exported when set).
+    """
+
+    name: str
+    module: nn.Module
+    loss: Callable[[nn.Module], LossOutput]
+    optimizer: OptimizerConfig
+    every: int = 1
+    ema_decay: float | None = None
+
+    def runs_at(self, step: int) -> bool:
+        return step % self.every == 0

@@ -1,0 +1,155 @@
+"""DMD / DMD2: the loss against its formula, where gradients may and may not flow, timestep ranges, guidance."""
+
+import pytest
+import torch
+
+from onestep.conditioning import Condition
+from onestep.data.conditions import RealImages
+from onestep.distillers import build_distiller
+from onestep.distillers.dmd import DMD1Options, DMDOptions, distribution_matching_loss
+from onestep.teacher import Teacher
+from tests.conftest import scheduler, tiny_unet
+
+
+def test_dm_gradient_matches_formula():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    mu_real, mu_fake = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    distribution_matching_loss(x, mu_real, mu_fake).mean().backward()
+    # direct re-computation: grad_x = (mu_fake - mu_real) / mean_CHW|x - mu_real| / (C*H*W) / B
+    normaliser = (x.detach() - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (mu_fake - mu_real) / normaliser / (2 * 4 * 4) / 3
+    assert torch.allclose(x.grad, expected, atol=1e-7)
+    # sign: a gradient step moves x from the fake score's mean towards the teacher's
+    assert ((x.grad * (mu_real - mu_fake)).sum() < 0)
+
+
+def test_dm_loss_nan_to_num_and_no_gradient_into_scores():
+    x = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    mu_real = torch.zeros(1, 1, 2, 2)  # x == mu_real == mu_fake: 0/0, cleaned to 0 by nan_to_num
+    mu_fake = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    loss = distribution_matching_loss(x, mu_real, mu_fake)
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert mu_fake.grad is None
+
+
+def _dmd(options=None, guidance=1.0, batch=8):
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler(), guidance_scale=guidance)
+    real = RealImages(torch.rand(20, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (20,)))
+    return build_distiller("dmd2", teacher, options or DMDOptions(), real=real, batch_size=batch)
+
+
+def test_generator_loss_updates_only_the_generator():
+    dmd = _dmd()
+    out = dmd.generator_loss(dmd.generator)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dmd.generator.parameters())
+    assert all(p.grad is None for p in dmd.fake.parameters())  # fake score and GAN head untouched
+    assert all(p.grad is None for p in dmd.teacher.parameters())
+    assert {"dm", "gan"} <= set(out.logs)
+
+
+def test_critic_loss_updates_only_the_critic():
+    dmd = _dmd()
+    out = dmd.critic_loss(dmd.fake)
+    out.loss.backward()
+    assert all(p.grad is None for p in dmd.generator.parameters())
+    assert all(p.grad is None for p in dmd.teacher.parameters())
+    assert any(p.grad is not None for p in dmd.fake.head.parameters())  # the discriminator trains with the critic
+    assert any(p.grad is not None for p in dmd.fake.unet.parameters())
+
+
+def test_critic_reuses_the_generator_sample_of_the_same_step():
+    dmd = _dmd()
+    calls = []
+    forward = dmd.generator.forward
+    dmd.generator.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    dmd.generator_loss(dmd.generator)
+    dmd.critic_loss(dmd.fake)
+    assert len(calls) == 1  # one generator pass per iteration, as in DMD2
+    dmd.critic_loss(dmd.fake)
+    assert len(calls) == 2  # a critic-only step draws a fresh sample
+
+
+def test_dm_timesteps_range_guidance_on_teacher_only():
+    dmd = _dmd(DMDOptions(gan=False), guidance=3.0, batch=256)
+    seen_teacher, seen_fake = [], []
+    teacher_x0, fake_forward = dmd.teacher.x0, dmd.fake.forward
+
+    def record_teacher(x_t, t, condition, guidance_scale=None):
+        seen_teacher.append((t.clone(), guidance_scale))
+        return teacher_x0(x_t, t, condition, guidance_scale)
+
+    def record_fake(x_t, t, condition, output="x0"):
+        seen_fake.append(condition.class_labels.clone())
+        return fake_forward(x_t, t, condition, output)
+
+    dmd.teacher.x0, dmd.fake.forward = record_teacher, record_fake
+    dmd.generator_loss(dmd.generator)
+    t, scale = seen_teacher[0]
+    assert t.min() >= 20 and t.max() < 980 and t.max() > 900 and t.min() < 100
+    assert scale is None and dmd.teacher.guidance_scale == 3.0  # the teacher's own guidance applies
+    assert all((labels < 3).all() for labels in seen_fake)  # the fake score never sees the null class
+
+
+def test_generator_reads_x0_at_t_init_from_pure_noise():
+    dmd = _dmd()
+    z = torch.randn(2, 1, 8, 8)
+    labels = torch.tensor([0, 2])
+    x = dmd.generator(z, Condition(class_labels=labels))
+    # zero-terminal-SNR v-prediction: alpha_999 = 0, sigma_999 = 1, x0 = -v(z)
+    v = dmd.generator.unet(z, torch.tensor([999, 999]), class_labels=labels).sample
+    assert torch.allclose(x, -v, atol=1e-6)
+
+
+def test_multistep_generator_backward_simulation_uses_fresh_noise():
+    dmd = _dmd(DMDOptions(generator_timesteps=[999, 499], gan=False))
+    z, c = torch.randn(2, 1, 8, 8), Condition(class_labels=torch.tensor([0, 1]))
+    torch.manual_seed(1)
+    x1 = dmd.generator.simulate(z, c, 1)
+    torch.manual_seed(1)
+    fresh = torch.randn(2, 1, 8, 8)
+    x0 = dmd.generator(z, c, 0)
+    expected = dmd.teacher.schedule.add_noise(x0, fresh, torch.tensor(499))
+    assert torch.allclose(x1, expected, atol=1e-6)
+
+
+def test_dmd_and_dmd2_are_presets_of_one_distiller():
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    dmd = build_distiller("dmd", teacher, DMD1Options(regression=DMD1Options().regression.__class__(
+        weight=0.25, num_pairs=8, teacher_steps=2, batch_size=4)))
+    assert type(dmd).__name__ == "DMD" and dmd.fake.head is None and dmd.regression is not None
+    updates = {u.name: u.every for u in dmd.updates()}
+    assert updates == {"generator": 1, "critic": 1}
+    out = dmd.generator_loss(dmd.generator)
+    assert "regression" in out.logs and "gan" not in out.logs
+    dmd2 = _dmd()
+    assert {u.name: u.every for u in dmd2.updates()} == {"generator": 5, "critic": 1}
+
+
+def test_regression_pairs_come_from_teacher_ddim_and_are_cached(tmp_path):
+    from onestep.distillers.regression import PairedRegression, RegressionOptions
+    from onestep.sampling import sample_teacher
+
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    dmd = _dmd()
+    options = RegressionOptions(weight=1.0, num_pairs=6, teacher_steps=3, batch_size=4)
+    reg = PairedRegression(teacher, dmd.conditions, options, tmp_path)
+    expected = sample_teacher(teacher, dmd.conditions.condition(reg.index, "cpu"), 6, 3, noise=reg.noise)
+    assert torch.allclose(reg.targets, expected, atol=1e-6)
+    cached = list(tmp_path.glob("regression-pairs-*.safetensors"))
+    assert len(cached) == 1
+    again = PairedRegression(teacher, dmd.conditions, options, tmp_path)
+    assert torch.equal(again.targets, reg.targets)
+
+
+@pytest.mark.parametrize("distance", ["mse", "pseudo_huber"])
+def test_regression_distances(distance):
+    from onestep.distillers.regression import pseudo_huber
+
+    a, b = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    if distance == "pseudo_huber":
+        c = 0.00054 * 4
+        assert torch.allclose(pseudo_huber(a, b), ((a - b).square().sum((1, 2, 3)) + c**2).sqrt() - c)
+        assert torch.allclose(pseudo_huber(a, a), torch.zeros(2), atol=1e-6)

@@ -1,0 +1,108 @@
+"""The training loop: cadence of several updates, checkpoints that are atomic and pruned, exact resume."""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onestep.training.checkpoints import complete_checkpoints, latest_checkpoint
+from onestep.training.trainer import Trainer, TrainerConfig
+from onestep.training.updates import LossOutput, OptimizerConfig, Update
+
+
+class TwoModelTask:
+    """A 'critic' every step and a 'generator' every 3rd, each a linear layer on random data."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.gen, self.critic = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.calls = {"generator": [], "critic": []}
+        self.step = 0
+        self.exported = None
+
+    def updates(self):
+        opt = OptimizerConfig(lr=1e-2, grad_clip=1.0)
+        return [Update("generator", self.gen, self._gen_loss, opt, every=3, ema_decay=0.9),
+                Update("critic", self.critic, self._critic_loss, opt)]
+
+    def _gen_loss(self, gen):
+        self.calls["generator"].append(1)
+        return LossOutput(gen(torch.randn(8, 4)).square().mean())
+
+    def _critic_loss(self, critic):
+        self.calls["critic"].append(1)
+        x = self.gen(torch.randn(8, 4)).detach()
+        return LossOutput((critic(x) - 1).square().mean(), {"mean": float(x.mean())})
+
+    def evaluate(self):
+        return {"weight_norm": float(self.gen.weight.detach().norm())}
+
+    def sample_images(self):
+        return None
+
+    def export(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.exported = self.gen.weight.detach().clone()
+
+
+def _train(tmp_path, max_steps, **kwargs):
+    task = TwoModelTask()
+    cfg = TrainerConfig(max_steps=max_steps, log_every=1, checkpoint_every=kwargs.pop("checkpoint_every", 4),
+                        keep_checkpoints=kwargs.pop("keep", 2), **kwargs)
+    Trainer(task, tmp_path, cfg).train()
+    return task
+
+
+def test_update_cadence_and_outputs(tmp_path):
+    task = _train(tmp_path, 9)
+    assert len(task.calls["critic"]) == 9 and len(task.calls["generator"]) == 3  # steps 0, 3, 6
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 9 and "weight_norm" in metrics["final"]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("critic/loss" in r and "generator/grad_norm" in r for r in log)
+
+
+def test_checkpoints_are_pruned_and_complete(tmp_path):
+    _train(tmp_path, 13, checkpoint_every=4, keep=2)
+    names = [p.name for p in complete_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["checkpoint-0000012", "checkpoint-0000013"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    _train(tmp_path, 4, checkpoint_every=4)
+    half = tmp_path / "checkpoints" / "checkpoint-0000008"
+    half.mkdir()  # a crash mid-save: no marker file
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint-0000004"
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    straight = _train(tmp_path / "a", 10, checkpoint_every=0)
+    _train(tmp_path / "b", 5, checkpoint_every=0)  # stops at 5 with a final checkpoint
+    resumed = _train(tmp_path / "b", 10, checkpoint_every=0)
+    assert len(resumed.calls["critic"]) == 5  # it continued, it did not start over
+    assert torch.equal(straight.gen.weight, resumed.gen.weight)
+    assert torch.equal(straight.critic.weight, resumed.critic.weight)
+    assert torch.equal(straight.exported, resumed.exported)  # EMA state resumed too
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
+    task = TwoModelTask()
+    calls = {"n": 0}
+
+    def sometimes_nan(critic):
+        calls["n"] += 1
+        loss = (critic(torch.randn(8, 4)) - 1).square().mean()
+        return LossOutput(loss * float("nan") if calls["n"] in (2, 3) else loss)
+
+    updates = task.updates()
+    updates[1].loss = sometimes_nan
+    task.updates = lambda: updates
+    before = None
+    trainer = Trainer(task, tmp_path, TrainerConfig(max_steps=5, checkpoint_every=0))
+    before = [p.detach().clone() for p in task.critic.parameters()]
+    trainer.train()
+    assert trainer.nonfinite_total == 2
+    assert all(torch.isfinite(p).all() for p in task.critic.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, task.critic.parameters()))
