@@ -1,9 +1,15 @@
-"""`onestep train | sample | fid | export | bench`: thin commands over the Python API; bad input exits with 2."""
+"""`onestep train | sample | fid | export | bench`: thin commands over the Python API.
+
+Bad input (a missing path, a typo'd config key, a wrong type, an impossible value, mismatched shapes) ends with
+exit code 2 and one line on stderr; nothing already on disk is touched.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -11,19 +17,132 @@ def _train(args: argparse.Namespace) -> int:
     from onestep.runs import build_trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = build_trainer(cfg)
-    final = trainer.train()
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+    final = build_trainer(cfg, overwrite=args.overwrite).train()
+    print(json.dumps({"output_dir": cfg.output_dir, **final}))
+    return 0
+
+
+def _balanced(num_classes: int | None, n: int):
+    from onestep.eval.sampling import balanced_labels
+
+    return balanced_labels(n, num_classes) if num_classes else None
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from onestep.errors import UserInputError
+    from onestep.eval.grid import save_grid
+    from onestep.eval.quantize import to_uint8
+    from onestep.inference import load_sampler
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise UserInputError(f"--out must end in .png (grid) or .npz (arrays), got {out.name}")
+    sampler = load_sampler(args.folder, args.steps, args.sampler, args.guidance)
+    labels = _balanced(sampler.num_classes, args.num_images)
+    images = to_uint8(sampler.sample(labels, args.num_images, args.seed))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        save_grid(images, out)
+    else:
+        tmp = out.with_name(f".{out.stem}.tmp.npz")
+        arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
+        np.savez(tmp, **arrays)
+        tmp.replace(out)
+    print(json.dumps({"out": str(out), "num_images": args.num_images, "nfe": sampler.nfe}))
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from onestep.errors import UserInputError
+    from onestep.eval.fd import frechet_distance
+    from onestep.eval.quantize import to_uint8
+    from onestep.inference import load_sampler
+
+    source = Path(args.source)
+    if source.suffix == ".npz":
+        if not source.is_file():
+            raise UserInputError(f"samples file not found: {source}")
+        with np.load(source) as data:
+            if "images" not in data:
+                raise UserInputError(f"{source} has no 'images' array (N, H, W, C uint8)")
+            images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)
+        if images.dtype != torch.uint8:
+            raise UserInputError(f"{source} images must be uint8, got {images.dtype}")
+        images = images[: args.num_samples] if args.num_samples else images
+    else:
+        sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
+        n = args.num_samples or 1000
+        images = to_uint8(sampler.sample(_balanced(sampler.num_classes, n), n, args.seed))
+    result = frechet_distance(images, reference=args.reference, features=args.features).to_dict()
+    print(json.dumps(result))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from onestep.runs import export_run
+
+    print(json.dumps({"pipeline": str(export_run(Path(args.run_dir), Path(args.out) if args.out else None))}))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from onestep.benchmark import run_benchmark
+
+    run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples,
+                  teacher_steps=args.teacher_steps, speed_batch=args.speed_batch)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onestep", description=__doc__)
+    parser = argparse.ArgumentParser(prog="onestep", description="Distill diffusers UNets into one-step generators.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     train = sub.add_parser("train", help="train a method from a YAML config (resumes automatically)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    train.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a different run")
     train.set_defaults(run=_train)
+
+    def sampling_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--steps", type=int, default=50, help="teacher folders: sampler steps")
+        p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="teacher folders: sampler")
+        p.add_argument("--guidance", type=float, default=None, help="teacher folders: guidance scale")
+
+    sample = sub.add_parser("sample", help="write a PNG grid or an .npz of samples")
+    sample.add_argument("folder", help="exported pipeline folder or teacher folder")
+    sample.add_argument("--num-images", type=int, default=100)
+    sample.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images, labels)")
+    sampling_args(sample)
+    sample.set_defaults(run=_sample)
+
+    fid = sub.add_parser("fid", help="Fréchet distance of a pipeline's samples or an .npz; prints JSON")
+    fid.add_argument("source", help="PIPELINE_DIR, teacher folder or SAMPLES.npz")
+    fid.add_argument("--reference", default="digits", help="digits | STATS.npz | IMAGE_DIR")
+    fid.add_argument("--features", default="digits", choices=["digits", "inception"])
+    fid.add_argument("--num-samples", type=int, default=None)
+    sampling_args(fid)
+    fid.set_defaults(run=_fid)
+
+    export = sub.add_parser("export", help="export the pipeline of a run from its newest checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("--out", default=None, help="default: RUN_DIR/pipeline")
+    export.set_defaults(run=_export)
+
+    bench = sub.add_parser("bench", help="teacher vs students: FD, NFE, images/s; Markdown table + PNG chart")
+    bench.add_argument("runs", nargs="+", help="run output folders")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--num-samples", type=int, default=1000)
+    bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50])
+    bench.add_argument("--speed-batch", type=int, default=256)
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -31,11 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     from onestep.errors import UserInputError
 
     args = build_parser().parse_args(argv)
+    for name in ("num_images", "num_samples", "steps", "speed_batch"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(f"onestep {args.command}: error: --{name.replace('_', '-')} must be > 0, got {value}",
+                  file=sys.stderr)
+            return 2
     try:
         return args.run(args)
     except UserInputError as err:
         print(f"onestep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"onestep {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

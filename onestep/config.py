@@ -81,33 +81,41 @@ def _check_values(cfg: RunConfig) -> None:
 def load_config(path: str | Path, overrides: list[str] = (), options_schema: type | None = None) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides, validate types and values.
 
-    `options_schema` is the method's options dataclass (looked up from `method` by the caller when None is given
-    here, see `onestep.runs.options_schema`); unknown or mistyped keys anywhere raise UserInputError.
+    `options_schema` is the method's options dataclass (by default looked up from `method`, see
+    `onestep.runs.options_schema`); unknown or mistyped keys anywhere raise UserInputError.
     """
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"config file not found: {path}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
+        source = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as err:  # YAML syntax errors are ValueErrors (ScannerError)
+        raise UserInputError(f"bad config {path}: {_one_line(err)}") from None
+    return config_from(source, overrides, options_schema, label=str(path))
+
+
+def config_from(source: Any, overrides: list[str] = (), options_schema: type | None = None,
+                label: str = "config") -> RunConfig:
+    """A validated RunConfig from a dict / DictConfig (e.g. a run folder's saved config.json)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), source, OmegaConf.from_dotlist(list(overrides)))
         if options_schema is None:
             from onestep.runs import options_schema as lookup
 
             options_schema = lookup(merged.method)
-        options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
-        merged.options = options
+        merged.options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise UserInputError(f"bad config {path}: {_one_line(err)}") from None
+        raise UserInputError(f"bad {label}: {_one_line(err)}") from None
     except KeyError as err:
-        raise UserInputError(f"bad config {path}: {err.args[0]}") from None
+        raise UserInputError(f"bad {label}: {err.args[0]}") from None
     _check_values(cfg)
     check = getattr(cfg.options, "validate", None)
     if check is not None:
         try:
             check()
         except ValueError as err:
-            raise UserInputError(f"bad config {path}: options.{err}") from None
+            raise UserInputError(f"bad {label}: options.{err}") from None
     return cfg
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,12 @@ from onestep.errors import UserInputError
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+BUILTIN = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher"}
+
+
+def resolve_path(path: str | Path) -> Path:
+    """`builtin:digits` names the shipped digits teacher; anything else is a filesystem path."""
+    return BUILTIN.get(str(path), Path(path))
 
 
 def _read_json(path: Path) -> dict:
@@ -83,33 +88,3 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
         parts["tokenizer"] = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
     return parts
 
-
-def save_diffusers_folder(out_dir: Path, pipeline_class: str | list[str], **components) -> None:
-    """Write a standard diffusers folder (model_index.json + one subfolder per component), atomically.
-
-    Built in a temporary sibling folder and renamed into place, so a crash never leaves a half-written folder
-    where a complete one was.
-    """
-    import shutil
-    import tempfile
-
-    import diffusers
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
-    for name, component in components.items():
-        component.save_pretrained(tmp / name)
-        module = type(component).__module__.split(".")[0]
-        index[name] = [module if module in ("diffusers", "transformers") else type(component).__module__,
-                       type(component).__name__]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)

@@ -9,12 +9,10 @@ import torch
 
 from onestep.config import RunConfig, to_dict
 from onestep.errors import UserInputError
+from onestep.loading import resolve_path
 from onestep.training.checkpoints import write_json_atomic
 from onestep.training.denoiser_task import DenoiserOptions, DenoiserTraining
 from onestep.training.trainer import Trainer
-
-
-BUILTIN_TEACHERS = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher"}
 
 
 def options_schema(method: str) -> type:
@@ -26,10 +24,6 @@ def options_schema(method: str) -> type:
     if method not in DISTILLERS:
         raise UserInputError(f"unknown method {method!r}; choose from teacher, {', '.join(sorted(DISTILLERS))}")
     return DISTILLERS[method].options_cls
-
-
-def resolve_teacher_path(path: str) -> Path:
-    return BUILTIN_TEACHERS.get(path, Path(path))
 
 
 def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
@@ -76,7 +70,7 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
 def load_teacher(cfg: RunConfig):
     from onestep.teacher import Teacher
 
-    return Teacher.from_pretrained(resolve_teacher_path(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale,
+    return Teacher.from_pretrained(resolve_path(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale,
                                    allow_pickle=cfg.teacher.allow_pickle)
 
 
@@ -106,7 +100,8 @@ def build_distiller_task(cfg: RunConfig):
         images, labels, _ = load_real_data(cfg)
         _check_teacher_matches_data(teacher, images)
         real = RealImages(images, labels if teacher.num_classes else None,
-                          encode=teacher.encode if teacher.vae is not None else None)
+                          encode=teacher.encode if teacher.vae is not None else None,
+                          unlabeled=teacher.unconditional)
     judge = None
     if cfg.eval.num_samples and not teacher.is_text:
         judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, teacher.num_classes,
@@ -133,3 +128,20 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.output_dir) / RUN_CONFIG, to_dict(cfg))
     return Trainer(task, cfg.output_dir, cfg.train, run_config=to_dict(cfg))
+
+
+def export_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Rebuild a run from its saved config, load its newest checkpoint and export the pipeline (EMA weights)."""
+    from onestep.config import config_from
+
+    saved = run_dir / RUN_CONFIG
+    if not saved.is_file():
+        raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")
+    cfg = config_from(json.loads(saved.read_text()), label=str(saved))
+    trainer = build_trainer(cfg)
+    if not trainer.resume():
+        raise UserInputError(f"{run_dir} has no complete checkpoint to export")
+    out = out or run_dir / "pipeline"
+    with trainer.ema_weights():
+        trainer.task.export(out)
+    return out

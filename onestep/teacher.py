@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,9 +54,9 @@ class Teacher(nn.Module):
 
         Weights load from safetensors only; `allow_pickle=True` accepts `.bin` files you trust.
         """
-        from onestep.loading import load_diffusers_folder
+        from onestep.loading import load_diffusers_folder, resolve_path
 
-        parts = load_diffusers_folder(Path(path), dtype=dtype, allow_pickle=allow_pickle)
+        parts = load_diffusers_folder(resolve_path(path), dtype=dtype, allow_pickle=allow_pickle)
         return cls(**parts, guidance_scale=guidance_scale)
 
     # --- shapes -----------------------------------------------------------------------------------------------
@@ -92,6 +91,14 @@ class Teacher(nn.Module):
         if class_labels is not None and self.num_classes is None:
             raise ValueError("class labels given to a teacher that is not class-conditional")
         return Condition(class_labels=class_labels)
+
+    def unconditional(self, n: int) -> Condition:
+        """n null conditions (null class / empty prompt), e.g. for real images without labels or captions."""
+        if self.num_classes is not None:
+            return Condition(class_labels=torch.full((n,), self.num_classes, device=self.device))
+        if self.is_text:
+            return self.null_condition(Condition(encoder_hidden_states=torch.zeros(n, 1, 1, device=self.device)))
+        return Condition()
 
     def null_condition(self, condition: Condition) -> Condition:
         """The unconditional counterpart: null class label (index num_classes) or the empty-prompt embedding."""

@@ -1,0 +1,7 @@
+"""Self-contained diffusers pipelines (torch + diffusers only), copied into every exported folder."""
+
+from .pipeline_class_conditional import ClassConditionalDiffusionPipeline
+from .pipeline_onestep import OneStepPipeline
+
+
+__all__ = ["ClassConditionalDiffusionPipeline", "OneStepPipeline"]

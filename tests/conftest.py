@@ -12,7 +12,21 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2D
 from onestep.teacher import Teacher
 
 
-torch.set_num_threads(2)
+# Tiny models run fastest on one thread without oneDNN (its per-shape kernel builds dominate at this size),
+# and a single thread does not fight a training job running beside the tests.
+torch.set_num_threads(1)
+torch.backends.mkldnn.enabled = False
+
+
+def save_folder(out_dir, pipeline_class: str, **components) -> None:
+    """A diffusers model folder (model_index.json + one subfolder per component) for loading tests."""
+    import diffusers
+
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    for name, component in components.items():
+        component.save_pretrained(out_dir / name)
+        index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def tiny_unet(num_classes: int | None = 3, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:

@@ -153,3 +153,22 @@ def test_regression_distances(distance):
         c = 0.00054 * 4
         assert torch.allclose(pseudo_huber(a, b), ((a - b).square().sum((1, 2, 3)) + c**2).sqrt() - c)
         assert torch.allclose(pseudo_huber(a, a), torch.zeros(2), atol=1e-6)
+
+
+def test_latent_text_teacher_runs_through_the_same_distiller(text_teacher):
+    from onestep.data.conditions import ConditionSampler
+
+    prompts = ["a cat", "dog", "cat dog"]
+    conditions = ConditionSampler(prompts=prompts, encode=text_teacher.encode_prompts)
+    real = RealImages(torch.rand(6, 3, 16, 16) * 2 - 1, encode=text_teacher.encode,
+                      unlabeled=text_teacher.unconditional)
+    text_teacher.guidance_scale = 4.0
+    dmd = build_distiller("dmd2", text_teacher, DMDOptions(), conditions=conditions, real=real, batch_size=4)
+    out = dmd.generator_loss(dmd.generator)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and {"dm", "gan"} <= set(out.logs)
+    assert all(p.grad is None for p in dmd.fake.parameters())
+    critic = dmd.critic_loss(dmd.fake)
+    critic.loss.backward()
+    assert any(p.grad is not None for p in dmd.fake.head.parameters())
+    assert dmd.generator.unet.config.cross_attention_dim == 16

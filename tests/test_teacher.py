@@ -3,9 +3,8 @@ import torch
 
 from onestep.conditioning import Condition
 from onestep.errors import UserInputError
-from onestep.loading import save_diffusers_folder
 from onestep.teacher import Teacher
-from tests.conftest import scheduler, tiny_text_unet, tiny_unet
+from tests.conftest import save_folder, scheduler, tiny_text_unet, tiny_unet
 
 
 def _direct_x0(out, x_t, abar, kind):
@@ -70,7 +69,7 @@ def test_latent_encode_decode_uses_scaling_factor(text_teacher):
 
 
 def test_from_pretrained_round_trip(tmp_path, class_teacher):
-    save_diffusers_folder(tmp_path / "t", "ClassConditionalDiffusionPipeline", unet=class_teacher.unet,
+    save_folder(tmp_path / "t", "ClassConditionalDiffusionPipeline", unet=class_teacher.unet,
                           scheduler=class_teacher.scheduler)
     loaded = Teacher.from_pretrained(tmp_path / "t")
     x_t, t, c = torch.randn(2, 1, 8, 8), torch.tensor([5, 900]), Condition(class_labels=torch.tensor([0, 2]))
@@ -79,7 +78,7 @@ def test_from_pretrained_round_trip(tmp_path, class_teacher):
 
 
 def test_from_pretrained_text_folder(tmp_path, text_teacher):
-    save_diffusers_folder(tmp_path / "t", "StableDiffusionPipeline", unet=text_teacher.unet,
+    save_folder(tmp_path / "t", "StableDiffusionPipeline", unet=text_teacher.unet,
                           scheduler=text_teacher.scheduler, vae=text_teacher.vae,
                           text_encoder=text_teacher.text_encoder, tokenizer=text_teacher.tokenizer)
     loaded = Teacher.from_pretrained(tmp_path / "t")
@@ -93,7 +92,7 @@ def test_from_pretrained_errors_are_one_line(tmp_path, class_teacher):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="no unet/ subfolder"):
         Teacher.from_pretrained(tmp_path / "empty")
-    save_diffusers_folder(tmp_path / "t", "X", unet=class_teacher.unet, scheduler=class_teacher.scheduler)
+    save_folder(tmp_path / "t", "X", unet=class_teacher.unet, scheduler=class_teacher.scheduler)
     weights = tmp_path / "t" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(UserInputError, match="cannot load") as err:
@@ -102,7 +101,7 @@ def test_from_pretrained_errors_are_one_line(tmp_path, class_teacher):
 
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path, class_teacher):
-    save_diffusers_folder(tmp_path / "t", "X", unet=class_teacher.unet, scheduler=class_teacher.scheduler)
+    save_folder(tmp_path / "t", "X", unet=class_teacher.unet, scheduler=class_teacher.scheduler)
     unet_dir = tmp_path / "t" / "unet"
     (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(class_teacher.unet.state_dict(), unet_dir / "diffusion_pytorch_model.bin")

@@ -105,4 +105,4 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     trainer.train()
     assert trainer.nonfinite_total == 2
     assert all(torch.isfinite(p).all() for p in task.critic.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, task.critic.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, task.critic.parameters(), strict=True))

@@ -45,20 +45,25 @@ class ConditionSampler:
 
 
 class RealImages:
-    """Real training images in model space (VAE latents for latent teachers) with their labels, sampled uniformly."""
+    """Real training images in model space (VAE latents for latent teachers) with their labels, sampled uniformly.
+
+    Images without labels get `unlabeled(n)` as their condition (the teacher's null class or empty prompt).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None, classes: Sequence[int] | None = None):
+                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None, classes: Sequence[int] | None = None,
+                 unlabeled: Callable[[int], Condition] | None = None):
         if labels is not None and classes is not None:
             keep = torch.isin(labels, torch.as_tensor(list(classes)))
             images, labels = images[keep], labels[keep]
         if images.shape[0] == 0:
             raise ValueError("no real images left for these classes")
-        self.images, self.labels, self.encode = images, labels, encode
+        self.images, self.labels, self.encode, self.unlabeled = images, labels, encode, unlabeled
 
     def sample(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, Condition]:
         idx = torch.randint(0, self.images.shape[0], (n,))
         x = self.images[idx].to(device)
         x = self.encode(x) if self.encode is not None else x
-        condition = Condition(class_labels=self.labels[idx].to(device)) if self.labels is not None else Condition()
-        return x.float(), condition
+        if self.labels is not None:
+            return x.float(), Condition(class_labels=self.labels[idx].to(device))
+        return x.float(), (self.unlabeled(n).to(device) if self.unlabeled is not None else Condition())

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from onestep.distillers.base import Distiller
 from onestep.distillers.dmd import DMD, DMD1Options, DMDOptions
+from onestep.distillers.sid import SiD, SiDOptions
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Registration:
 DISTILLERS: dict[str, Registration] = {
     "dmd": Registration(DMD, DMD1Options),
     "dmd2": Registration(DMD, DMDOptions),
+    "sid": Registration(SiD, SiDOptions),
 }
 
 

@@ -80,8 +80,8 @@ class DenoiserTraining:
     def export(self, out_dir: Path) -> None:
         import copy
 
-        from onestep.loading import save_diffusers_folder
+        from onestep.export import export_pipeline
+        from onestep.pipelines import ClassConditionalDiffusionPipeline
 
         unet = copy.deepcopy(self.unet).to(getattr(torch, self.options.export_dtype))
-        save_diffusers_folder(out_dir, ["pipeline_class_conditional", "ClassConditionalDiffusionPipeline"],
-                              unet=unet, scheduler=self.scheduler)
+        export_pipeline(ClassConditionalDiffusionPipeline(unet=unet, scheduler=self.scheduler), out_dir)

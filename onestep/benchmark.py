@@ -1,0 +1,144 @@
+"""Teacher at K steps vs one-step students: FD (protocol stated), NFE, images/s; a Markdown table and a chart."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from onestep.errors import UserInputError
+from onestep.eval.fd import frechet_distance
+from onestep.eval.quantize import to_uint8
+from onestep.eval.sampling import balanced_labels
+from onestep.inference import FolderSampler, load_sampler
+from onestep.loading import resolve_path
+from onestep.runs import RUN_CONFIG
+
+
+def images_per_second(sampler: FolderSampler, batch: int, repeats: int = 3) -> float:
+    """Median throughput of sampling one batch of `batch` images (after one warm-up batch)."""
+    labels = balanced_labels(batch, sampler.num_classes) if sampler.num_classes else None
+    sampler.sample(labels, batch, seed=0, batch_size=batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sampler.sample(labels, batch, seed=0, batch_size=batch)
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int, speed_batch: int) -> dict:
+    labels = balanced_labels(num_samples, sampler.num_classes) if sampler.num_classes else None
+    images = to_uint8(sampler.sample(labels, num_samples, seed))
+    fd = frechet_distance(images, reference="digits", features="digits")
+    row = {"fd": fd.value, "protocol": fd.protocol, "nfe": sampler.nfe,
+           "images_per_s": images_per_second(sampler, speed_batch)}
+    if sampler.num_classes:
+        from onestep.eval.classifier import load_digits_classifier
+        from onestep.eval.sampling import class_shares
+
+        shares = class_shares(images, load_digits_classifier())
+        row["class_share_max_error"] = float(abs(shares - 1.0 / sampler.num_classes).max())
+    return row
+
+
+def teacher_report(teacher_path: Path, num_samples: int, ddim_steps: list[int], ddpm_steps: list[int],
+                   guidance_scales: list[float], seed: int = 0, speed_batch: int = 256) -> list[dict]:
+    """The teacher's FD / images/s at each (sampler, steps, guidance) combination under one protocol."""
+    rows = []
+    for scale in guidance_scales:
+        for sampler, steps in [("ddim", k) for k in ddim_steps] + [("ddpm", k) for k in ddpm_steps]:
+            folder = load_sampler(teacher_path, steps=steps, sampler=sampler, guidance_scale=scale)
+            row = evaluate_sampler(folder, num_samples, seed, speed_batch)
+            rows.append({"name": f"{sampler.upper()} {steps}, guidance {scale:g}", **row})
+            print(f"{rows[-1]['name']}: {row['protocol']['metric']} {row['fd']:.3f}, "
+                  f"{row['images_per_s']:.0f} images/s", flush=True)
+    return rows
+
+
+def _fmt(value, digits=2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_steps: list[int] = (1, 4, 10, 50),
+                  speed_batch: int = 256, seed: int = 0) -> dict:
+    """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report."""
+    configs = {}
+    for run in runs:
+        if not (run / RUN_CONFIG).is_file() or not (run / "pipeline").is_dir():
+            raise UserInputError(f"{run} is not a finished run folder (needs {RUN_CONFIG} and pipeline/)")
+        configs[run] = json.loads((run / RUN_CONFIG).read_text())
+    teachers = {c["teacher"]["path"] for c in configs.values()}
+    if len(teachers) != 1:
+        raise UserInputError(f"runs distill different teachers ({', '.join(sorted(teachers))}); bench them apart")
+    teacher_path = resolve_path(teachers.pop())
+    guidance = next(iter(configs.values()))["teacher"]["guidance_scale"]
+    rows = []
+    for k in teacher_steps:
+        sampler = load_sampler(teacher_path, steps=k, guidance_scale=guidance)
+        rows.append({"name": f"teacher DDIM {k}", **evaluate_sampler(sampler, num_samples, seed, speed_batch)})
+    histories = {}
+    for run, cfg in configs.items():
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        histories[run.name] = metrics.get("history", [])
+        row = evaluate_sampler(load_sampler(run / "pipeline"), num_samples, seed, speed_batch)
+        rows.append({"name": f"{cfg['method']} ({run.name})", **row, "train_seconds": metrics.get("train_seconds"),
+                     "steps": metrics.get("step")})
+    slowest = next((r for r in rows if r["name"] == f"teacher DDIM {max(teacher_steps)}"), None)
+    for row in rows:
+        row["speedup_vs_teacher"] = row["images_per_s"] / slowest["images_per_s"] if slowest else None
+    protocol = rows[0]["protocol"]
+    report = {"rows": rows, "protocol": protocol, "machine": f"{platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}", "speed_batch": speed_batch}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(report)
+    (out / "benchmark.md").write_text(table)
+    plot_history(histories, rows, out / "fd_vs_step.png")
+    print(table)
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    p = report["protocol"]
+    lines = [f"{p['metric']}: features {p['features']}, reference {p['reference']} (N={p['num_reference']}), "
+             f"N = {p['num_samples']} class-balanced samples; images/s at batch {report['speed_batch']} on "
+             f"{report['machine']}.", "",
+             f"| sampler | NFE | {p['metric']} ↓ | images/s | speed-up vs slowest teacher | max class-share error "
+             "| training |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        training = (f"{r['steps']} steps, {r['train_seconds'] / 60:.1f} min" if r.get("train_seconds") else "–")
+        lines.append(f"| {r['name']} | {r['nfe']} | {_fmt(r['fd'])} | {_fmt(r['images_per_s'], 0)} | "
+                     f"{_fmt(r['speedup_vs_teacher'], 1)}x | {_fmt(r.get('class_share_max_error'), 3)} | {training} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(histories: dict[str, list[dict]], rows: list[dict], path: Path) -> None:
+    """FD against generator-training step for each run, with the teacher's K-step FDs as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, history in histories.items():
+        points = [(h["step"], h[k]) for h in history for k in h if k.endswith("/student")
+                  and k.startswith(("fd_digits", "fid"))]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=name)
+    for row in rows:
+        if row["name"].startswith("teacher"):
+            ax.axhline(row["fd"], ls="--", lw=0.8, color="gray")
+            ax.text(0, row["fd"], f" {row['name']}", va="bottom", fontsize=7, color="gray")
+    ax.set_xlabel("training step (critic updates)")
+    ax.set_ylabel(rows[0]["protocol"]["metric"])
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""Score identity Distillation (Zhou et al., ICML 2024): SiD, the base of Score Forgetting Distillation.
+
+Algorithm (1:1 alternation):
+  critic:    L_psi = denoising loss of the fake score on sg(G(z))
+  generator: x_g = G(sigma_init z), x_t = alpha_t x_g + sigma_t eps (gradient flows through x_t),
+             omega = sg(1 / mean_CHW |x_g - mu_real|),
+             L_theta = mean_batch sum_CHW omega (mu_real - mu_fake) * [(mu_real - x_g) - alpha (mu_real - mu_fake)]
+  with both score networks' parameters frozen in the generator loss (gradients reach G through their inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from onestep.conditioning import Condition
+from onestep.critics import FakeScore
+from onestep.denoising import denoising_loss, sample_timesteps
+from onestep.distillers.base import Distiller
+from onestep.training.updates import LossOutput, OptimizerConfig, Update
+from onestep.unet import frozen_parameters
+
+
+def sid_loss(x_g: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SiD generator loss per sample (SiD eq. 22 with the stop-gradient normaliser omega of its official code).
+
+    Gradients flow through all three tensors (the score networks' inputs depend on x_g); omega does not.
+    """
+    x_g, mu_real, mu_fake = x_g.float(), mu_real.float(), mu_fake.float()
+    dims = tuple(range(1, x_g.dim()))
+    omega = 1.0 / (x_g - mu_real).detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+    diff = mu_real - mu_fake
+    return (omega * diff * ((mu_real - x_g) - alpha * diff)).sum(dim=dims)
+
+
+@dataclass
+class SiDOptions:
+    """`options:` of a sid config."""
+
+    alpha: float = 1.2  # 1.0 for text-to-image teachers
+    init_ve_sigma: float = 2.5  # generator input noise level, as a VE sigma mapped onto the teacher's VP schedule
+    sigma_min: float = 0.14  # range of the generator loss's noise levels (VE sigma)
+    sigma_max: float = 13.0
+    generator_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=10.0))
+    critic_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=10.0))
+    generator_ema: float | None = 0.99
+
+    def validate(self) -> None:
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.init_ve_sigma <= 0:
+            raise ValueError(f"init_ve_sigma must be > 0, got {self.init_ve_sigma}")
+        for name in ("generator_optimizer", "critic_optimizer"):
+            if getattr(self, name).lr <= 0:
+                raise ValueError(f"{name}.lr must be > 0, got {getattr(self, name).lr}")
+
+
+class SiD(Distiller):
+    """SiD over the shared frame: generator at the VP timestep of VE sigma `init_ve_sigma`, one fake score."""
+
+    options_cls = SiDOptions
+
+    def __init__(self, teacher, options: SiDOptions, conditions=None, judge=None, batch_size: int = 64, **_unused):
+        t_init = int(teacher.schedule.timestep_for_ve_sigma(options.init_ve_sigma))
+        super().__init__(teacher, options, conditions, judge, [t_init], batch_size)
+        self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule)
+        t_lo, t_hi = (int(teacher.schedule.timestep_for_ve_sigma(s)) for s in (options.sigma_min, options.sigma_max))
+        self.t_range = (t_lo, t_hi + 1)
+
+    def updates(self) -> list[Update]:
+        o = self.options
+        return [Update("generator", self.generator, self.generator_loss, o.generator_optimizer,
+                       ema_decay=o.generator_ema),
+                Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
+
+    def sample_generator(self, generator, n: int) -> tuple[torch.Tensor, Condition]:
+        condition = self.conditions(n, self.device)
+        return generator(torch.randn((n, *self.teacher.sample_shape), device=self.device), condition), condition
+
+    def score_pair(self, x_g: torch.Tensor, teacher_condition: Condition,
+                   fake_condition: Condition) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_real, mu_fake) at a random noisy x_t of x_g, differentiable w.r.t. x_g, parameters frozen.
+
+        SFD queries the teacher and the fake score with different conditions; SiD passes the same one twice.
+        """
+        t = sample_timesteps(x_g.shape[0], *self.t_range, self.device)
+        x_t = self.teacher.schedule.add_noise(x_g, torch.randn_like(x_g), t)
+        mu_real = self.teacher.x0_with_grad(x_t, t, teacher_condition)
+        with frozen_parameters(self.fake):
+            mu_fake = self.fake(x_t, t, fake_condition)
+        return mu_real, mu_fake
+
+    def generator_loss(self, generator) -> LossOutput:
+        x_g, condition = self.sample_generator(generator, self.batch_size)
+        mu_real, mu_fake = self.score_pair(x_g, condition, condition)
+        loss = sid_loss(x_g, mu_real, mu_fake, self.options.alpha).mean()
+        return LossOutput(loss, {"score_gap": (mu_real - mu_fake).abs().mean().item()})
+
+    def critic_loss(self, fake) -> LossOutput:
+        with torch.no_grad():
+            x_g, condition = self.sample_generator(self.generator, self.batch_size)
+        loss = denoising_loss(functools.partial(fake, output="raw"), self.teacher.schedule, x_g, condition).mean()
+        return LossOutput(loss)

@@ -1,0 +1,92 @@
+"""Write pipelines as self-contained diffusers folders (safetensors + the pipeline's own source file), atomically.
+
+An exported `OneStepPipeline` folder loads three ways (no network needed, HF_HUB_OFFLINE=1 is fine):
+
+    from onestep.pipelines import OneStepPipeline
+    pipe = OneStepPipeline.from_pretrained(folder)                         # (a) with onestep installed
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_onestep",
+                                             trust_remote_code=True)      # (b) plain diffusers, no onestep
+
+    from diffusers import UNet2DModel
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")           # (c) the generator alone
+
+In (b), `custom_pipeline` names the `.py` file inside the folder (its path, `f"{folder}/pipeline_onestep.py"`, works
+too); diffusers >= 0.38 needs `trust_remote_code=True` even for local files. `model_index.json` keeps the plain
+`"_class_name": "OneStepPipeline"`: the list form `["pipeline_onestep", "OneStepPipeline"]` would let (b) drop
+`custom_pipeline`, but diffusers then routes every `from_pretrained` through the folder's file, so (a) would demand
+`trust_remote_code=True` and return a dynamically imported copy of the class instead of onestep's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+from onestep.errors import UserInputError
+from onestep.generator import Generator
+from onestep.pipelines.pipeline_onestep import OneStepPipeline
+from onestep.teacher import Teacher
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh hidden sibling folder to fill; when the block succeeds it replaces `out_dir`.
+
+    An existing `out_dir` is moved aside and deleted only after the new folder is in place; on error the new folder
+    is removed and `out_dir` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir} exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}-{uuid.uuid4().hex[:12]}.tmp")
+    old = tmp.with_suffix(".old")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old.exists():
+                os.replace(old, out_dir)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike) -> Path:
+    """`save_pretrained` (safetensors) plus, for a pipeline class outside diffusers, a copy of its source file.
+
+    The copy (e.g. `pipeline_onestep.py`) is what plain diffusers loads with
+    `DiffusionPipeline.from_pretrained(out_dir, custom_pipeline="pipeline_onestep", trust_remote_code=True)`.
+    The folder is written atomically (see `atomic_folder`); returns `out_dir`.
+    """
+    pipeline_cls = type(pipeline)
+    with atomic_folder(out_dir) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if not pipeline_cls.__module__.startswith("diffusers."):
+            source = Path(inspect.getfile(pipeline_cls))
+            shutil.copyfile(source, tmp / source.name)
+    return Path(out_dir)
+
+
+def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike) -> Path:
+    """A trained generator as an `OneStepPipeline` folder: its UNet and read-out timesteps, the teacher's scheduler,
+    VAE (latent models) and classes."""
+    if teacher.is_text:
+        raise ValueError("exporting a text-conditional generator needs a text-to-image one-step pipeline")
+    pipeline = OneStepPipeline(unet=generator.unet, scheduler=teacher.scheduler, vae=teacher.vae,
+                               timesteps=generator.timesteps, num_classes=teacher.num_classes)
+    return export_pipeline(pipeline, out_dir)

@@ -1,0 +1,173 @@
+"""One-step (or few-step) generator distilled from a diffusion UNet, as a self-contained diffusers pipeline.
+
+This file imports only torch and diffusers: every exported folder carries a copy of it and loads with
+plain diffusers (`custom_pipeline=..., trust_remote_code=True`) where onestep is not installed.
+
+Convention: VP discrete time t in {0..T-1}, x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(alphas_cumprod[t]),
+sigma_t = sqrt(1 - alphas_cumprod[t]); the generator is read out as an x0-prediction by the scheduler's
+`prediction_type`, in float32. Images live in [-1, 1] in model space and come out in [0, 1].
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class OneStepPipeline(DiffusionPipeline):
+    r"""Sample a distilled generator in one network call (or a few: DMD2's multi-step generator).
+
+    For timesteps t_0 > t_1 > ... the generator runs x = sigma_{t_0} z, x0 = G(x, t_0), and for each next t_i
+    re-noises x = alpha_{t_i} x0 + sigma_{t_i} eps with fresh noise eps before reading out x0 = G(x, t_i) again.
+
+    Args:
+        unet ([`UNet2DModel`]): the generator (class-conditional through `class_labels` when it has class embeddings;
+            a `UNet2DConditionModel` without cross-attention also works).
+        scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`.
+        vae ([`AutoencoderKL`], *optional*): decoder of a latent generator (`latents / scaling_factor` is decoded).
+        timesteps (`list[int]`, defaults to `[999]`): the generator's read-out timesteps, decreasing; one = one step.
+        num_classes (`int`, *optional*): real classes of a class-conditional generator, the class index
+            `num_classes` being the null class; read from `unet.config.num_class_embeds - 1` when not given.
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
+                 vae: AutoencoderKL | None = None, timesteps: list[int] | tuple[int, ...] = (999,),
+                 num_classes: int | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        if num_classes is None and getattr(unet.config, "num_class_embeds", None):
+            num_classes = unet.config.num_class_embeds - 1
+        self.register_to_config(timesteps=self.check_timesteps(timesteps), num_classes=num_classes)
+        self.image_processor = VaeImageProcessor(do_resize=False)
+
+    # --- schedule -----------------------------------------------------------------------------------------------
+    def check_timesteps(self, timesteps: list[int] | tuple[int, ...]) -> list[int]:
+        """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T)."""
+        steps = [int(t) for t in timesteps]
+        num_train = len(self.scheduler.alphas_cumprod)
+        decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
+        if not steps or not decreasing or any(not 0 <= t < num_train for t in steps):
+            raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {timesteps}")
+        return steps
+
+    def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` in float64."""
+        abar = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)[t]
+        return abar.sqrt().float(), (1 - abar).sqrt().float()
+
+    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """x0 from the network output by the scheduler's `prediction_type`, in float32."""
+        alpha, sigma = (v.to(x_t.device) for v in self.alpha_sigma(t))
+        out, x = model_output.float(), x_t.float()
+        kind = self.scheduler.config.prediction_type
+        if kind == "sample":
+            return out
+        if kind == "v_prediction":
+            return alpha * x - sigma * out
+        if kind == "epsilon":
+            return (x - sigma * out) / alpha.clamp_min(1e-8)  # undefined at a zero-terminal-SNR t = T-1
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    # --- generation -----------------------------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the generator's output (latents for a latent generator)."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+        return cfg.in_channels, size[0], size[1]
+
+    def prepare_class_labels(self, class_labels: list[int] | torch.Tensor | None,
+                             batch_size: int) -> torch.Tensor | None:
+        """Checked labels on the execution device; balanced over the classes when none are given."""
+        num_classes = self.config.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to a generator that is not class-conditional")
+            return None
+        if class_labels is None:
+            class_labels = torch.arange(batch_size) % num_classes
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels must be non-empty ints in [0, {num_classes}), got {class_labels}")
+        return labels.to(self._execution_device)
+
+    def unet_kwargs(self, class_labels: torch.Tensor | None) -> dict:
+        """Conditioning keywords of the UNet call (a text pipeline adds `encoder_hidden_states` here)."""
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        if "encoder_hidden_states" in inspect.signature(self.unet.forward).parameters:
+            cfg = self.unet.config
+            if any("CrossAttn" in (block or "") for block in (*cfg.down_block_types, cfg.mid_block_type)):
+                raise ValueError(f"this UNet cross-attends to text; {type(self).__name__} runs it without text")
+            kwargs["encoder_hidden_states"] = None  # a UNet2DConditionModel without cross-attention
+        return kwargs
+
+    def predict_x0(self, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
+        """One generator call at timestep t, read out as x0 in float32."""
+        timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        out = self.unet(x_t.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
+        return self.to_x0(out, x_t, t)
+
+    def generate(self, batch_size: int, unet_kwargs: dict, timesteps: list[int],
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """x0 in model space (float32) after the whole recursion over `timesteps`."""
+        device = self._execution_device
+        shape = (batch_size, *self.sample_shape)
+        x = self.alpha_sigma(timesteps[0])[1].to(device) * randn_tensor(shape, generator, device, torch.float32)
+        x0 = self.predict_x0(x, timesteps[0], unet_kwargs)
+        for t in timesteps[1:]:
+            alpha, sigma = (v.to(device) for v in self.alpha_sigma(t))
+            x = alpha * x0 + sigma * randn_tensor(shape, generator, device, torch.float32)
+            x0 = self.predict_x0(x, t, unet_kwargs)
+        return x0
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (unclamped) from model-space samples: the VAE decodes latents when there is one."""
+        if self.vae is None:
+            return x0
+        latents = x0 / self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_labels: list[int] | torch.Tensor | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 timesteps: list[int] | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images when no `class_labels` are given.
+            class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image (class-conditional
+                generators); defaults to `batch_size` labels cycling over all classes.
+            generator (`torch.Generator`, *optional*): makes generation deterministic.
+            timesteps (`list[int]`, *optional*): overrides the configured read-out timesteps.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
+            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        timesteps = self.config.timesteps if timesteps is None else self.check_timesteps(timesteps)
+        labels = self.prepare_class_labels(class_labels, batch_size)
+        num_images = batch_size if labels is None else labels.numel()
+        x0 = self.generate(num_images, self.unet_kwargs(labels), timesteps, generator)
+        images = self.image_processor.postprocess(self.decode(x0), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

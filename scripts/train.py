@@ -1,0 +1,9 @@
+"""`onestep train` as a script."""
+
+import sys
+
+from onestep.cli import main
+
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
