@@ -142,3 +142,72 @@ def plot_history(histories: dict[str, list[dict]], rows: list[dict], path: Path)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def step_overhead(cfg, iterations: int = 20) -> dict:
+    """Seconds per training iteration vs the sum of the network passes it makes, measured in one process.
+
+    One iteration is run once with its network calls (generator, fake score, teacher) recorded; the benchmark then
+    times (a) whole iterations as the Trainer runs them and (b) the recorded calls replayed alone, forward (and
+    backward where the call was differentiable), on the same inputs. The ratio (a)/(b) is the loop's overhead.
+    """
+    from onestep.runs import build_distiller_task
+    from onestep.training.trainer import Trainer
+
+    task = build_distiller_task(cfg)
+    trainer = Trainer(task, Path(cfg.output_dir), cfg.train)
+    period = max(u.every for u in trainer.updates)
+    calls: list[tuple] = []
+
+    def recorder(fn):
+        def record(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            detached = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+            calls.append((fn, detached, kwargs, torch.is_grad_enabled() and out.requires_grad))
+            return out
+        return record
+
+    networks = {"generator": task.generator, "fake": getattr(task, "fake", None)}
+    originals = {}
+    for name, net in networks.items():
+        if net is not None:
+            originals[name] = net.forward
+            net.forward = recorder(net.forward)
+    teacher_x0 = task.teacher.x0_with_grad
+    task.teacher.x0_with_grad = recorder(teacher_x0)
+
+    def iteration(step: int) -> None:
+        for update in trainer.updates:
+            if update.runs_at(step):
+                trainer._run_update(update)
+
+    for step in range(period):  # warm-up and recording: one full TTUR period
+        iteration(step)
+    recorded = list(calls)
+    for name, net in networks.items():
+        if net is not None:
+            net.forward = originals[name]
+    task.teacher.x0_with_grad = teacher_x0
+
+    start = time.perf_counter()
+    for step in range(iterations * period):
+        iteration(step)
+    per_period = (time.perf_counter() - start) / iterations
+
+    def replay() -> None:
+        for fn, args, kwargs, differentiable in recorded:
+            with torch.set_grad_enabled(differentiable):
+                args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and differentiable
+                        else a for a in args]
+                out = fn(*args, **kwargs)
+                if differentiable:
+                    out.float().sum().backward()
+
+    replay()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        replay()
+    passes = (time.perf_counter() - start) / iterations
+    return {"seconds_per_iteration": per_period / period, "network_seconds_per_iteration": passes / period,
+            "ratio": per_period / passes, "calls_per_period": len(recorded), "period": period,
+            "batch_size": cfg.data.batch_size}

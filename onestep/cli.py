@@ -93,8 +93,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from onestep.benchmark import run_benchmark
+    from onestep.benchmark import run_benchmark, step_overhead
+    from onestep.config import load_config
 
+    if args.suite == "step-overhead":
+        for config in args.runs:
+            cfg = load_config(config, [f"output_dir={args.out}"])
+            print(json.dumps({"config": config, **step_overhead(cfg, args.iterations)}))
+        return 0
     run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples,
                   teacher_steps=args.teacher_steps, speed_batch=args.speed_batch)
     return 0
@@ -137,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     bench = sub.add_parser("bench", help="teacher vs students: FD, NFE, images/s; Markdown table + PNG chart")
-    bench.add_argument("runs", nargs="+", help="run output folders")
+    bench.add_argument("runs", nargs="+", help="run output folders (step-overhead: config files)")
+    bench.add_argument("--suite", choices=["compare", "step-overhead"], default="compare",
+                       help="compare: teacher vs students; step-overhead: iteration time vs its network passes")
+    bench.add_argument("--iterations", type=int, default=20, help="step-overhead: timed TTUR periods")
     bench.add_argument("--out", required=True)
     bench.add_argument("--num-samples", type=int, default=1000)
     bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50])

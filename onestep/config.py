@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -48,12 +49,11 @@ class RunConfig:
 
 
 def _one_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    msg = text[0] if text else type(err).__name__
-    details = {k: v.strip() for k, v in (line.split(":", 1) for line in text[1:] if ":" in line)}
-    if "full_key" in details and details["full_key"] not in msg:
-        msg = f"{details['full_key']}: {msg}"
-    return msg
+    """The first line of an OmegaConf error, prefixed with the offending key when OmegaConf knows it."""
+    lines = str(err).strip().splitlines()
+    msg = lines[0] if lines else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
 
 
 def _check_values(cfg: RunConfig) -> None:
@@ -89,7 +89,7 @@ def load_config(path: str | Path, overrides: list[str] = (), options_schema: typ
         raise UserInputError(f"config file not found: {path}")
     try:
         source = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError) as err:  # YAML syntax errors are ValueErrors (ScannerError)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
         raise UserInputError(f"bad config {path}: {_one_line(err)}") from None
     return config_from(source, overrides, options_schema, label=str(path))
 

@@ -84,9 +84,8 @@ def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike) -> 
 
 def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike) -> Path:
     """A trained generator as an `OneStepPipeline` folder: its UNet and read-out timesteps, the teacher's scheduler,
-    VAE (latent models) and classes."""
-    if teacher.is_text:
-        raise ValueError("exporting a text-conditional generator needs a text-to-image one-step pipeline")
+    VAE (latent models), text encoder and tokenizer (text-to-image models) and classes."""
     pipeline = OneStepPipeline(unet=generator.unet, scheduler=teacher.scheduler, vae=teacher.vae,
+                               text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes)
     return export_pipeline(pipeline, out_dir)

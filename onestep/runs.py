@@ -143,5 +143,5 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
         raise UserInputError(f"{run_dir} has no complete checkpoint to export")
     out = out or run_dir / "pipeline"
     with trainer.ema_weights():
-        trainer.task.export(out)
+        trainer.task.export_pipeline(out)
     return out

@@ -35,23 +35,26 @@ class OneStepPipeline(DiffusionPipeline):
     re-noises x = alpha_{t_i} x0 + sigma_{t_i} eps with fresh noise eps before reading out x0 = G(x, t_i) again.
 
     Args:
-        unet ([`UNet2DModel`]): the generator (class-conditional through `class_labels` when it has class embeddings;
-            a `UNet2DConditionModel` without cross-attention also works).
+        unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): the generator; class-conditional through `class_labels`
+            when it has class embeddings, text-conditional through `prompt` when it has cross-attention.
         scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`.
         vae ([`AutoencoderKL`], *optional*): decoder of a latent generator (`latents / scaling_factor` is decoded).
+        text_encoder ([`~transformers.CLIPTextModel`], *optional*), tokenizer ([`~transformers.CLIPTokenizer`],
+            *optional*): the teacher's text encoder for text-to-image generators (last hidden state, padded to the
+            tokenizer's max length).
         timesteps (`list[int]`, defaults to `[999]`): the generator's read-out timesteps, decreasing; one = one step.
         num_classes (`int`, *optional*): real classes of a class-conditional generator, the class index
             `num_classes` being the null class; read from `unet.config.num_class_embeds - 1` when not given.
     """
 
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
 
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
-                 vae: AutoencoderKL | None = None, timesteps: list[int] | tuple[int, ...] = (999,),
-                 num_classes: int | None = None):
+                 vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
+                 timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1
         self.register_to_config(timesteps=self.check_timesteps(timesteps), num_classes=num_classes)
@@ -108,14 +111,24 @@ class OneStepPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must be non-empty ints in [0, {num_classes}), got {class_labels}")
         return labels.to(self._execution_device)
 
-    def unet_kwargs(self, class_labels: torch.Tensor | None) -> dict:
-        """Conditioning keywords of the UNet call (a text pipeline adds `encoder_hidden_states` here)."""
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
+        """Prompt embeddings (the text encoder's last hidden state), as the teacher computed them in training."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("prompt given to a pipeline without a text encoder and tokenizer")
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
+
+    def unet_kwargs(self, class_labels: torch.Tensor | None, prompt_embeds: torch.Tensor | None = None) -> dict:
+        """Conditioning keywords of the UNet call: class labels and/or prompt embeddings."""
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         if "encoder_hidden_states" in inspect.signature(self.unet.forward).parameters:
             cfg = self.unet.config
-            if any("CrossAttn" in (block or "") for block in (*cfg.down_block_types, cfg.mid_block_type)):
-                raise ValueError(f"this UNet cross-attends to text; {type(self).__name__} runs it without text")
-            kwargs["encoder_hidden_states"] = None  # a UNet2DConditionModel without cross-attention
+            cross_attends = any("CrossAttn" in (block or "") for block in (*cfg.down_block_types, cfg.mid_block_type))
+            if cross_attends and prompt_embeds is None:
+                raise ValueError(f"this UNet cross-attends to text; call {type(self).__name__} with a prompt")
+            kwargs["encoder_hidden_states"] = prompt_embeds  # None: a UNet2DConditionModel without cross-attention
         return kwargs
 
     def predict_x0(self, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
@@ -146,6 +159,7 @@ class OneStepPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels: list[int] | torch.Tensor | None = None,
+                 prompt: str | list[str] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  timesteps: list[int] | None = None, output_type: str = "pil",
                  return_dict: bool = True) -> ImagePipelineOutput | tuple:
@@ -155,6 +169,8 @@ class OneStepPipeline(DiffusionPipeline):
             batch_size (`int`, defaults to 1): number of images when no `class_labels` are given.
             class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image (class-conditional
                 generators); defaults to `batch_size` labels cycling over all classes.
+            prompt (`str` or `list[str]`, *optional*): text-to-image generators; one image per prompt (a single
+                string is repeated `batch_size` times).
             generator (`torch.Generator`, *optional*): makes generation deterministic.
             timesteps (`list[int]`, *optional*): overrides the configured read-out timesteps.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
@@ -165,7 +181,12 @@ class OneStepPipeline(DiffusionPipeline):
         timesteps = self.config.timesteps if timesteps is None else self.check_timesteps(timesteps)
         labels = self.prepare_class_labels(class_labels, batch_size)
         num_images = batch_size if labels is None else labels.numel()
-        x0 = self.generate(num_images, self.unet_kwargs(labels), timesteps, generator)
+        prompt_embeds = None
+        if prompt is not None:
+            prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.encode_prompt(prompts).to(self.unet.dtype)
+            num_images = len(prompts)
+        x0 = self.generate(num_images, self.unet_kwargs(labels, prompt_embeds), timesteps, generator)
         images = self.image_processor.postprocess(self.decode(x0), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

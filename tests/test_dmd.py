@@ -172,3 +172,38 @@ def test_latent_text_teacher_runs_through_the_same_distiller(text_teacher):
     critic.loss.backward()
     assert any(p.grad is not None for p in dmd.fake.head.parameters())
     assert dmd.generator.unet.config.cross_attention_dim == 16
+
+
+def test_text_to_image_generator_exports_a_prompted_pipeline(tmp_path, text_teacher):
+    from onestep.data.conditions import ConditionSampler
+    from onestep.pipelines import OneStepPipeline
+
+    conditions = ConditionSampler(prompts=["a cat", "dog"], encode=text_teacher.encode_prompts)
+    dmd = build_distiller("dmd2", text_teacher, DMDOptions(gan=False), conditions=conditions, batch_size=2)
+    dmd.export_pipeline(tmp_path / "pipe")
+    pipe = OneStepPipeline.from_pretrained(tmp_path / "pipe")
+    images = pipe(prompt=["a cat", "dog"], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, 16, 16)
+    # the pipeline's output is the generator's one-step sample decoded by the VAE, from the same noise and prompts
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    condition = Condition(encoder_hidden_states=text_teacher.encode_prompts(["a cat", "dog"]))
+    expected = (text_teacher.decode(dmd.generator.sample(z, condition)).clamp(-1, 1) + 1) / 2
+    assert torch.allclose(images, expected, atol=1e-4)
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    from onestep.training.trainer import Trainer, TrainerConfig
+
+    def train(out, steps):
+        torch.manual_seed(0)
+        dmd = _dmd(DMDOptions(generator_every=3), batch=4)
+        Trainer(dmd, out, TrainerConfig(max_steps=steps, checkpoint_every=0, seed=3)).train()
+        return dmd
+
+    straight = train(tmp_path / "a", 8)
+    train(tmp_path / "b", 4)  # stops after 4 steps with a checkpoint, mid TTUR period
+    resumed = train(tmp_path / "b", 8)
+    for name in ("generator", "fake"):
+        for (key, a), b in zip(getattr(straight, name).state_dict().items(),
+                               getattr(resumed, name).state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{name}.{key} differs after resume"

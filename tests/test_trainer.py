@@ -41,7 +41,7 @@ class TwoModelTask:
     def sample_images(self):
         return None
 
-    def export(self, out_dir: Path):
+    def export_pipeline(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.exported = self.gen.weight.detach().clone()
 

@@ -31,4 +31,4 @@ def build_distiller(name: str, teacher, options=None, **kwargs) -> Distiller:
     return reg.distiller_cls(teacher, options if options is not None else reg.options_cls(), **kwargs)
 
 
-__all__ = ["DISTILLERS", "Distiller", "build_distiller"]
+__all__ = ["DISTILLERS", "DMD1Options", "DMDOptions", "Distiller", "SiDOptions", "build_distiller"]

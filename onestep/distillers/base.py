@@ -41,7 +41,7 @@ class Distiller:
     def sample_images(self) -> torch.Tensor | None:
         return None if self.judge is None else self.judge.generator_grid(self.generator, self.teacher)
 
-    def export(self, out_dir: Path) -> None:
+    def export_pipeline(self, out_dir: Path) -> None:
         from onestep.export import export_generator
 
         export_generator(self.generator, self.teacher, out_dir)

@@ -77,7 +77,7 @@ class DenoiserTraining:
             return None
         return self.evaluator.teacher_grid(self.teacher_view, steps=50)
 
-    def export(self, out_dir: Path) -> None:
+    def export_pipeline(self, out_dir: Path) -> None:
         import copy
 
         from onestep.export import export_pipeline

@@ -30,7 +30,7 @@ class TrainingTask(Protocol):
 
     def sample_images(self) -> torch.Tensor | None: ...
 
-    def export(self, out_dir: Path) -> None: ...
+    def export_pipeline(self, out_dir: Path) -> None: ...
 
 
 @dataclass
@@ -244,7 +244,7 @@ class Trainer:
         self.save_samples()
         if self.accelerator.is_main_process:
             with self.ema_weights():
-                self.task.export(self.output_dir / "pipeline")
+                self.task.export_pipeline(self.output_dir / "pipeline")
             metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
                        "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
             write_json_atomic(self.output_dir / "metrics.json", metrics)

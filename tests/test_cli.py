@@ -1,0 +1,101 @@
+"""Bad input ends with exit code 2 and one line on stderr, and touches nothing already on disk."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onestep.cli import main
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "digits" / "dmd2.yaml"
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.parametrize("override, words", [
+    (["optoins.gan=false"], ["optoins"]),  # typo'd top-level key
+    (["options.gan_wieght=1"], ["gan_wieght"]),  # typo'd method key
+    (["train.max_steps=ten"], ["max_steps"]),  # wrong type
+    (["options.generator_optimizer.lr=-1e-4"], ["lr", "> 0"]),  # impossible value
+    (["data.batch_size=0"], ["batch_size"]),
+    (["method=dmd3"], ["dmd3"]),
+    (["teacher.path=/nonexistent/teacher"], ["not found"]),
+])
+def test_bad_configs_exit_2(tmp_path, capsys, override, words):
+    code, err = run(capsys, "train", DEMO, f"output_dir={tmp_path / 'out'}", *override)
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_missing_config_and_broken_yaml(tmp_path, capsys):
+    assert_one_line_error(*run(capsys, "train", tmp_path / "nope.yaml"), "not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dmd2\noutput_dir: [unclosed\n")
+    assert_one_line_error(*run(capsys, "train", bad), "bad config")
+
+
+def test_teacher_data_mismatch(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / f"{i}.png")
+    code, err = run(capsys, "train", DEMO, f"output_dir={tmp_path / 'out'}", "data.name=image_folder",
+                    f"data.image_dir={folder}")
+    assert_one_line_error(code, err, "1x8x8", "1x16x16")
+
+
+def test_output_dir_of_another_run_is_refused_and_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"method": "sid", "data": {}, "teacher": {}, "options": {}}))
+    (out / "precious.txt").write_text("keep me")
+    code, err = run(capsys, "train", DEMO, f"output_dir={out}")
+    assert_one_line_error(code, err, "different run", "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert json.loads((out / "config.json").read_text())["method"] == "sid"
+
+
+def test_sample_and_fid_bad_inputs(tmp_path, capsys):
+    assert_one_line_error(*run(capsys, "sample", tmp_path, "--out", tmp_path / "x.png"), "model_index.json")
+    assert_one_line_error(*run(capsys, "sample", "builtin:digits", "--out", tmp_path / "x.jpg"), ".png")
+    assert_one_line_error(*run(capsys, "fid", tmp_path / "missing.npz"), "not found")
+    np.savez(tmp_path / "f.npz", images=np.zeros((4, 8, 8, 1), np.float32))
+    assert_one_line_error(*run(capsys, "fid", tmp_path / "f.npz"), "uint8")
+    assert_one_line_error(*run(capsys, "sample", "builtin:digits", "--out", tmp_path / "x.png", "--num-images", "-3"),
+                          "> 0")
+
+
+def test_sample_teacher_and_fid_of_npz(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "builtin:digits", "--steps", "2", "--num-images", "20", "--out", str(out)]) == 0
+    with np.load(out) as data:
+        assert data["images"].shape == (20, 8, 8, 1) and data["images"].dtype == np.uint8
+        assert list(data["labels"][:10]) == list(range(10))
+    assert main(["fid", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["protocol"]["metric"] == "FD-digits" and result["protocol"]["num_samples"] == 20
+
+
+def test_console_script_exit_code_is_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "onestep.cli", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
