@@ -102,14 +102,20 @@ def build_distiller_task(cfg: RunConfig):
         real = RealImages(images, labels if teacher.num_classes else None,
                           encode=teacher.encode if teacher.vae is not None else None,
                           unlabeled=teacher.unconditional)
+    forget = list(getattr(cfg.options, "forget", [])) if not getattr(cfg.options, "forget_prompts", None) else []
     judge = None
     if cfg.eval.num_samples and not teacher.is_text:
         judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, teacher.num_classes,
-                      batch_size=cfg.eval.sampling_batch)
+                      batch_size=cfg.eval.sampling_batch, forget_classes=forget)
+    extra = {}
+    if getattr(cfg.options, "override", None) == "classifier":
+        from onestep.eval.classifier import load_digits_classifier
+
+        extra["classifier"] = load_digits_classifier().to(teacher.device)  # pseudo-labels for SFD's override
     distiller_cls = DISTILLERS[cfg.method].distiller_cls
     try:
         return distiller_cls(teacher, cfg.options, conditions=conditions, judge=judge, batch_size=cfg.data.batch_size,
-                             real=real, regression_cache=Path(cfg.output_dir) / "cache")
+                             real=real, regression_cache=Path(cfg.output_dir) / "cache", **extra)
     except ValueError as err:
         raise UserInputError(str(err)) from None
 

@@ -32,10 +32,13 @@ class ConditionSampler:
         """Uniform indices into the condition list (zeros for an unconditional model)."""
         return torch.randint(0, max(len(self), 1), (n,))
 
+    def encode_condition(self, prompts: list[str]) -> Condition:
+        return Condition(encoder_hidden_states=self.encode(prompts))
+
     def condition(self, index: torch.Tensor, device: torch.device | str) -> Condition:
         """The Condition of drawn indices (labels, or embedded prompts)."""
         if self.prompts is not None:
-            return Condition(encoder_hidden_states=self.encode([self.prompts[i] for i in index.tolist()]).to(device))
+            return self.encode_condition([self.prompts[i] for i in index.tolist()]).to(device)
         if self.classes is not None:
             return Condition(class_labels=self.classes[index.cpu()].to(device))
         return Condition()

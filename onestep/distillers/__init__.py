@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from onestep.distillers.base import Distiller
 from onestep.distillers.dmd import DMD, DMD1Options, DMDOptions
+from onestep.distillers.sfd import SFD, SFDOptions
 from onestep.distillers.sid import SiD, SiDOptions
 
 
@@ -19,6 +20,7 @@ DISTILLERS: dict[str, Registration] = {
     "dmd": Registration(DMD, DMD1Options),
     "dmd2": Registration(DMD, DMDOptions),
     "sid": Registration(SiD, SiDOptions),
+    "sfd": Registration(SFD, SFDOptions),
 }
 
 
@@ -31,4 +33,4 @@ def build_distiller(name: str, teacher, options=None, **kwargs) -> Distiller:
     return reg.distiller_cls(teacher, options if options is not None else reg.options_cls(), **kwargs)
 
 
-__all__ = ["DISTILLERS", "DMD1Options", "DMDOptions", "Distiller", "SiDOptions", "build_distiller"]
+__all__ = ["DISTILLERS", "DMD1Options", "DMDOptions", "Distiller", "SFDOptions", "SiDOptions", "build_distiller"]

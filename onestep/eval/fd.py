@@ -206,9 +206,17 @@ def load_stats_into_metric(metric: FrechetInceptionDistance, stats: ReferenceSta
 
 
 def _load_reference(reference: str | Path, features: str, channels: int) -> ReferenceStats | torch.Tensor:
-    """Reference statistics (STATS.npz) or checked uint8 reference images ("digits" or an IMAGE_DIR)."""
-    if str(reference) == "digits":
-        return check_images(to_uint8(load_digits_tensors()[0]), features, "reference images")
+    """Reference statistics (STATS.npz) or checked uint8 reference images ("digits", "digits:1,2,..." for some
+    classes only, or an IMAGE_DIR)."""
+    if str(reference) == "digits" or str(reference).startswith("digits:"):
+        images, labels = load_digits_tensors()
+        if str(reference).startswith("digits:"):
+            try:
+                classes = [int(c) for c in str(reference)[len("digits:"):].split(",")]
+            except ValueError:
+                raise EvalError(f"reference {reference!r}: expected digits:CLASS,CLASS,...") from None
+            images = images[torch.isin(labels, torch.tensor(classes))]
+        return check_images(to_uint8(images), features, "reference images")
     path = Path(reference)
     if path.suffix == ".npz":
         return load_stats(path, features)
@@ -228,7 +236,7 @@ def frechet_distance(images: torch.Tensor, reference: str | Path = "digits", fea
 
     Args:
         images: generated images, uint8 (quantise with `to_uint8`).
-        reference: "digits" (all 1797 digits images), a STATS.npz, or an IMAGE_DIR.
+        reference: "digits" (all 1797 digits images), "digits:1,2,..." (those classes), a STATS.npz, or an IMAGE_DIR.
         features: "digits" (score named FD-digits) or "inception" (score named FID).
         inception_weights: Inception only; default `default_inception_weights()`.
         batch_size: images per feature-extractor call.

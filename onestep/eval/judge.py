@@ -18,20 +18,31 @@ class Judge:
     """
 
     def __init__(self, num_samples: int = 1000, features: str = "digits", reference: str = "digits",
-                 num_classes: int | None = None, seed: int = 1234, batch_size: int = 500):
+                 num_classes: int | None = None, seed: int = 1234, batch_size: int = 500,
+                 forget_classes: list[int] | None = None):
         self.num_samples, self.features, self.reference = num_samples, features, reference
         self.num_classes, self.seed, self.batch_size = num_classes, seed, batch_size
+        self.forget_classes = list(forget_classes or [])
 
     @property
     def metric_name(self) -> str:
         return "fd_digits" if self.features == "digits" else "fid"
 
-    def condition(self, n: int, device: torch.device | str = "cpu") -> Condition:
+    @property
+    def protocol(self) -> str:
+        """How every number this judge reports was produced (stored next to the numbers)."""
+        balance = "class-balanced " if self.num_classes else ""
+        return (f"{'FD-digits' if self.features == 'digits' else 'FID'}: features {self.features}, reference "
+                f"{self.reference}, N={self.num_samples} {balance}samples from fixed noise (seed {self.seed})")
+
+    def condition(self, n: int, device: torch.device | str = "cpu", classes: list[int] | None = None) -> Condition:
+        """Class-balanced labels over `classes` (default: all classes)."""
         from onestep.eval.sampling import balanced_labels
 
         if self.num_classes is None:
             return Condition()
-        return Condition(class_labels=balanced_labels(n, self.num_classes).to(device))
+        classes = torch.as_tensor(classes if classes is not None else range(self.num_classes))
+        return Condition(class_labels=classes[balanced_labels(n, len(classes))].to(device))
 
     def score(self, images: torch.Tensor) -> dict:
         """FD (and its protocol) of images in [-1, 1]."""
@@ -60,13 +71,13 @@ class Judge:
             elapsed = time.perf_counter() - start
             out[f"{self.metric_name}/teacher_{sampler}{k}"] = self.score(images)["value"]
             out[f"images_per_s/teacher_{sampler}{k}"] = self.num_samples / elapsed
-        return out
+        return {**out, "protocol": self.protocol}
 
     @torch.no_grad()
-    def generator_samples(self, generator, teacher: Teacher, n: int) -> torch.Tensor:
+    def generator_samples(self, generator, teacher: Teacher, n: int, classes: list[int] | None = None) -> torch.Tensor:
         """Images in [-1, 1] of the (possibly multi-step) generator from this judge's fixed noise."""
         rng = self._generator(teacher.device)
-        condition = self.condition(n, teacher.device)
+        condition = self.condition(n, teacher.device, classes)
         out = []
         for start in range(0, n, self.batch_size):
             m = min(self.batch_size, n - start)
@@ -79,8 +90,30 @@ class Judge:
         start = time.perf_counter()
         images = self.generator_samples(generator, teacher, self.num_samples)
         elapsed = time.perf_counter() - start
-        return {f"{self.metric_name}/student": self.score(images)["value"],
-                "images_per_s/student": self.num_samples / elapsed}
+        metrics = {f"{self.metric_name}/student": self.score(images)["value"],
+                   "images_per_s/student": self.num_samples / elapsed, "protocol": self.protocol}
+        if self.forget_classes:
+            metrics.update(self.forgetting_metrics(generator, teacher))
+        return metrics
+
+    def forgetting_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
+        """SFD's measures: unlearning accuracy per forgotten class, FD on the remaining classes."""
+        from onestep.eval.classifier import load_digits_classifier
+        from onestep.eval.fd import frechet_distance
+        from onestep.eval.forgetting import unlearning_accuracy
+        from onestep.eval.quantize import to_uint8
+
+        classifier = load_digits_classifier()
+        remain = [c for c in range(self.num_classes) if c not in self.forget_classes]
+        out = {}
+        for c in self.forget_classes:
+            images = to_uint8(self.generator_samples(generator, teacher, self.num_samples // self.num_classes, [c]))
+            out[f"unlearning_accuracy/class_{c}"] = unlearning_accuracy(images, classifier, c)
+        images = to_uint8(self.generator_samples(generator, teacher, self.num_samples, remain))
+        reference = f"digits:{','.join(map(str, remain))}" if self.reference == "digits" else self.reference
+        out[f"{self.metric_name}/student_remaining_classes"] = frechet_distance(images, reference,
+                                                                               self.features).value
+        return out
 
     def grid_condition(self, per_class: int, device) -> tuple[int, Condition]:
         """One row per class (labels 0,0,..,1,1,..) for sample grids."""
