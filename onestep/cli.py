@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     final = build_trainer(cfg, overwrite=args.overwrite).train()
     print(json.dumps({"output_dir": cfg.output_dir, **final}))
-    return 0
+    return 130 if "interrupted" in final else 0
 
 
 def _balanced(num_classes: int | None, n: int):

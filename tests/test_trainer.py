@@ -106,3 +106,27 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     assert trainer.nonfinite_total == 2
     assert all(torch.isfinite(p).all() for p in task.critic.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, task.critic.parameters(), strict=True))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import os
+    import signal
+
+    task = TwoModelTask()
+    original = task._critic_loss
+
+    def critic_then_signal(critic):
+        if len(task.calls["critic"]) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step finishes first
+        return original(critic)
+
+    updates = task.updates()
+    updates[1].loss = critic_then_signal
+    task.updates = lambda: updates
+    before = signal.getsignal(signal.SIGTERM)
+    result = Trainer(task, tmp_path, TrainerConfig(max_steps=100, checkpoint_every=0)).train()
+    assert result == {"interrupted": "SIGTERM", "step": 7}
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint-0000007"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    resumed = _train(tmp_path, 10, checkpoint_every=0)
+    assert len(resumed.calls["critic"]) == 3  # continued from step 7

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.history: list[dict] = []
         self._tb = None
+        self.stop_signal: str | None = None
 
     # --- helpers ----------------------------------------------------------------------------------------------
     @property
@@ -201,9 +203,29 @@ class Trainer:
 
             save_grid(images, self.output_dir / name)
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT / SIGTERM end the loop after the current step; the run then checkpoints and returns."""
+        def request_stop(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     # --- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Train to max_steps (or max_minutes), export, write metrics.json; returns the final metrics."""
+        """Train to max_steps (or max_minutes), export, write metrics.json; returns the final metrics.
+
+        Interrupted by SIGINT/SIGTERM, it saves a checkpoint and returns {"interrupted": signal name} instead.
+        """
+        with self._stop_on_signals():
+            return self._train()
+
+    def _train(self) -> dict:
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed = cfg.resume and self.resume()
@@ -215,6 +237,9 @@ class Trainer:
         start = time.perf_counter() - self.counter.elapsed
         running: dict[str, float] = {}
         while self.step < cfg.max_steps:
+            if self.stop_signal is not None:
+                self._log({"step": self.step, "event": f"stopped by {self.stop_signal}"})
+                break
             if cfg.max_minutes is not None and self.counter.elapsed >= 60 * cfg.max_minutes:
                 self._log({"step": self.step, "event": f"stopped at the {cfg.max_minutes}-minute budget"})
                 break
@@ -240,6 +265,8 @@ class Trainer:
         progress.close()
         if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self._checkpoint()
+        if self.stop_signal is not None:
+            return {"interrupted": self.stop_signal, "step": self.step}
         final = self.evaluate()
         self.save_samples()
         if self.accelerator.is_main_process:
