@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a method from a YAML config (resumes automatically)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    train.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a different run")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in an output_dir that holds another run (removes its checkpoints)")
     train.set_defaults(run=_train)
 
     def sampling_args(p: argparse.ArgumentParser) -> None:

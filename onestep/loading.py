@@ -14,6 +14,14 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 BUILTIN = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher"}
 
 
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The from_pretrained keyword for a load dtype: diffusers 0.40 renamed `torch_dtype=` to `dtype=`."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype": dtype}
+
+
 def resolve_path(path: str | Path) -> Path:
     """`builtin:digits` names the shipped digits teacher; anything else is a filesystem path."""
     return BUILTIN.get(str(path), Path(path))
@@ -52,10 +60,10 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: b
         raise UserInputError(f"{folder}/config.json names an unknown diffusers model class {class_name!r}")
     check_weights(folder, allow_pickle)
     try:
-        model = model_cls.from_pretrained(folder, use_safetensors=not allow_pickle)
+        model = model_cls.from_pretrained(folder, use_safetensors=not allow_pickle, **dtype_kwargs(dtype))
     except Exception as err:  # diffusers raises many types for truncated/corrupt files
         raise UserInputError(f"cannot load {folder}: {str(err).splitlines()[0]}") from None
-    return model.to(dtype)
+    return model
 
 
 def load_scheduler(folder: Path):

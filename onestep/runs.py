@@ -47,10 +47,18 @@ RUN_CONFIG = "config.json"
 
 
 def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
-    """Refuse to resume into / overwrite an output folder that holds a different run, unless told to."""
+    """Refuse to resume into / overwrite an output folder that holds a different run, unless told to.
+
+    With `overwrite` the run starts over: the folder's old checkpoints are removed (nothing else is touched).
+    """
     out = Path(cfg.output_dir)
     saved = out / RUN_CONFIG
-    if overwrite or not out.exists():
+    if overwrite:
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return
+    if not out.exists():
         return
     if not saved.is_file():
         if any(out.iterdir()):
