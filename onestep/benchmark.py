@@ -31,12 +31,20 @@ def images_per_second(sampler: FolderSampler, batch: int, repeats: int = 3) -> f
     return batch / statistics.median(times)
 
 
-def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int, speed_batch: int) -> dict:
+def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int | list[int],
+                     speed_batch: int | None) -> dict:
+    """FD-digits of class-balanced samples (mean and spread over noise seeds), NFE, class-share error and
+    (unless speed_batch is None) images/s."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
     labels = balanced_labels(num_samples, sampler.num_classes) if sampler.num_classes else None
-    images = to_uint8(sampler.sample(labels, num_samples, seed))
-    fd = frechet_distance(images, reference="digits", features="digits")
-    row = {"fd": fd.value, "protocol": fd.protocol, "nfe": sampler.nfe,
-           "images_per_s": images_per_second(sampler, speed_batch)}
+    fds = []
+    for s in seeds:
+        images = to_uint8(sampler.sample(labels, num_samples, s))
+        fd = frechet_distance(images, reference="digits", features="digits")
+        fds.append(fd.value)
+    row = {"fd": statistics.mean(fds), "fd_std": statistics.stdev(fds) if len(fds) > 1 else None, "fds": fds,
+           "seeds": seeds, "protocol": fd.protocol, "nfe": sampler.nfe,
+           "images_per_s": images_per_second(sampler, speed_batch) if speed_batch else None}
     if sampler.num_classes:
         from onestep.eval.classifier import load_digits_classifier
         from onestep.eval.sampling import class_shares
@@ -47,7 +55,7 @@ def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int, speed_
 
 
 def teacher_report(teacher_path: Path, num_samples: int, ddim_steps: list[int], ddpm_steps: list[int],
-                   guidance_scales: list[float], seed: int = 0, speed_batch: int = 256) -> list[dict]:
+                   guidance_scales: list[float], seed: int = 0, speed_batch: int | None = 256) -> list[dict]:
     """The teacher's FD / images/s at each (sampler, steps, guidance) combination under one protocol."""
     rows = []
     for scale in guidance_scales:
@@ -55,8 +63,8 @@ def teacher_report(teacher_path: Path, num_samples: int, ddim_steps: list[int], 
             folder = load_sampler(teacher_path, steps=steps, sampler=sampler, guidance_scale=scale)
             row = evaluate_sampler(folder, num_samples, seed, speed_batch)
             rows.append({"name": f"{sampler.upper()} {steps}, guidance {scale:g}", **row})
-            print(f"{rows[-1]['name']}: {row['protocol']['metric']} {row['fd']:.3f}, "
-                  f"{row['images_per_s']:.0f} images/s", flush=True)
+            print(f"{rows[-1]['name']}: {row['protocol']['metric']} {row['fd']:.3f} (N={num_samples}), "
+                  f"{_fmt(row['images_per_s'], 0)} images/s", flush=True)
     return rows
 
 
@@ -65,7 +73,7 @@ def _fmt(value, digits=2) -> str:
 
 
 def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_steps: list[int] = (1, 4, 10, 50),
-                  speed_batch: int = 256, seed: int = 0) -> dict:
+                  speed_batch: int = 256, seeds: list[int] = (0,)) -> dict:
     """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report."""
     configs = {}
     for run in runs:
@@ -80,19 +88,19 @@ def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_
     rows = []
     for k in teacher_steps:
         sampler = load_sampler(teacher_path, steps=k, guidance_scale=guidance)
-        rows.append({"name": f"teacher DDIM {k}", **evaluate_sampler(sampler, num_samples, seed, speed_batch)})
+        rows.append({"name": f"teacher DDIM {k}", **evaluate_sampler(sampler, num_samples, seeds, speed_batch)})
     histories = {}
     for run, cfg in configs.items():
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         histories[run.name] = metrics.get("history", [])
-        row = evaluate_sampler(load_sampler(run / "pipeline"), num_samples, seed, speed_batch)
+        row = evaluate_sampler(load_sampler(run / "pipeline"), num_samples, seeds, speed_batch)
         rows.append({"name": f"{cfg['method']} ({run.name})", **row, "train_seconds": metrics.get("train_seconds"),
                      "steps": metrics.get("step")})
     slowest = next((r for r in rows if r["name"] == f"teacher DDIM {max(teacher_steps)}"), None)
     for row in rows:
         row["speedup_vs_teacher"] = row["images_per_s"] / slowest["images_per_s"] if slowest else None
     protocol = rows[0]["protocol"]
-    report = {"rows": rows, "protocol": protocol, "machine": f"{platform.processor() or platform.machine()}, "
+    report = {"rows": rows, "protocol": protocol, "machine": f"{platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "speed_batch": speed_batch}
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
@@ -105,40 +113,46 @@ def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_
 
 def markdown_table(report: dict) -> str:
     p = report["protocol"]
+    seeds = report["rows"][0]["seeds"]
+    spread = f"mean ± std over noise seeds {seeds}" if len(seeds) > 1 else f"noise seed {seeds[0]}"
     lines = [f"{p['metric']}: features {p['features']}, reference {p['reference']} (N={p['num_reference']}), "
-             f"N = {p['num_samples']} class-balanced samples; images/s at batch {report['speed_batch']} on "
-             f"{report['machine']}.", "",
+             f"N = {p['num_samples']} class-balanced samples, {spread}; images/s at batch {report['speed_batch']} "
+             f"on {report['machine']}.", "",
              f"| sampler | NFE | {p['metric']} ↓ | images/s | speed-up vs slowest teacher | max class-share error "
              "| training |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         training = (f"{r['steps']} steps, {r['train_seconds'] / 60:.1f} min" if r.get("train_seconds") else "–")
-        lines.append(f"| {r['name']} | {r['nfe']} | {_fmt(r['fd'])} | {_fmt(r['images_per_s'], 0)} | "
+        fd = _fmt(r["fd"]) + (f" ± {_fmt(r['fd_std'])}" if r.get("fd_std") is not None else "")
+        lines.append(f"| {r['name']} | {r['nfe']} | {fd} | {_fmt(r['images_per_s'], 0)} | "
                      f"{_fmt(r['speedup_vs_teacher'], 1)}x | {_fmt(r.get('class_share_max_error'), 3)} | {training} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_history(histories: dict[str, list[dict]], rows: list[dict], path: Path) -> None:
-    """FD against generator-training step for each run, with the teacher's K-step FDs as reference lines."""
+    """FD against training step and against wall time for each run, with the teacher's K-step FDs as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for name, history in histories.items():
-        points = [(h["step"], h[k]) for h in history for k in h if k.endswith("/student")
-                  and k.startswith(("fd_digits", "fid"))]
+        points = [(h["step"], h["elapsed_s"] / 60, h[k]) for h in history for k in h
+                  if k.endswith("/student") and k.startswith(("fd_digits", "fid"))]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=name)
-    for row in rows:
-        if row["name"].startswith("teacher"):
-            ax.axhline(row["fd"], ls="--", lw=0.8, color="gray")
-            ax.text(0, row["fd"], f" {row['name']}", va="bottom", fontsize=7, color="gray")
-    ax.set_xlabel("training step (critic updates)")
-    ax.set_ylabel(rows[0]["protocol"]["metric"])
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+            steps, minutes, values = zip(*points, strict=True)
+            axes[0].plot(steps, values, marker="o", ms=3, label=name)
+            axes[1].plot(minutes, values, marker="o", ms=3, label=name)
+    for ax, xlabel in zip(axes, ("training step (critic updates)", "training wall time (minutes)"), strict=True):
+        for row in rows:
+            if row["name"].startswith("teacher"):
+                ax.axhline(row["fd"], ls="--", lw=0.8, color="gray")
+                ax.text(ax.get_xlim()[0], row["fd"], f" {row['name']}", va="bottom", fontsize=7, color="gray")
+        ax.set_xlabel(xlabel)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{rows[0]['protocol']['metric']} (training-time judge, seed 1234)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

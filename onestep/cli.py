@@ -102,7 +102,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(json.dumps({"config": config, **step_overhead(cfg, args.iterations)}))
         return 0
     run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples,
-                  teacher_steps=args.teacher_steps, speed_batch=args.speed_batch)
+                  teacher_steps=args.teacher_steps, speed_batch=args.speed_batch, seeds=args.seeds)
     return 0
 
 
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-samples", type=int, default=1000)
     bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50])
     bench.add_argument("--speed-batch", type=int, default=256)
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -96,6 +96,8 @@ def build_distiller_task(cfg: RunConfig):
     from onestep.eval.judge import Judge
 
     teacher = load_teacher(cfg)
+    if teacher.is_text and not cfg.data.prompts:
+        raise UserInputError("this teacher is text-conditional: set data.prompts to a prompt file (one per line)")
     prompts = None
     if cfg.data.prompts:
         from onestep.data.prompts import read_prompts

@@ -18,8 +18,10 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, nargs="*", default=[1, 2, 4, 10, 50])
     parser.add_argument("--ddpm-steps", type=int, nargs="*", default=[1000])
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--speed-batch", type=int, default=256, help="0 skips the images/s measurement")
     args = parser.parse_args()
-    rows = teacher_report(Path(args.teacher), args.num_samples, args.ddim_steps, args.ddpm_steps, args.guidance)
+    rows = teacher_report(Path(args.teacher), args.num_samples, args.ddim_steps, args.ddpm_steps, args.guidance,
+                          speed_batch=args.speed_batch or None)
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
