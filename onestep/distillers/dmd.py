@@ -113,12 +113,8 @@ class DMD(Distiller):
     # --- generator ----------------------------------------------------------------------------------------------
     def _generator_sample(self, generator) -> tuple[torch.Tensor, Condition]:
         """x = G(z, c); multi-step generators train at a random step after backward simulation without grad."""
-        n = self.batch_size
-        condition = self.conditions(n, self.device)
-        noise = torch.randn((n, *self.teacher.sample_shape), device=self.device)
-        step = int(torch.randint(0, len(self.generator.timesteps), ()))
-        x_t = self.generator.simulate(noise, condition, step) if step else None
-        return generator(noise, condition, step, x_t), condition
+        x, _, condition = self.draw(generator, step=int(torch.randint(0, len(self.generator.timesteps), ())))
+        return x, condition
 
     def generator_loss(self, generator) -> LossOutput:
         x, condition = self._generator_sample(generator)

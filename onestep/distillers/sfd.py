@@ -109,19 +109,13 @@ class SFD(SiD):
             logits[:, o.forget] = -torch.inf  # never the forgotten class itself
         return Condition(class_labels=logits.argmax(dim=1).to(labels.device))
 
-    def _generate(self, generator, sampler: ConditionSampler) -> tuple[torch.Tensor, torch.Tensor, Condition]:
-        index = sampler.draw(self.batch_size)
-        condition = sampler.condition(index, self.device)
-        noise = torch.randn((self.batch_size, *self.teacher.sample_shape), device=self.device)
-        return generator(noise, condition), index, condition
-
     # --- losses ------------------------------------------------------------------------------------------------
     def generator_loss(self, generator) -> LossOutput:
         o = self.options
-        x_r, _, c_r = self._generate(generator, self.remain)
+        x_r, _, c_r = self.draw(generator, self.remain)
         mu_real, mu_fake = self.score_pair(x_r, c_r, c_r)
         remain = sid_loss(x_r, mu_real, mu_fake, o.alpha).mean()
-        x_f, index, c_f = self._generate(generator, self.forget)
+        x_f, index, c_f = self.draw(generator, self.forget)
         c_o = self.override_condition(index, c_f, x_f.detach())
         mu_real, mu_fake = self.score_pair(x_f, c_o, c_f)  # teacher at the override, fake score at the forget concept
         forget = sid_loss(x_f, mu_real, mu_fake, o.alpha).mean()
@@ -132,8 +126,8 @@ class SFD(SiD):
         o = self.options
         raw = functools.partial(fake, output="raw")
         with torch.no_grad():
-            x_r, _, c_r = self._generate(self.generator, self.remain)
-            x_f, _, c_f = self._generate(self.generator, self.forget)
+            x_r, _, c_r = self.draw(self.generator, self.remain)
+            x_f, _, c_f = self.draw(self.generator, self.forget)
         remain = denoising_loss(raw, self.teacher.schedule, x_r, c_r).mean()
         forget = denoising_loss(raw, self.teacher.schedule, x_f, c_f).mean()
         loss = o.critic_remain_weight * remain + o.critic_forget_weight * forget

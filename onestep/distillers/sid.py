@@ -77,10 +77,6 @@ class SiD(Distiller):
                        ema_decay=o.generator_ema),
                 Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
 
-    def sample_generator(self, generator, n: int) -> tuple[torch.Tensor, Condition]:
-        condition = self.conditions(n, self.device)
-        return generator(torch.randn((n, *self.teacher.sample_shape), device=self.device), condition), condition
-
     def score_pair(self, x_g: torch.Tensor, teacher_condition: Condition,
                    fake_condition: Condition) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu_real, mu_fake) at a random noisy x_t of x_g, differentiable w.r.t. x_g, parameters frozen.
@@ -95,13 +91,13 @@ class SiD(Distiller):
         return mu_real, mu_fake
 
     def generator_loss(self, generator) -> LossOutput:
-        x_g, condition = self.sample_generator(generator, self.batch_size)
+        x_g, _, condition = self.draw(generator)
         mu_real, mu_fake = self.score_pair(x_g, condition, condition)
         loss = sid_loss(x_g, mu_real, mu_fake, self.options.alpha).mean()
         return LossOutput(loss, {"score_gap": (mu_real - mu_fake).abs().mean().item()})
 
     def critic_loss(self, fake) -> LossOutput:
         with torch.no_grad():
-            x_g, condition = self.sample_generator(self.generator, self.batch_size)
+            x_g, _, condition = self.draw(self.generator)
         loss = denoising_loss(functools.partial(fake, output="raw"), self.teacher.schedule, x_g, condition).mean()
         return LossOutput(loss)
