@@ -46,12 +46,13 @@ def _sample(args: argparse.Namespace) -> int:
     if out.suffix == ".png":
         save_grid(images, out)
     else:
-        tmp = out.with_name(f".{out.stem}.tmp.npz")
+        from onestep.files import atomic_file
+
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if labels is not None:
             arrays["labels"] = labels.numpy()
-        np.savez(tmp, **arrays)
-        tmp.replace(out)
+        with atomic_file(out) as f:
+            np.savez(f, **arrays)
     print(json.dumps({"out": str(out), "num_images": args.num_images, "nfe": sampler.nfe}))
     return 0
 

@@ -9,8 +9,8 @@ import torch
 
 from onestep.config import RunConfig, to_dict
 from onestep.errors import UserInputError
+from onestep.files import write_json_atomic
 from onestep.loading import resolve_path
-from onestep.training.checkpoints import write_json_atomic
 from onestep.training.denoiser_task import DenoiserOptions, DenoiserTraining
 from onestep.training.trainer import Trainer
 

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from onestep.data.conditions import ConditionSampler
+from onestep.files import atomic_file
 from onestep.sampling import sample_teacher
 from onestep.teacher import Teacher
 
@@ -73,11 +74,9 @@ class PairedRegression:
         condition = self.conditions.condition(index, self.teacher.device)
         targets = sample_teacher(self.teacher, condition, n, self.options.teacher_steps, "ddim", noise=noise).cpu()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"noise": noise, "index": index, "targets": targets}, str(tmp),
-                      metadata={"options": json.dumps(asdict(self.options))})
-            tmp.replace(path)
+            with atomic_file(path) as f:
+                f.write(save({"noise": noise, "index": index, "targets": targets},
+                             metadata={"options": json.dumps(asdict(self.options))}))
         return noise, index, targets
 
     def loss(self, generator) -> torch.Tensor:

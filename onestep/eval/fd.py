@@ -20,8 +20,8 @@ from onestep.data.digits import load_digits_tensors, split_halves
 from onestep.data.folders import load_image_folder
 from onestep.errors import UserInputError
 from onestep.eval.classifier import DigitsClassifier, load_digits_classifier
-from onestep.eval.files import atomic_file
 from onestep.eval.quantize import to_uint8, uint8_to_float
+from onestep.files import atomic_file
 
 
 FEATURES = ("digits", "inception")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onestep.eval.files import atomic_file
+from onestep.files import atomic_file
 
 
 def _to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
+from onestep.files import write_json_atomic
+
 
 COMPLETE_MARKER = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -58,15 +60,6 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) 
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(folder: Path) -> None:

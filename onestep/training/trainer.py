@@ -18,7 +18,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint, write_json_atomic
+from onestep.files import write_json_atomic
+from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
 from onestep.training.updates import Update
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,15 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """JSON (sorted keys, indented) written through `atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
