@@ -32,9 +32,9 @@ def images_per_second(sampler: FolderSampler, batch: int, repeats: int = 3) -> f
 
 
 def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int | list[int],
-                     speed_batch: int | None) -> dict:
-    """FD-digits of class-balanced samples (mean and spread over noise seeds), NFE, class-share error and
-    (unless speed_batch is None) images/s."""
+                     speed_batch: int | None, forget: list[int] = ()) -> dict:
+    """FD-digits of class-balanced samples (mean and spread over noise seeds), NFE, class-share error,
+    (unless speed_batch is None) images/s and, for `forget` classes, the forgetting metrics at the first seed."""
     seeds = [seed] if isinstance(seed, int) else list(seed)
     labels = balanced_labels(num_samples, sampler.num_classes) if sampler.num_classes else None
     fds = []
@@ -51,7 +51,19 @@ def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int | list[
 
         shares = class_shares(images, load_digits_classifier())
         row["class_share_max_error"] = float(abs(shares - 1.0 / sampler.num_classes).max())
+    if forget:
+        row["forgetting"] = forgetting_metrics(sampler, forget, num_samples, seeds[0])
     return row
+
+
+def forgetting_metrics(sampler: FolderSampler, forget: list[int], num_samples: int, seed: int) -> dict[str, float]:
+    """Unlearning accuracy per forgotten class and FD-digits on the remaining classes of a folder's sampler."""
+    from onestep.eval.forgetting import forgetting_report
+
+    if not sampler.num_classes:
+        raise UserInputError(f"{sampler.path} is not class-conditional: forgetting metrics need class labels")
+    return forgetting_report(lambda labels: to_uint8(sampler.sample(labels, len(labels), seed)),
+                             sampler.num_classes, list(forget), num_samples)
 
 
 def teacher_report(teacher_path: Path, num_samples: int, ddim_steps: list[int], ddpm_steps: list[int],
@@ -73,7 +85,7 @@ def _fmt(value, digits=2) -> str:
 
 
 def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_steps: list[int] = (1, 4, 10, 50),
-                  speed_batch: int = 256, seeds: list[int] = (0,)) -> dict:
+                  speed_batch: int = 256, seeds: list[int] = (0,), forget: list[int] = ()) -> dict:
     """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report."""
     configs = {}
     for run in runs:
@@ -88,19 +100,20 @@ def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_
     rows = []
     for k in teacher_steps:
         sampler = load_sampler(teacher_path, steps=k, guidance_scale=guidance)
-        rows.append({"name": f"teacher DDIM {k}", **evaluate_sampler(sampler, num_samples, seeds, speed_batch)})
+        row = evaluate_sampler(sampler, num_samples, seeds, speed_batch, forget)
+        rows.append({"name": f"teacher DDIM {k}", **row})
     histories = {}
     for run, cfg in configs.items():
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         histories[run.name] = metrics.get("history", [])
-        row = evaluate_sampler(load_sampler(run / "pipeline"), num_samples, seeds, speed_batch)
+        row = evaluate_sampler(load_sampler(run / "pipeline"), num_samples, seeds, speed_batch, forget)
         rows.append({"name": f"{cfg['method']} ({run.name})", **row, "train_seconds": metrics.get("train_seconds"),
                      "steps": metrics.get("step")})
     slowest = next((r for r in rows if r["name"] == f"teacher DDIM {max(teacher_steps)}"), None)
     for row in rows:
         row["speedup_vs_teacher"] = row["images_per_s"] / slowest["images_per_s"] if slowest else None
     protocol = rows[0]["protocol"]
-    report = {"rows": rows, "protocol": protocol, "machine": f"{platform.machine()}, "
+    report = {"rows": rows, "protocol": protocol, "forget": list(forget), "machine": f"{platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "speed_batch": speed_batch}
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
@@ -125,7 +138,23 @@ def markdown_table(report: dict) -> str:
         fd = _fmt(r["fd"]) + (f" ± {_fmt(r['fd_std'])}" if r.get("fd_std") is not None else "")
         lines.append(f"| {r['name']} | {r['nfe']} | {fd} | {_fmt(r['images_per_s'], 0)} | "
                      f"{_fmt(r['speedup_vs_teacher'], 1)}x | {_fmt(r.get('class_share_max_error'), 3)} | {training} |")
+    if report.get("forget"):
+        lines += ["", *forgetting_table(report)]
     return "\n".join(lines) + "\n"
+
+
+def forgetting_table(report: dict) -> list[str]:
+    forget, metric = report["forget"], report["protocol"]["metric"]
+    seed = report["rows"][0]["seeds"][0]
+    head = " | ".join(f"classified as {c} when asked for {c} ↓" for c in forget)
+    lines = [f"Forgetting (classes {forget}; digits classifier; noise seed {seed}; {metric} of the remaining classes "
+             "against their real digits):", "", f"| sampler | {head} | {metric} remaining classes ↓ |",
+             "|---|" + "---|" * (len(forget) + 1)]
+    for r in report["rows"]:
+        f = r["forgetting"]
+        shares = " | ".join(f"{100 * f[f'classified_as_forgotten/class_{c}']:.1f}%" for c in forget)
+        lines.append(f"| {r['name']} | {shares} | {_fmt(f[f'{metric}/remaining_classes'])} |")
+    return lines
 
 
 def plot_history(histories: dict[str, list[dict]], rows: list[dict], path: Path) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from onestep.config import load_config
-    from onestep.runs import build_trainer
+    from onestep.runs import train
 
     cfg = load_config(args.config, args.overrides)
-    final = build_trainer(cfg, overwrite=args.overwrite).train()
+    final = train(cfg, overwrite=args.overwrite)
     print(json.dumps({"output_dir": cfg.output_dir, **final}))
     return 130 if "interrupted" in final else 0
 
@@ -77,11 +77,17 @@ def _fid(args: argparse.Namespace) -> int:
         if images.dtype != torch.uint8:
             raise UserInputError(f"{source} images must be uint8, got {images.dtype}")
         images = images[: args.num_samples] if args.num_samples else images
+        if args.forget:
+            raise UserInputError("--forget needs a pipeline or teacher folder to sample from, not an .npz")
     else:
         sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
         n = args.num_samples or 1000
         images = to_uint8(sampler.sample(_balanced(sampler.num_classes, n), n, args.seed))
     result = frechet_distance(images, reference=args.reference, features=args.features).to_dict()
+    if args.forget:
+        from onestep.benchmark import forgetting_metrics
+
+        result["forgetting"] = forgetting_metrics(sampler, args.forget, n, args.seed)
     print(json.dumps(result))
     return 0
 
@@ -97,13 +103,19 @@ def _bench(args: argparse.Namespace) -> int:
     from onestep.benchmark import run_benchmark, step_overhead
     from onestep.config import load_config
 
+    if args.suite == "convergence":
+        from onestep.convergence import run_convergence
+
+        run_convergence([Path(r) for r in args.runs], Path(args.out), args.baseline)
+        return 0
     if args.suite == "step-overhead":
         for config in args.runs:
             cfg = load_config(config, [f"output_dir={args.out}"])
             print(json.dumps({"config": config, **step_overhead(cfg, args.iterations)}))
         return 0
     run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples,
-                  teacher_steps=args.teacher_steps, speed_batch=args.speed_batch, seeds=args.seeds)
+                  teacher_steps=args.teacher_steps, speed_batch=args.speed_batch, seeds=args.seeds,
+                  forget=args.forget)
     return 0
 
 
@@ -136,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--reference", default="digits", help="digits | STATS.npz | IMAGE_DIR")
     fid.add_argument("--features", default="digits", choices=["digits", "inception"])
     fid.add_argument("--num-samples", type=int, default=None)
+    fid.add_argument("--forget", type=int, nargs="+", default=[],
+                     help="forgotten classes: add unlearning accuracy and FD on the remaining classes")
     sampling_args(fid)
     fid.set_defaults(run=_fid)
 
@@ -146,14 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="teacher vs students: FD, NFE, images/s; Markdown table + PNG chart")
     bench.add_argument("runs", nargs="+", help="run output folders (step-overhead: config files)")
-    bench.add_argument("--suite", choices=["compare", "step-overhead"], default="compare",
-                       help="compare: teacher vs students; step-overhead: iteration time vs its network passes")
+    bench.add_argument("--suite", choices=["compare", "step-overhead", "convergence"], default="compare",
+                       help="compare: teacher vs students; step-overhead: iteration time vs its network passes; "
+                            "convergence: FD-vs-step over seeds, steps to reach the baseline's final FD")
+    bench.add_argument("--baseline", default="dmd2", help="convergence: the method whose final FD is the target")
     bench.add_argument("--iterations", type=int, default=20, help="step-overhead: timed TTUR periods")
     bench.add_argument("--out", required=True)
     bench.add_argument("--num-samples", type=int, default=1000)
     bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50])
     bench.add_argument("--speed-batch", type=int, default=256)
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
+    bench.add_argument("--forget", type=int, nargs="+", default=[],
+                       help="forgotten classes: add unlearning accuracy and FD on the remaining classes per row")
     bench.set_defaults(run=_bench)
     return parser
 

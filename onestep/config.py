@@ -45,6 +45,9 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Two-stage runs: an exported OneStepPipeline of an earlier stage whose generator starts this one (teacher and
+    # critics still start from teacher.path, never from the earlier stage's critic)
+    init_generator: str | None = None
     options: Any = field(default_factory=dict)  # the method's own options, validated against its dataclass
 
 

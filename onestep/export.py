@@ -17,6 +17,9 @@ too); diffusers >= 0.38 needs `trust_remote_code=True` even for local files. `mo
 `"_class_name": "OneStepPipeline"`: the list form `["pipeline_onestep", "OneStepPipeline"]` would let (b) drop
 `custom_pipeline`, but diffusers then routes every `from_pretrained` through the folder's file, so (a) would demand
 `trust_remote_code=True` and return a dynamically imported copy of the class instead of onestep's.
+
+An exported `MultiStudentPipeline` folder (`export_students`) loads the same three ways, with
+`custom_pipeline="pipeline_multi_student"` in (b) and `subfolder="unet_k"` for student k in (c).
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ import inspect
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
+from torch import nn
 
 from onestep.errors import UserInputError
 from onestep.generator import Generator
+from onestep.pipelines.pipeline_multi_student import MultiStudentPipeline
 from onestep.pipelines.pipeline_onestep import OneStepPipeline
+from onestep.routing import Router
 from onestep.teacher import Teacher
 
 
@@ -82,10 +88,25 @@ def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike) -> 
     return Path(out_dir)
 
 
-def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike) -> Path:
+def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike,
+                     readout: str = "x0") -> Path:
     """A trained generator as an `OneStepPipeline` folder: its UNet and read-out timesteps, the teacher's scheduler,
-    VAE (latent models), text encoder and tokenizer (text-to-image models) and classes."""
+    VAE (latent models), text encoder and tokenizer (text-to-image models) and classes.
+
+    `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`)."""
     pipeline = OneStepPipeline(unet=generator.unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                               timesteps=generator.timesteps, num_classes=teacher.num_classes)
+                               timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
+    return export_pipeline(pipeline, out_dir)
+
+
+def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router, timesteps: Sequence[int],
+                    out_dir: str | os.PathLike) -> Path:
+    """MSD students as a `MultiStudentPipeline` folder: student k's UNet in `unet_k/`, the router's config and the
+    read-out timesteps in `model_index.json`, and the teacher's scheduler, VAE, text encoder, tokenizer and classes.
+    """
+    pipeline = MultiStudentPipeline.from_students(list(unets), teacher.scheduler, router=router.to_config(),
+                                                  vae=teacher.vae, text_encoder=teacher.text_encoder,
+                                                  tokenizer=teacher.tokenizer, timesteps=list(timesteps),
+                                                  num_classes=teacher.num_classes)
     return export_pipeline(pipeline, out_dir)

@@ -59,15 +59,15 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
     except json.JSONDecodeError:
         raise UserInputError(f"corrupt {index_file}") from None
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
-    if class_name == "OneStepPipeline":
+    if class_name in ("OneStepPipeline", "MultiStudentPipeline"):
         from diffusers.utils import logging as diffusers_logging
 
-        from onestep.pipelines.pipeline_onestep import OneStepPipeline
+        from onestep import pipelines
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" would clutter CLI output
 
         try:
-            pipe = OneStepPipeline.from_pretrained(path, **dtype_kwargs(torch.float32))
+            pipe = getattr(pipelines, class_name).from_pretrained(path, **dtype_kwargs(torch.float32))
         except Exception as err:  # diffusers raises many types for corrupt folders
             raise UserInputError(f"cannot load pipeline {path}: {str(err).splitlines()[0]}") from None
         pipe.set_progress_bar_config(disable=True)

@@ -42,7 +42,8 @@ def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, i
     raise UserInputError(f"data.name must be digits or image_folder, got {cfg.data.name!r}")
 
 
-IDENTITY_KEYS = ("method", "data", "teacher", "options")  # what makes two configs the same run (not its length)
+# what makes two configs the same run (not its length)
+IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "options")
 RUN_CONFIG = "config.json"
 
 
@@ -90,12 +91,10 @@ def _check_teacher_matches_data(teacher, images: torch.Tensor) -> None:
                              f"{expected[0]}x{expected[1]}x{expected[2]}")
 
 
-def build_distiller_task(cfg: RunConfig):
-    from onestep.data.conditions import ConditionSampler, RealImages
-    from onestep.distillers import DISTILLERS
-    from onestep.eval.judge import Judge
+def build_conditions(cfg: RunConfig, teacher):
+    """The conditions a run draws: the teacher's classes, the prompt file's prompts, or none."""
+    from onestep.data.conditions import ConditionSampler
 
-    teacher = load_teacher(cfg)
     if teacher.is_text and not cfg.data.prompts:
         raise UserInputError("this teacher is text-conditional: set data.prompts to a prompt file (one per line)")
     prompts = None
@@ -103,8 +102,18 @@ def build_distiller_task(cfg: RunConfig):
         from onestep.data.prompts import read_prompts
 
         prompts = read_prompts(Path(cfg.data.prompts))
-    conditions = ConditionSampler(classes=range(teacher.num_classes) if teacher.num_classes else None,
-                                  prompts=prompts, encode=teacher.encode_prompts if prompts else None)
+    return ConditionSampler(classes=range(teacher.num_classes) if teacher.num_classes else None,
+                            prompts=prompts, encode=teacher.encode_prompts if prompts else None)
+
+
+def build_distiller_task(cfg: RunConfig):
+    from onestep.data.conditions import RealImages
+    from onestep.distillers import DISTILLERS
+    from onestep.distillers.disback import Backtracking
+    from onestep.eval.judge import Judge
+
+    teacher = load_teacher(cfg)
+    conditions = build_conditions(cfg, teacher)
     real = None
     if cfg.data.name in ("digits", "image_folder"):
         images, labels, _ = load_real_data(cfg)
@@ -123,11 +132,105 @@ def build_distiller_task(cfg: RunConfig):
 
         extra["classifier"] = load_digits_classifier().to(teacher.device)  # pseudo-labels for SFD's override
     distiller_cls = DISTILLERS[cfg.method].distiller_cls
+    if issubclass(distiller_cls, Backtracking):
+        extra["path_dir"] = Path(cfg.output_dir) / "path"  # DisBack's stage-1 path, unless options.path_dir is set
     try:
-        return distiller_cls(teacher, cfg.options, conditions=conditions, judge=judge, batch_size=cfg.data.batch_size,
-                             real=real, regression_cache=Path(cfg.output_dir) / "cache", **extra)
+        distiller = distiller_cls(teacher, cfg.options, conditions=conditions, judge=judge,
+                                  batch_size=cfg.data.batch_size, real=real,
+                                  regression_cache=Path(cfg.output_dir) / "cache", **extra)
     except ValueError as err:
         raise UserInputError(str(err)) from None
+    if cfg.init_generator:
+        if not hasattr(distiller, "generator"):
+            raise UserInputError(f"init_generator applies to distillers, not to method {cfg.method}")
+        init_generator(distiller.generator, resolve_path(cfg.init_generator))
+    return distiller
+
+
+def init_generator(generator, pipeline_dir: Path) -> None:
+    """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
+    from onestep.loading import load_model
+
+    index = pipeline_dir / "model_index.json"
+    if not index.is_file():
+        raise UserInputError(f"init_generator {pipeline_dir} is not an exported pipeline folder (no model_index.json)")
+    try:
+        timesteps = json.loads(index.read_text()).get("timesteps")
+    except json.JSONDecodeError:
+        raise UserInputError(f"corrupt {index}") from None
+    if timesteps != generator.timesteps:
+        raise UserInputError(f"init_generator {pipeline_dir} reads out at timesteps {timesteps} but this run's "
+                             f"generator at {generator.timesteps}")
+    unet = load_model(pipeline_dir / "unet")
+    try:
+        generator.unet.load_state_dict(unet.state_dict(), strict=True)
+    except RuntimeError:
+        raise UserInputError(f"init_generator {pipeline_dir}: its UNet does not match the teacher's "
+                             "architecture") from None
+
+
+def train(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Train a run to its end; an msd config without `options.student` trains every student, one after another."""
+    if cfg.method == "msd" and cfg.options.student is None:
+        return train_students(cfg, overwrite)
+    return build_trainer(cfg, overwrite).train()
+
+
+def student_config(cfg: RunConfig, k: int) -> RunConfig:
+    """Student k's own run: OUTPUT_DIR/student_k, the same options with `student` = k.
+
+    An `init_generator` of an all-students run is an earlier msd run (stage 1 before the GAN stage): student k
+    starts from that run's student k.
+    """
+    import copy
+
+    sub = copy.deepcopy(cfg)
+    sub.output_dir = str(Path(cfg.output_dir) / f"student_{k}")
+    sub.options.student = k
+    if cfg.init_generator:
+        sub.init_generator = str(Path(cfg.init_generator) / f"student_{k}" / "pipeline")
+    return sub
+
+
+def train_students(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """MSD's students one after another (each resumable in its own folder), then the assembled pipeline.
+
+    `train.max_steps` / `train.max_minutes` apply to each student; OUTPUT_DIR/metrics.json sums their cost.
+    """
+    check_output_dir(cfg, overwrite)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_CONFIG, to_dict(cfg))
+    students = []
+    for k in range(cfg.options.num_students):
+        sub = student_config(cfg, k)
+        final = build_trainer(sub, overwrite).train()
+        if "interrupted" in final:
+            return {**final, "student": k}
+        students.append(json.loads((Path(sub.output_dir) / "metrics.json").read_text()))
+    pipeline = assemble_students(cfg)
+    metrics = {"step": sum(m["step"] for m in students), "train_seconds": sum(m["train_seconds"] for m in students),
+               "students": [{"step": m["step"], "train_seconds": m["train_seconds"], "final": m["final"]}
+                            for m in students], "history": []}
+    write_json_atomic(out / "metrics.json", metrics)
+    return {"pipeline": str(pipeline), "step": metrics["step"], "train_seconds": metrics["train_seconds"]}
+
+
+def assemble_students(cfg: RunConfig, out: Path | None = None) -> Path:
+    """One MultiStudentPipeline from the students' exported pipelines and the run's router."""
+    from onestep.distillers.msd import build_router
+    from onestep.export import export_students
+    from onestep.loading import load_model
+
+    teacher = load_teacher(cfg)
+    router = build_router(cfg.options, teacher, build_conditions(cfg, teacher))
+    folders = [Path(student_config(cfg, k).output_dir) / "pipeline" for k in range(cfg.options.num_students)]
+    missing = [str(f) for f in folders if not (f / "model_index.json").is_file()]
+    if missing:
+        raise UserInputError(f"student pipeline missing: {missing[0]} (train that student first)")
+    unets = [load_model(f / "unet") for f in folders]
+    return export_students(unets, teacher, router, cfg.options.generator_timesteps,
+                           out or Path(cfg.output_dir) / "pipeline")
 
 
 def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
@@ -154,6 +257,8 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     if not saved.is_file():
         raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")
     cfg = config_from(json.loads(saved.read_text()), label=str(saved))
+    if cfg.method == "msd" and cfg.options.student is None:
+        return assemble_students(cfg, out)
     trainer = build_trainer(cfg)
     if not trainer.resume():
         raise UserInputError(f"{run_dir} has no complete checkpoint to export")

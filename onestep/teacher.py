@@ -47,6 +47,11 @@ class Teacher(nn.Module):
         self._null_text: torch.Tensor | None = None
 
     # --- construction -----------------------------------------------------------------------------------------
+    def with_unet(self, unet: nn.Module) -> Teacher:
+        """This teacher (scheduler, VAE, text encoder, classes, guidance) around another UNet, frozen."""
+        return Teacher(unet, self.scheduler, self.vae, self.text_encoder, self.tokenizer, self.num_classes,
+                       self.guidance_scale)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, guidance_scale: float = 1.0,
                         dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Teacher:

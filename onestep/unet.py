@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from onestep.conditioning import Condition
@@ -33,14 +32,38 @@ def unet_x0(unet: nn.Module, schedule: VPSchedule, x_t: torch.Tensor, t: torch.T
     return schedule.to_x0(unet_forward(unet, x_t, t, condition), x_t, t, prediction_type)
 
 
-@contextlib.contextmanager
-def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Let gradients flow through `module`'s inputs without computing or storing any for its parameters."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
+def call_frozen(module: nn.Module, *args, checkpoint: bool = False, **kwargs):
+    """`module(*args, **kwargs)` with gradients flowing to the inputs only, never to `module`'s parameters.
+
+    The parameters enter as detached tensors (`torch.func.functional_call`) instead of having `requires_grad`
+    toggled. With `checkpoint` the whole call is recomputed in the backward pass instead of keeping its activations;
+    the recomputation runs this same function, so it sees the same detached parameters as the forward did.
+    """
+    detached = {name: p.detach() for name, p in module.named_parameters()}
+
+    def call(*inputs):
+        return torch.func.functional_call(module, detached, inputs, kwargs)
+
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
+    return call(*args)
+
+
+def reduced_unet(unet: nn.Module, block_out_channels: list[int]) -> nn.Module:
+    """A freshly initialised UNet of `unet`'s class and config with other channel widths (MSD's smaller students).
+
+    Timestep embedding, class embeddings and cross-attention keep their configuration, so the smaller network takes
+    exactly the teacher's inputs and conditions.
+    """
+    if len(block_out_channels) != len(unet.config.block_out_channels):
+        raise ValueError(f"block_out_channels needs {len(unet.config.block_out_channels)} widths (one per block), "
+                         f"got {list(block_out_channels)}")
+    groups = unet.config.norm_num_groups
+    if any(c % groups for c in block_out_channels):
+        raise ValueError(f"every width in block_out_channels must be a multiple of norm_num_groups {groups}, "
+                         f"got {list(block_out_channels)}")
+    return type(unet).from_config({**unet.config, "block_out_channels": list(block_out_channels)})
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -6,11 +6,18 @@ plain diffusers (`custom_pipeline=..., trust_remote_code=True`) where onestep is
 Convention: VP discrete time t in {0..T-1}, x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(alphas_cumprod[t]),
 sigma_t = sqrt(1 - alphas_cumprod[t]); the generator is read out as an x0-prediction by the scheduler's
 `prediction_type`, in float32. Images live in [-1, 1] in model space and come out in [0, 1].
+
+Two read-outs (`readout` in the config; folders without it are "x0"):
+  "x0"      DMD2/SiD-style generators: x = sigma_{t_0} z, x0 = G(x, t_0) read out at t_0 (the recursion below).
+  "signal"  BOOT students g(eps, t): the UNet sees the noise eps itself at timestep t and its output is read out
+            as x0 at the terminal timestep T-1 (as if eps were x_{T-1}); g(eps, t) is the signal y_t of the
+            teacher's DDIM trajectory from eps, and the sample is y at the one configured timestep (0).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from diffusers import (
@@ -26,6 +33,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+READOUTS = ("x0", "signal")
+
+
+@dataclass
+class OneStepPipelineOutput(ImagePipelineOutput):
+    """`images`, plus for a signal read-out called with `preview_timesteps` the `trajectory` {t: images of y_t}
+    from the same noise, in the same `output_type`."""
+
+    trajectory: dict | None = None
 
 
 class OneStepPipeline(DiffusionPipeline):
@@ -45,6 +61,8 @@ class OneStepPipeline(DiffusionPipeline):
         timesteps (`list[int]`, defaults to `[999]`): the generator's read-out timesteps, decreasing; one = one step.
         num_classes (`int`, *optional*): real classes of a class-conditional generator, the class index
             `num_classes` being the null class; read from `unet.config.num_class_embeds - 1` when not given.
+        readout (`str`, defaults to `"x0"`): `"x0"` for the recursion above; `"signal"` for a BOOT student, one
+            call y = G(z, t_0) read out at the terminal timestep with z itself as input (see the module docstring).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -52,22 +70,28 @@ class OneStepPipeline(DiffusionPipeline):
 
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
-                 timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None):
+                 timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
+                 readout: str = "x0"):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1
-        self.register_to_config(timesteps=self.check_timesteps(timesteps), num_classes=num_classes)
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        steps = self.check_timesteps(timesteps, readout)
+        self.register_to_config(timesteps=steps, num_classes=num_classes, readout=readout)
         self.image_processor = VaeImageProcessor(do_resize=False)
 
     # --- schedule -----------------------------------------------------------------------------------------------
-    def check_timesteps(self, timesteps: list[int] | tuple[int, ...]) -> list[int]:
-        """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T)."""
+    def check_timesteps(self, timesteps: list[int] | tuple[int, ...], readout: str = "x0") -> list[int]:
+        """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T) (one for a signal)."""
         steps = [int(t) for t in timesteps]
         num_train = len(self.scheduler.alphas_cumprod)
         decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
         if not steps or not decreasing or any(not 0 <= t < num_train for t in steps):
             raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {timesteps}")
+        if readout == "signal" and len(steps) != 1:
+            raise ValueError(f"a signal read-out samples in one call, at one timestep; got {timesteps}")
         return steps
 
     def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +161,25 @@ class OneStepPipeline(DiffusionPipeline):
         out = self.unet(x_t.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
         return self.to_x0(out, x_t, t)
 
-    def generate(self, batch_size: int, unet_kwargs: dict, timesteps: list[int],
+    def predict_signal(self, noise: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
+        """A BOOT student's y_t: the UNet on the noise itself at timestep t, read out as x0 at T-1, in float32."""
+        timestep = torch.full((noise.shape[0],), t, device=noise.device, dtype=torch.long)
+        out = self.unet(noise.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
+        return self.to_x0(out, noise, len(self.scheduler.alphas_cumprod) - 1)
+
+    def initial_noise(self, batch_size: int,
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """z ~ N(0, I) in model space, float32, on the execution device."""
+        return randn_tensor((batch_size, *self.sample_shape), generator, self._execution_device, torch.float32)
+
+    def generate(self, noise: torch.Tensor, unet_kwargs: dict, timesteps: list[int],
                  generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """x0 in model space (float32) after the whole recursion over `timesteps`."""
-        device = self._execution_device
-        shape = (batch_size, *self.sample_shape)
-        x = self.alpha_sigma(timesteps[0])[1].to(device) * randn_tensor(shape, generator, device, torch.float32)
+        """x0 in model space (float32) from initial noise z: after the whole recursion over `timesteps` (x0
+        read-out; `generator` draws its fresh noise), or y at `timesteps[0]` (signal read-out)."""
+        if self.config.readout == "signal":
+            return self.predict_signal(noise, timesteps[0], unet_kwargs)
+        device, shape = noise.device, noise.shape
+        x = self.alpha_sigma(timesteps[0])[1].to(device) * noise
         x0 = self.predict_x0(x, timesteps[0], unet_kwargs)
         for t in timesteps[1:]:
             alpha, sigma = (v.to(device) for v in self.alpha_sigma(t))
@@ -162,7 +199,7 @@ class OneStepPipeline(DiffusionPipeline):
                  prompt: str | list[str] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  timesteps: list[int] | None = None, output_type: str = "pil",
-                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+                 return_dict: bool = True, preview_timesteps: list[int] | None = None) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
         Args:
@@ -175,10 +212,20 @@ class OneStepPipeline(DiffusionPipeline):
             timesteps (`list[int]`, *optional*): overrides the configured read-out timesteps.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
+            preview_timesteps (`list[int]`, *optional*): signal read-out only: also return the student's y_t at
+                these t from the same noise (a trajectory preview, one extra call each) as `trajectory` {t: images}
+                of a [`OneStepPipelineOutput`] (or the tuple's second item).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        timesteps = self.config.timesteps if timesteps is None else self.check_timesteps(timesteps)
+        readout = self.config.readout
+        timesteps = self.config.timesteps if timesteps is None else self.check_timesteps(timesteps, readout)
+        if preview_timesteps is not None:
+            if readout != "signal":
+                raise ValueError("preview_timesteps needs a signal read-out (a BOOT student)")
+            num_train = len(self.scheduler.alphas_cumprod)
+            if any(not 0 <= int(t) < num_train for t in preview_timesteps):
+                raise ValueError(f"preview_timesteps must be integers in [0, {num_train}), got {preview_timesteps}")
         labels = self.prepare_class_labels(class_labels, batch_size)
         num_images = batch_size if labels is None else labels.numel()
         prompt_embeds = None
@@ -186,9 +233,15 @@ class OneStepPipeline(DiffusionPipeline):
             prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
             prompt_embeds = self.encode_prompt(prompts).to(self.unet.dtype)
             num_images = len(prompts)
-        x0 = self.generate(num_images, self.unet_kwargs(labels, prompt_embeds), timesteps, generator)
+        unet_kwargs = self.unet_kwargs(labels, prompt_embeds)
+        noise = self.initial_noise(num_images, generator)
+        x0 = self.generate(noise, unet_kwargs, timesteps, generator)
         images = self.image_processor.postprocess(self.decode(x0), output_type)
+        trajectory = None
+        if preview_timesteps is not None:
+            signals = {int(t): self.predict_signal(noise, int(t), unet_kwargs) for t in preview_timesteps}
+            trajectory = {t: self.image_processor.postprocess(self.decode(y), output_type) for t, y in signals.items()}
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            return (images,) if trajectory is None else (images, trajectory)
+        return OneStepPipelineOutput(images=images, trajectory=trajectory)

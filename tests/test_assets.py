@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from onestep.conditioning import Condition
@@ -27,3 +28,12 @@ def test_shipped_teacher_loads_and_is_what_the_configs_promise():
 def test_shipped_pipeline_file_matches_the_source():
     shipped = resolve_path("builtin:digits") / "pipeline_class_conditional.py"
     assert shipped.read_text() == (PIPELINES / "pipeline_class_conditional.py").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_validates(path):
+    from onestep.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.method and cfg.output_dir

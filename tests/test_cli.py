@@ -94,6 +94,17 @@ def test_sample_teacher_and_fid_of_npz(tmp_path, capsys):
     assert result["protocol"]["metric"] == "FD-digits" and result["protocol"]["num_samples"] == 20
 
 
+def test_fid_forgetting_metrics(tmp_path, capsys):
+    assert main(["fid", "builtin:digits", "--steps", "4", "--num-samples", "100", "--forget", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["forgetting"]
+    assert result["classified_as_forgotten/class_0"] >= 0.8  # the teacher has forgotten nothing
+    assert result["unlearning_accuracy/class_0"] == pytest.approx(1 - result["classified_as_forgotten/class_0"])
+    assert result["fd_digits/remaining_classes"] > 0
+    assert_one_line_error(*run(capsys, "fid", "builtin:digits", "--steps", "1", "--forget", "10"), "does not exist")
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
+    assert_one_line_error(*run(capsys, "fid", tmp_path / "s.npz", "--forget", "0"), "pipeline or teacher folder")
+
+
 def test_console_script_exit_code_is_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "onestep.cli", "train", str(tmp_path / "missing.yaml")],

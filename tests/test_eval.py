@@ -29,6 +29,7 @@ from onestep.eval import (
     uint8_to_float,
 )
 from onestep.eval.fd import INCEPTION_WEIGHTS_NAME
+from onestep.eval.forgetting import forgetting_report, unlearning_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,45 @@ def test_image_folder_reference(digits, tmp_path):
         frechet_distance(images[first], reference=folder)
     with pytest.raises(EvalError, match="none of these"):
         frechet_distance(images[first], reference=tmp_path / "missing")
+
+
+def _real_digit_sampler(images: torch.Tensor, labels: torch.Tensor, answer_forgotten_with: int | None = None):
+    """A stand-in sampler returning real digits of each requested class (optionally answering 0 with a 5)."""
+    pools = {c: images[labels == c] for c in range(10)}
+
+    def sample(requested: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i, c in enumerate(requested.tolist()):
+            c = answer_forgotten_with if c == 0 and answer_forgotten_with is not None else c
+            out.append(pools[c][i % len(pools[c])])
+        return torch.stack(out)
+
+    return sample
+
+
+def test_unlearning_accuracy_divides_by_forget_class_samples(digits):
+    images, labels, _, _ = digits
+    classifier = load_digits_classifier()
+    zeros, ones = images[labels == 0], images[labels == 1]
+    assert unlearning_accuracy(zeros, classifier, 0) <= 0.02  # real zeros: nearly all still classified as 0
+    assert unlearning_accuracy(ones, classifier, 0) >= 0.98  # ones asked for as 0: forgotten
+    mixed = torch.cat([zeros[:30], ones[:10]])
+    expected = float((classifier(uint8_to_float(mixed)).argmax(1) != 0).float().mean())
+    assert unlearning_accuracy(mixed, classifier, 0) == pytest.approx(expected)
+    assert 0.2 <= expected <= 0.3  # 10 of 40, up to classifier errors
+    with pytest.raises(ValueError):
+        unlearning_accuracy(images[:0], classifier, 0)
+
+
+def test_forgetting_report_tells_a_forgetting_sampler_from_a_faithful_one(digits):
+    images, labels, _, _ = digits
+    faithful = forgetting_report(_real_digit_sampler(images, labels), 10, [0], 500)
+    forgetful = forgetting_report(_real_digit_sampler(images, labels, answer_forgotten_with=5), 10, [0], 500)
+    assert faithful["classified_as_forgotten/class_0"] >= 0.95
+    assert forgetful["classified_as_forgotten/class_0"] <= 0.02
+    assert forgetful["unlearning_accuracy/class_0"] == pytest.approx(1 - forgetful["classified_as_forgotten/class_0"])
+    # the remaining classes are real digits of those classes: near the real-vs-real floor, same for both samplers
+    remaining = faithful["fd_digits/remaining_classes"]
+    assert remaining == forgetful["fd_digits/remaining_classes"] < 2 * real_vs_real_floor().value
+    with pytest.raises(EvalError, match="does not exist"):
+        forgetting_report(_real_digit_sampler(images, labels), 10, [10], 500)

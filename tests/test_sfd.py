@@ -79,3 +79,33 @@ def test_critic_sees_generator_samples_of_both_concepts():
 def test_bad_forget_settings_are_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         _sfd(**options)
+
+
+def test_two_stage_starts_the_generator_from_stage_one_and_the_fake_score_from_the_teacher(tmp_path):
+    from onestep.errors import UserInputError
+    from onestep.export import export_generator
+    from onestep.generator import Generator
+    from onestep.runs import init_generator
+
+    teacher = Teacher(tiny_unet(num_classes=4), scheduler())
+    stage1 = build_distiller("sid", teacher, batch_size=2)
+    with torch.no_grad():
+        for p in [*stage1.generator.parameters(), *stage1.fake.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))  # stand-in for stage-1 training
+    export_generator(stage1.generator, teacher, tmp_path / "stage1")
+
+    stage2 = build_distiller("sfd", teacher, SFDOptions(forget=[0]), batch_size=2)
+    init_generator(stage2.generator, tmp_path / "stage1")
+    for trained, loaded in zip(stage1.generator.state_dict().values(), stage2.generator.state_dict().values(),
+                               strict=True):
+        assert torch.equal(trained, loaded)
+    for original, fake in zip(teacher.unet.state_dict().values(), stage2.fake.unet.state_dict().values(),
+                              strict=True):
+        assert torch.equal(original.float(), fake.float())  # the original teacher, not stage 1's critic
+
+    with pytest.raises(UserInputError, match="timesteps"):  # a generator reading out at t = 999, not VE sigma 2.5
+        init_generator(Generator.from_teacher(teacher.unet, teacher.schedule, [999]), tmp_path / "stage1")
+    other_net = build_distiller("sid", Teacher(tiny_unet(num_classes=3), scheduler()),
+                                batch_size=2)
+    with pytest.raises(UserInputError, match="does not match"):
+        init_generator(other_net.generator, tmp_path / "stage1")

@@ -30,9 +30,23 @@ def test_sid_omega_is_stop_gradient():
     assert torch.allclose(x.grad, -omega * (r - f), atol=1e-5)
 
 
-def _sid():
+def _sid(**options):
     teacher = Teacher(tiny_unet(num_classes=3), scheduler())
-    return build_distiller("sid", teacher, SiDOptions(), batch_size=4)
+    return build_distiller("sid", teacher, SiDOptions(**options), batch_size=4)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        sid = _sid(gradient_checkpointing=checkpointing)
+        assert sid.teacher.unet.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)
+        loss = sid.generator_loss(sid.generator).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in sid.generator.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b, strict=True))
 
 
 def test_generator_gradient_flows_through_both_score_inputs_only_to_the_generator():

@@ -63,6 +63,10 @@ class RealImages:
             raise ValueError("no real images left for these classes")
         self.images, self.labels, self.encode, self.unlabeled = images, labels, encode, unlabeled
 
+    def subset(self, classes: Sequence[int]) -> RealImages:
+        """Only the images of `classes` (MSD's GAN sees real images of the student's own slice)."""
+        return RealImages(self.images, self.labels, self.encode, classes, self.unlabeled)
+
     def sample(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, Condition]:
         idx = torch.randint(0, self.images.shape[0], (n,))
         x = self.images[idx].to(device)

@@ -5,14 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onestep.distillers.base import Distiller
+from onestep.distillers.boot import BOOT, BOOTOptions
+from onestep.distillers.disback import DisBack, DisBackOptions, DisBackSiD, DisBackSiDOptions
 from onestep.distillers.dmd import DMD, DMD1Options, DMDOptions
+from onestep.distillers.msd import MSD, MSDOptions
 from onestep.distillers.sfd import SFD, SFDOptions
 from onestep.distillers.sid import SiD, SiDOptions
+from onestep.distillers.tsm import TeacherScoreMatching, TSMOptions
 
 
 @dataclass(frozen=True)
 class Registration:
-    distiller_cls: type[Distiller]
+    distiller_cls: type  # a Distiller, or a trainer task (tsm) built the same way
     options_cls: type
 
 
@@ -21,6 +25,11 @@ DISTILLERS: dict[str, Registration] = {
     "dmd2": Registration(DMD, DMDOptions),
     "sid": Registration(SiD, SiDOptions),
     "sfd": Registration(SFD, SFDOptions),
+    "msd": Registration(MSD, MSDOptions),
+    "tsm": Registration(TeacherScoreMatching, TSMOptions),  # MSD's stage 0 for smaller students
+    "disback": Registration(DisBack, DisBackOptions),
+    "disback_sid": Registration(DisBackSiD, DisBackSiDOptions),
+    "boot": Registration(BOOT, BOOTOptions),  # data-free, no critic
 }
 
 
@@ -33,4 +42,5 @@ def build_distiller(name: str, teacher, options=None, **kwargs) -> Distiller:
     return reg.distiller_cls(teacher, options if options is not None else reg.options_cls(), **kwargs)
 
 
-__all__ = ["DISTILLERS", "DMD1Options", "DMDOptions", "Distiller", "SFDOptions", "SiDOptions", "build_distiller"]
+__all__ = ["BOOTOptions", "DISTILLERS", "DMD1Options", "DMDOptions", "DisBackOptions", "DisBackSiDOptions",
+           "Distiller", "MSDOptions", "SFDOptions", "SiDOptions", "TSMOptions", "build_distiller"]

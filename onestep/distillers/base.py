@@ -13,6 +13,11 @@ from onestep.teacher import Teacher
 from onestep.training.updates import Update
 
 
+def class_conditions(teacher: Teacher) -> ConditionSampler:
+    """Uniform labels over the teacher's classes (no condition for an unconditional teacher)."""
+    return ConditionSampler(classes=range(teacher.num_classes) if teacher.num_classes else None)
+
+
 class Distiller:
     """Base class: subclasses build their critics and state their losses as `updates()`.
 
@@ -24,8 +29,7 @@ class Distiller:
     def __init__(self, teacher: Teacher, options, conditions: ConditionSampler | None = None, judge=None,
                  generator_timesteps: list[int] | tuple[int, ...] = (999,), batch_size: int = 64):
         self.teacher, self.options, self.judge, self.batch_size = teacher, options, judge, batch_size
-        self.conditions = conditions or ConditionSampler(
-            classes=range(teacher.num_classes) if teacher.num_classes else None)
+        self.conditions = conditions or class_conditions(teacher)
         self.generator = Generator.from_teacher(teacher.unet, teacher.schedule, generator_timesteps)
 
     @property

@@ -22,7 +22,7 @@ from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
 from onestep.distillers.regression import PairedRegression, RegressionOptions
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import frozen_parameters
+from onestep.unet import call_frozen
 
 
 def distribution_matching_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> torch.Tensor:
@@ -128,9 +128,8 @@ class DMD(Distiller):
         loss, logs = loss_dm, {"dm": loss_dm.item()}
         if self.options.gan:
             t_gan = sample_timesteps(x.shape[0], 0, self.teacher.schedule.num_train_timesteps, self.device)
-            with frozen_parameters(self.fake):
-                x_gan = self.teacher.schedule.add_noise(x, torch.randn_like(x), t_gan)
-                logits = self.fake(x_gan, t_gan, condition, output="logits")
+            x_gan = self.teacher.schedule.add_noise(x, torch.randn_like(x), t_gan)
+            logits = call_frozen(self.fake, x_gan, t_gan, condition, output="logits")
             loss_gan = gan_generator_loss(logits).mean()
             loss = loss + self.options.gan_generator_weight * loss_gan
             logs["gan"] = loss_gan.item()

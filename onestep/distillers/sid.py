@@ -20,7 +20,7 @@ from onestep.critics import FakeScore
 from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import frozen_parameters
+from onestep.unet import call_frozen
 
 
 def sid_loss(x_g: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -48,6 +48,9 @@ class SiDOptions:
     critic_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=10.0))
     generator_ema: float | None = 0.99
+    # recompute activations in the backward pass of all three UNets: the generator loss differentiates through the
+    # teacher and the fake score, so its activation memory is ~3 UNets' worth without it
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
@@ -70,6 +73,9 @@ class SiD(Distiller):
         self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule)
         t_lo, t_hi = (int(teacher.schedule.timestep_for_ve_sigma(s)) for s in (options.sigma_min, options.sigma_max))
         self.t_range = (t_lo, t_hi + 1)
+        if options.gradient_checkpointing:  # the fake score is checkpointed per call (see score_pair)
+            for unet in (teacher.unet, self.generator.unet):
+                unet.enable_gradient_checkpointing()
 
     def updates(self) -> list[Update]:
         o = self.options
@@ -86,8 +92,7 @@ class SiD(Distiller):
         t = sample_timesteps(x_g.shape[0], *self.t_range, self.device)
         x_t = self.teacher.schedule.add_noise(x_g, torch.randn_like(x_g), t)
         mu_real = self.teacher.x0_with_grad(x_t, t, teacher_condition)
-        with frozen_parameters(self.fake):
-            mu_fake = self.fake(x_t, t, fake_condition)
+        mu_fake = call_frozen(self.fake, x_t, t, fake_condition, checkpoint=self.options.gradient_checkpointing)
         return mu_real, mu_fake
 
     def generator_loss(self, generator) -> LossOutput:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from onestep.eval.classifier import DigitsClassifier
+from onestep.eval.fd import EvalError
 from onestep.eval.quantize import uint8_to_float
 
 
@@ -18,3 +21,34 @@ def unlearning_accuracy(images: torch.Tensor, classifier: DigitsClassifier, forg
         raise ValueError("unlearning accuracy needs samples of the forgotten class")
     predicted = classifier(uint8_to_float(images)).argmax(dim=1)
     return float((predicted != forget_class).float().mean())
+
+
+def forgetting_report(sample: Callable[[torch.Tensor], torch.Tensor], num_classes: int, forget: list[int],
+                      num_samples: int, features: str = "digits", reference: str = "digits",
+                      metric: str = "fd_digits") -> dict[str, float]:
+    """SFD's two measures for any sampler: `sample(labels)` returns uint8 images, one per requested label.
+
+    Per forgotten class c, `num_samples // num_classes` samples asked for c give the unlearning accuracy and its
+    complement, the share still classified as c; `num_samples` class-balanced samples over the remaining classes
+    give the FD on those classes (against the same classes' real digits when `reference` is "digits").
+    """
+    from onestep.eval.classifier import load_digits_classifier
+    from onestep.eval.fd import frechet_distance
+    from onestep.eval.sampling import balanced_labels
+
+    bad = [c for c in forget if not 0 <= c < num_classes]
+    if bad:
+        raise EvalError(f"forget class {bad[0]} does not exist: classes are 0..{num_classes - 1}")
+    if num_samples < num_classes:
+        raise EvalError(f"forgetting metrics need at least {num_classes} samples (one per class), got {num_samples}")
+    classifier = load_digits_classifier()
+    out = {}
+    for c in forget:
+        ua = unlearning_accuracy(sample(torch.full((num_samples // num_classes,), c)), classifier, c)
+        out[f"unlearning_accuracy/class_{c}"] = ua
+        out[f"classified_as_forgotten/class_{c}"] = 1.0 - ua
+    remain = torch.tensor([c for c in range(num_classes) if c not in forget])
+    images = sample(remain[balanced_labels(num_samples, len(remain))])
+    remain_reference = f"digits:{','.join(map(str, remain.tolist()))}" if reference == "digits" else reference
+    out[f"{metric}/remaining_classes"] = frechet_distance(images, remain_reference, features).value
+    return out

@@ -19,10 +19,17 @@ class Judge:
 
     def __init__(self, num_samples: int = 1000, features: str = "digits", reference: str = "digits",
                  num_classes: int | None = None, seed: int = 1234, batch_size: int = 500,
-                 forget_classes: list[int] | None = None):
+                 forget_classes: list[int] | None = None, classes: list[int] | None = None):
         self.num_samples, self.features, self.reference = num_samples, features, reference
         self.num_classes, self.seed, self.batch_size = num_classes, seed, batch_size
         self.forget_classes = list(forget_classes or [])
+        self.classes = list(classes) if classes is not None else (list(range(num_classes)) if num_classes else None)
+
+    def for_classes(self, classes: list[int]) -> Judge:
+        """The same protocol on a subset of the classes (an MSD student's slice), against those classes' digits."""
+        reference = f"digits:{','.join(map(str, classes))}" if self.reference == "digits" else self.reference
+        return Judge(self.num_samples, self.features, reference, self.num_classes, self.seed, self.batch_size,
+                     classes=classes)
 
     @property
     def metric_name(self) -> str:
@@ -32,17 +39,18 @@ class Judge:
     def protocol(self) -> str:
         """How every number this judge reports was produced (stored next to the numbers)."""
         balance = "class-balanced " if self.num_classes else ""
+        if self.classes is not None and len(self.classes) < self.num_classes:
+            balance = f"class-balanced (classes {self.classes}) "
         return (f"{'FD-digits' if self.features == 'digits' else 'FID'}: features {self.features}, reference "
                 f"{self.reference}, N={self.num_samples} {balance}samples from fixed noise (seed {self.seed})")
 
-    def condition(self, n: int, device: torch.device | str = "cpu", classes: list[int] | None = None) -> Condition:
-        """Class-balanced labels over `classes` (default: all classes)."""
+    def condition(self, n: int, device: torch.device | str = "cpu") -> Condition:
+        """Class-balanced labels over this judge's classes (none for an unconditional teacher)."""
         from onestep.eval.sampling import balanced_labels
 
         if self.num_classes is None:
             return Condition()
-        classes = torch.as_tensor(classes if classes is not None else range(self.num_classes))
-        return Condition(class_labels=classes[balanced_labels(n, len(classes))].to(device))
+        return Condition(class_labels=torch.as_tensor(self.classes)[balanced_labels(n, len(self.classes))].to(device))
 
     def score(self, images: torch.Tensor) -> dict:
         """FD (and its protocol) of images in [-1, 1]."""
@@ -74,10 +82,14 @@ class Judge:
         return {**out, "protocol": self.protocol}
 
     @torch.no_grad()
-    def generator_samples(self, generator, teacher: Teacher, n: int, classes: list[int] | None = None) -> torch.Tensor:
-        """Images in [-1, 1] of the (possibly multi-step) generator from this judge's fixed noise."""
+    def generator_samples(self, generator, teacher: Teacher, n: int,
+                          labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] of the (possibly multi-step) generator from this judge's fixed noise.
+
+        `labels` default to this judge's class-balanced ones."""
         rng = self._generator(teacher.device)
-        condition = self.condition(n, teacher.device, classes)
+        condition = (self.condition(n, teacher.device) if labels is None
+                     else Condition(class_labels=labels.to(teacher.device)))
         out = []
         for start in range(0, n, self.batch_size):
             m = min(self.batch_size, n - start)
@@ -98,28 +110,20 @@ class Judge:
 
     def forgetting_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
         """SFD's measures: unlearning accuracy per forgotten class, FD on the remaining classes."""
-        from onestep.eval.classifier import load_digits_classifier
-        from onestep.eval.fd import frechet_distance
-        from onestep.eval.forgetting import unlearning_accuracy
+        from onestep.eval.forgetting import forgetting_report
         from onestep.eval.quantize import to_uint8
 
-        classifier = load_digits_classifier()
-        remain = [c for c in range(self.num_classes) if c not in self.forget_classes]
-        out = {}
-        for c in self.forget_classes:
-            images = to_uint8(self.generator_samples(generator, teacher, self.num_samples // self.num_classes, [c]))
-            out[f"unlearning_accuracy/class_{c}"] = unlearning_accuracy(images, classifier, c)
-        images = to_uint8(self.generator_samples(generator, teacher, self.num_samples, remain))
-        reference = f"digits:{','.join(map(str, remain))}" if self.reference == "digits" else self.reference
-        out[f"{self.metric_name}/student_remaining_classes"] = frechet_distance(images, reference,
-                                                                               self.features).value
-        return out
+        def sample(labels: torch.Tensor) -> torch.Tensor:
+            return to_uint8(self.generator_samples(generator, teacher, len(labels), labels))
+
+        return forgetting_report(sample, self.num_classes, self.forget_classes, self.num_samples, self.features,
+                                 self.reference, self.metric_name)
 
     def grid_condition(self, per_class: int, device) -> tuple[int, Condition]:
         """One row per class (labels 0,0,..,1,1,..) for sample grids."""
         if self.num_classes is None:
             return per_class * per_class, Condition()
-        labels = torch.arange(self.num_classes, device=device).repeat_interleave(per_class)
+        labels = torch.as_tensor(self.classes, device=device).repeat_interleave(per_class)
         return labels.numel(), Condition(class_labels=labels)
 
     def teacher_grid(self, teacher: Teacher, steps: int = 50, per_class: int = 10) -> torch.Tensor:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from onestep.files import write_json_atomic
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
-from onestep.training.updates import Update
+from onestep.training.updates import Update, make_optimizer
 
 
 class TrainingTask(Protocol):
@@ -33,6 +33,9 @@ class TrainingTask(Protocol):
     def sample_images(self) -> torch.Tensor | None: ...
 
     def export_pipeline(self, out_dir: Path) -> None: ...
+
+    # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
+    # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
 
 
 @dataclass
@@ -83,10 +86,9 @@ class Trainer:
         self.optimizers, self.lr_schedulers, self.modules, self.emas = {}, {}, {}, {}
         for update in self.updates:
             params = [p for p in update.module.parameters() if p.requires_grad]
-            opt = update.optimizer
-            optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
-                                          eps=opt.eps)
-            scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=opt.warmup_steps)
+            optimizer = make_optimizer(params, update.optimizer)
+            scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                      num_warmup_steps=update.optimizer.warmup_steps)
             module, optimizer, scheduler = self.accelerator.prepare(update.module, optimizer, scheduler)
             self.modules[update.name], self.optimizers[update.name] = module, optimizer
             self.lr_schedulers[update.name] = scheduler
@@ -245,6 +247,8 @@ class Trainer:
                 self._log({"step": self.step, "event": f"stopped at the {cfg.max_minutes}-minute budget"})
                 break
             logs: dict[str, float] = {}
+            if hasattr(self.task, "begin_step"):
+                logs.update(self.task.begin_step(self.step))
             for update in self.updates:
                 if update.runs_at(self.step):
                     logs.update(self._run_update(update))

@@ -21,6 +21,12 @@ class OptimizerConfig:
     grad_clip: float | None = 10.0
 
 
+def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.AdamW:
+    """The AdamW every update (and DisBack's path recording) steps with."""
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
+                             eps=config.eps)
+
+
 @dataclass
 class LossOutput:
     """A scalar loss to minimise and float-valued logs (already detached)."""

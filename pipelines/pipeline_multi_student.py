@@ -1,0 +1,317 @@
+"""Multi-Student Distillation (MSD): K one-step students, each serving its own slice of the conditions.
+
+This file imports only torch and diffusers: every exported folder carries a copy of it and loads with plain
+diffusers (`custom_pipeline="pipeline_multi_student", trust_remote_code=True`) where onestep is not installed. It
+does not import `pipeline_onestep.py` either (each pipeline file must load alone), so it repeats the one-step
+read-out of `OneStepPipeline` (same conventions: VP discrete time, x0 read out by `prediction_type` in float32,
+images in [-1, 1] in model space, [0, 1] out) and evaluates the router from its stored config; fitting and
+validating routers is `onestep.routing`'s job, and the tests check both route identically.
+
+Storing K students: one optional component slot per student, `unet_0` ... `unet_7` (`MAX_STUDENTS`), unused slots
+saved as `[null, null]`. Each student is then a plain diffusers `UNet2DModel` / `UNet2DConditionModel` in its own
+subfolder with its own config (students may differ in architecture), so all three loads work with diffusers'
+standard machinery: `MultiStudentPipeline.from_pretrained(folder)`, plain `DiffusionPipeline.from_pretrained(folder,
+custom_pipeline=..., trust_remote_code=True)`, and `UNet2DModel.from_pretrained(folder, subfolder="unet_k")`.
+diffusers passes `from_pretrained` only the components named in `__init__`, so a variable K needs named slots; a
+container `ModelMixin` holding an `nn.ModuleList` was rejected: its weights would live in one file (no per-student
+`subfolder=` load), and diffusers resolves a non-diffusers component class either from a module the caller already
+imported (absent without onestep) or from a `.py` file in the component folder, which every load, the onestep one
+included, would then have to import as remote code.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+MAX_STUDENTS = 8
+STUDENT_SLOTS = tuple(f"unet_{k}" for k in range(MAX_STUDENTS))
+Student = UNet2DModel | UNet2DConditionModel
+
+
+def route_requests(router: dict, class_labels: torch.Tensor | None,
+                   prompt_embeds: torch.Tensor | None) -> torch.LongTensor:
+    """Student index per request from a stored router config (`onestep.routing.Router.to_config()`).
+
+    The same arithmetic as `onestep.routing`: `class_range` k = label * K // num_classes; `class_mapping` a lookup
+    table; `text_pca` bits (projection of the token-mean prompt embedding, in float64, > median) read as binary.
+    """
+    kind = router["type"]
+    if kind in ("class_range", "class_mapping"):
+        if class_labels is None:
+            raise ValueError(f"a {kind} router routes by class label; call the pipeline with class labels")
+        if kind == "class_range":
+            return class_labels.long() * router["num_students"] // router["num_classes"]
+        return torch.as_tensor(router["mapping"], dtype=torch.long, device=class_labels.device)[class_labels.long()]
+    if kind == "text_pca":
+        if prompt_embeds is None:
+            raise ValueError("a text_pca router routes by prompt; call the pipeline with a prompt")
+        pooled = prompt_embeds.double().mean(dim=1)
+        mean, thresholds = (torch.tensor(router[k], dtype=torch.float64, device=pooled.device)
+                            for k in ("mean", "thresholds"))
+        components = torch.tensor(router["components"], dtype=torch.float64, device=pooled.device)
+        above = ((pooled - mean) @ components.reshape(len(thresholds), len(mean)).T) > thresholds
+        return (above.long() * 2 ** torch.arange(above.shape[1], device=pooled.device)).sum(dim=1)
+    raise ValueError(f"unknown router type {kind!r}")
+
+
+def router_num_classes(router: dict) -> int | None:
+    """Classes a class router splits (None for a text router)."""
+    if router["type"] == "class_mapping":
+        return len(router["mapping"])
+    return router.get("num_classes")
+
+
+class MultiStudentPipeline(DiffusionPipeline):
+    r"""Generate with K distilled students: the router sends each request to the one student trained on it.
+
+    Every student runs `OneStepPipeline`'s recursion on its own requests only, batched; noise is drawn for the whole
+    batch in request order, so a request gets exactly what a `OneStepPipeline` of its student gives for that noise,
+    however the batch happens to split among the students.
+
+    Args:
+        scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`.
+        unet_0 ... unet_7 ([`UNet2DModel`] or [`UNet2DConditionModel`]): students 0..K-1 in the first K slots (use
+            `from_students`); they may differ in architecture but share the output shape.
+        vae ([`AutoencoderKL`], *optional*): decoder of latent students (`latents / scaling_factor` is decoded).
+        text_encoder ([`~transformers.CLIPTextModel`], *optional*), tokenizer ([`~transformers.CLIPTokenizer`],
+            *optional*): the teacher's text encoder for text-to-image students (last hidden state, padded to the
+            tokenizer's max length).
+        timesteps (`list[int]`, defaults to `[999]`): the students' read-out timesteps, decreasing.
+        num_classes (`int`, *optional*): real classes; read from `unet_0.config.num_class_embeds - 1` when not given.
+        router (`dict`): the router's config (`onestep.routing.Router.to_config()`); required, the default only
+            satisfies diffusers (a parameter without default would count as a component).
+    """
+
+    model_cpu_offload_seq = "->".join(("text_encoder", *STUDENT_SLOTS, "vae"))
+    _optional_components = ["vae", "text_encoder", "tokenizer", *STUDENT_SLOTS]
+
+    def __init__(self, scheduler: SchedulerMixin, unet_0: Student | None = None, unet_1: Student | None = None,
+                 unet_2: Student | None = None, unet_3: Student | None = None, unet_4: Student | None = None,
+                 unet_5: Student | None = None, unet_6: Student | None = None, unet_7: Student | None = None,
+                 vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
+                 timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
+                 router: dict | None = None):
+        super().__init__()
+        slots = dict(zip(STUDENT_SLOTS, (unet_0, unet_1, unet_2, unet_3, unet_4, unet_5, unet_6, unet_7),
+                         strict=True))
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, **slots)
+        students = self.check_students(list(slots.values()))
+        if num_classes is None and getattr(students[0].config, "num_class_embeds", None):
+            num_classes = students[0].config.num_class_embeds - 1
+        self.check_router(router, len(students), num_classes)
+        self.register_to_config(timesteps=self.check_timesteps(timesteps), num_classes=num_classes,
+                                router=dict(router))
+        self.image_processor = VaeImageProcessor(do_resize=False)
+
+    @classmethod
+    def from_students(cls, students: list[Student], scheduler: SchedulerMixin, router: dict,
+                      **kwargs) -> MultiStudentPipeline:
+        """The pipeline of `students` (student k in slot `unet_k`); `kwargs` as in `__init__`."""
+        if not 1 <= len(students) <= MAX_STUDENTS:
+            raise ValueError(f"need 1 to {MAX_STUDENTS} students, got {len(students)}")
+        return cls(scheduler, **dict(zip(STUDENT_SLOTS, students, strict=False)), router=router, **kwargs)
+
+    # --- students and router --------------------------------------------------------------------------------------
+    @property
+    def students(self) -> list[Student]:
+        """Student UNets in index order (the filled slots)."""
+        return [unet for unet in (getattr(self, name) for name in STUDENT_SLOTS) if unet is not None]
+
+    @staticmethod
+    def check_students(slots: list[Student | None]) -> list[Student]:
+        """The students, checked to fill the first K slots and to share one output shape (one VAE decodes all)."""
+        students = [unet for unet in slots if unet is not None]
+        if not students or any(unet is None for unet in slots[:len(students)]):
+            raise ValueError(f"students must fill slots unet_0..unet_{{K-1}} without gaps, got "
+                             f"{[name for name, unet in zip(STUDENT_SLOTS, slots, strict=True) if unet is not None]}")
+        shapes = {sample_shape(unet) for unet in students}
+        if len(shapes) > 1:
+            raise ValueError(f"students must share one sample shape (C, H, W), got {sorted(shapes)}")
+        return students
+
+    @staticmethod
+    def check_router(router: dict | None, num_students: int, num_classes: int | None) -> None:
+        """The router must route to exactly these students and, for class routers, split exactly these classes."""
+        if router is None:
+            raise ValueError("MultiStudentPipeline needs a router config (onestep.routing.Router.to_config())")
+        if router.get("num_students") != num_students:
+            raise ValueError(f"router is for {router.get('num_students')} students, the pipeline has {num_students}")
+        routed = router_num_classes(router)
+        if routed is not None and routed != num_classes:
+            raise ValueError(f"router splits {routed} classes, the students have {num_classes}")
+
+    def route(self, class_labels: torch.Tensor | None = None,
+              prompt_embeds: torch.Tensor | None = None) -> torch.LongTensor:
+        """Student index per request (class labels, or the text encoder's prompt embeddings)."""
+        return route_requests(self.config.router, class_labels, prompt_embeds)
+
+    # --- schedule -----------------------------------------------------------------------------------------------
+    def check_timesteps(self, timesteps: list[int] | tuple[int, ...]) -> list[int]:
+        """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T)."""
+        steps = [int(t) for t in timesteps]
+        num_train = len(self.scheduler.alphas_cumprod)
+        decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
+        if not steps or not decreasing or any(not 0 <= t < num_train for t in steps):
+            raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {timesteps}")
+        return steps
+
+    def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` in float64."""
+        abar = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)[t]
+        return abar.sqrt().float(), (1 - abar).sqrt().float()
+
+    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """x0 from the network output by the scheduler's `prediction_type`, in float32."""
+        alpha, sigma = (v.to(x_t.device) for v in self.alpha_sigma(t))
+        out, x = model_output.float(), x_t.float()
+        kind = self.scheduler.config.prediction_type
+        if kind == "sample":
+            return out
+        if kind == "v_prediction":
+            return alpha * x - sigma * out
+        if kind == "epsilon":
+            return (x - sigma * out) / alpha.clamp_min(1e-8)  # undefined at a zero-terminal-SNR t = T-1
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    # --- conditions -------------------------------------------------------------------------------------------------
+    def prepare_class_labels(self, class_labels: list[int] | torch.Tensor | None,
+                             batch_size: int) -> torch.Tensor | None:
+        """Checked labels on the execution device; balanced over the classes when none are given."""
+        num_classes = self.config.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to students that are not class-conditional")
+            return None
+        if class_labels is None:
+            class_labels = torch.arange(batch_size) % num_classes
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels must be non-empty ints in [0, {num_classes}), got {class_labels}")
+        return labels.to(self._execution_device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
+        """Prompt embeddings (the text encoder's last hidden state), as the teacher computed them in training."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("prompt given to a pipeline without a text encoder and tokenizer")
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
+
+    def unet_kwargs(self, unet: Student, class_labels: torch.Tensor | None,
+                    prompt_embeds: torch.Tensor | None) -> dict:
+        """Conditioning keywords of one student's call: class labels and/or prompt embeddings in its dtype."""
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        if "encoder_hidden_states" in inspect.signature(unet.forward).parameters:
+            cfg = unet.config
+            cross_attends = any("CrossAttn" in (block or "") for block in (*cfg.down_block_types, cfg.mid_block_type))
+            if cross_attends and prompt_embeds is None:
+                raise ValueError(f"this UNet cross-attends to text; call {type(self).__name__} with a prompt")
+            kwargs["encoder_hidden_states"] = None if prompt_embeds is None else prompt_embeds.to(unet.dtype)
+        return kwargs
+
+    # --- generation -----------------------------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the students' output (latents for latent students)."""
+        return sample_shape(self.unet_0)
+
+    def predict_x0(self, unet: Student, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
+        """One student call at timestep t, read out as x0 in float32."""
+        timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        out = unet(x_t.to(unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
+        return self.to_x0(out, x_t, t)
+
+    def student_x0(self, unet: Student, noises: list[torch.Tensor], unet_kwargs: dict) -> torch.Tensor:
+        """`OneStepPipeline`'s recursion for one student, given the noise of each read-out step."""
+        timesteps = self.config.timesteps
+        x = self.alpha_sigma(timesteps[0])[1].to(noises[0].device) * noises[0]
+        x0 = self.predict_x0(unet, x, timesteps[0], unet_kwargs)
+        for t, noise in zip(timesteps[1:], noises[1:], strict=True):
+            alpha, sigma = (v.to(noise.device) for v in self.alpha_sigma(t))
+            x = alpha * x0 + sigma * noise
+            x0 = self.predict_x0(unet, x, t, unet_kwargs)
+        return x0
+
+    def generate(self, students: torch.Tensor, class_labels: torch.Tensor | None, prompt_embeds: torch.Tensor | None,
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """x0 in model space (float32), request by request, each from its routed student.
+
+        All noise is drawn first over the whole batch, in request order and in `OneStepPipeline`'s draw order (one
+        draw per read-out step), so a sample does not depend on how the batch splits among the students.
+        """
+        device = self._execution_device
+        shape = (students.numel(), *self.sample_shape)
+        noises = [randn_tensor(shape, generator, device, torch.float32) for _ in self.config.timesteps]
+        x0 = torch.empty(shape, device=device, dtype=torch.float32)
+        for k, unet in enumerate(self.students):
+            rows = (students == k).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            kwargs = self.unet_kwargs(unet, take(class_labels, rows), take(prompt_embeds, rows))
+            x0[rows] = self.student_x0(unet, [noise[rows] for noise in noises], kwargs)
+        return x0
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (unclamped) from model-space samples: the VAE decodes latents when there is one."""
+        if self.vae is None:
+            return x0
+        latents = x0 / self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_labels: list[int] | torch.Tensor | None = None,
+                 prompt: str | list[str] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        r"""Generate images, each by the student its condition is routed to.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images when no `class_labels` are given.
+            class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image (class-conditional
+                students); defaults to `batch_size` labels cycling over all classes.
+            prompt (`str` or `list[str]`, *optional*): text-to-image students; one image per prompt (a single
+                string is repeated `batch_size` times).
+            generator (`torch.Generator`, *optional*): makes generation deterministic.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
+            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        labels = self.prepare_class_labels(class_labels, batch_size)
+        prompt_embeds = None
+        if prompt is not None:
+            prompt_embeds = self.encode_prompt([prompt] * batch_size if isinstance(prompt, str) else list(prompt))
+        students = self.route(labels, prompt_embeds)
+        x0 = self.generate(students, labels, prompt_embeds, generator)
+        images = self.image_processor.postprocess(self.decode(x0), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def sample_shape(unet: Student) -> tuple[int, int, int]:
+    """(C, H, W) a UNet generates."""
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+    return cfg.in_channels, size[0], size[1]
+
+
+def take(values: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """The rows of a per-request tensor (None stays None)."""
+    return None if values is None else values[rows]
