@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from onestep.config import RunConfig, to_dict
 from onestep.errors import UserInputError
@@ -237,6 +238,7 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
     from onestep.eval.judge import Judge
 
     check_output_dir(cfg, overwrite)
+    set_seed(cfg.train.seed)  # building a task may draw random numbers too (DisBack records its path)
     if cfg.method == "teacher":
         images, labels, num_classes = load_real_data(cfg)
         judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, num_classes,

@@ -109,3 +109,11 @@ def test_two_stage_starts_the_generator_from_stage_one_and_the_fake_score_from_t
                                 batch_size=2)
     with pytest.raises(UserInputError, match="does not match"):
         init_generator(other_net.generator, tmp_path / "stage1")
+
+
+def test_forget_batch_fraction_sizes_the_forget_batch():
+    sfd = _sfd(forget=[0], override="fixed", override_class=2, forget_batch_fraction=0.5)
+    seen = _record(sfd)
+    sfd.generator_loss(sfd.generator).loss.backward()
+    (teacher_remain, teacher_forget), _ = seen["teacher"], seen["fake"]
+    assert len(teacher_remain) == 6 and len(teacher_forget) == 3

@@ -39,17 +39,18 @@ class Distiller:
     def updates(self) -> list[Update]:
         raise NotImplementedError
 
-    def draw(self, generator, conditions: ConditionSampler | None = None,
-             step: int = 0) -> tuple[torch.Tensor, torch.Tensor, Condition]:
+    def draw(self, generator, conditions: ConditionSampler | None = None, step: int = 0,
+             batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Condition]:
         """x = G(z, c) for a fresh batch: (x, the conditions' indices, the Condition).
 
         `generator` is the module to differentiate through (the trainer's prepared copy, or self.generator under
         no_grad); `step` > 0 first runs the multi-step generator's backward simulation without gradient.
         """
         sampler = conditions or self.conditions
-        index = sampler.draw(self.batch_size)
+        n = batch_size or self.batch_size
+        index = sampler.draw(n)
         condition = sampler.condition(index, self.device)
-        noise = torch.randn((self.batch_size, *self.teacher.sample_shape), device=self.device)
+        noise = torch.randn((n, *self.teacher.sample_shape), device=self.device)
         x_t = self.generator.simulate(noise, condition, step) if step else None
         return generator(noise, condition, step, x_t), index, condition
 

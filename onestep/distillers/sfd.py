@@ -4,7 +4,8 @@ Per step, with c_r a remaining concept, c_f a forgotten one and c_o its override
   critic:    lambda_psi_r DSM(G(z|c_r), c_r) + lambda_psi_f DSM(G(z|c_f), c_f)
   generator: lambda_th_r SiD(teacher at c_r, fake at c_r) + lambda_th_f SiD(teacher at c_o, fake at c_f)
 The generator learns to answer c_f with what the teacher draws for c_o, while the fake score keeps tracking what
-the generator does at c_f. Remaining and forgotten concepts get one full batch each, as in the official code.
+the generator does at c_f. Remaining concepts get a full batch, forgotten ones `forget_batch_fraction` of one (a full
+batch each in the official code).
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ class SFDOptions(SiDOptions):
     critic_forget_weight: float = 0.01
     generator_remain_weight: float = 1.0
     generator_forget_weight: float = 0.01
+    # the forget batch as a share of data.batch_size: 1.0 = a full batch as in the official code; a forgotten class
+    # is one concept of many, and a smaller batch leaves more of a fixed budget to the remaining ones
+    forget_batch_fraction: float = 1.0
 
     def validate(self) -> None:
         super().validate()
+        if not 0 < self.forget_batch_fraction <= 1:
+            raise ValueError(f"forget_batch_fraction must be in (0, 1], got {self.forget_batch_fraction}")
         if self.override not in OVERRIDES:
             raise ValueError(f"override must be one of {', '.join(OVERRIDES)}, got {self.override!r}")
         if self.override == "fixed" and self.override_class is None and not self.forget_prompts:
@@ -59,6 +65,7 @@ class SFD(SiD):
                  classifier: Callable[[torch.Tensor], torch.Tensor] | None = None, **unused):
         super().__init__(teacher, options, conditions, judge, batch_size)
         self.classifier = classifier
+        self.forget_batch_size = max(1, round(options.forget_batch_fraction * batch_size))
         if options.forget_prompts:
             self._init_prompts(options)
         else:
@@ -115,7 +122,7 @@ class SFD(SiD):
         x_r, _, c_r = self.draw(generator, self.remain)
         mu_real, mu_fake = self.score_pair(x_r, c_r, c_r)
         remain = sid_loss(x_r, mu_real, mu_fake, o.alpha).mean()
-        x_f, index, c_f = self.draw(generator, self.forget)
+        x_f, index, c_f = self.draw(generator, self.forget, batch_size=self.forget_batch_size)
         c_o = self.override_condition(index, c_f, x_f.detach())
         mu_real, mu_fake = self.score_pair(x_f, c_o, c_f)  # teacher at the override, fake score at the forget concept
         forget = sid_loss(x_f, mu_real, mu_fake, o.alpha).mean()
@@ -127,7 +134,7 @@ class SFD(SiD):
         raw = functools.partial(fake, output="raw")
         with torch.no_grad():
             x_r, _, c_r = self.draw(self.generator, self.remain)
-            x_f, _, c_f = self.draw(self.generator, self.forget)
+            x_f, _, c_f = self.draw(self.generator, self.forget, batch_size=self.forget_batch_size)
         remain = denoising_loss(raw, self.teacher.schedule, x_r, c_r).mean()
         forget = denoising_loss(raw, self.teacher.schedule, x_f, c_f).mean()
         loss = o.critic_remain_weight * remain + o.critic_forget_weight * forget
