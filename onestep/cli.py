@@ -102,7 +102,15 @@ def _export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from onestep.benchmark import run_benchmark, step_overhead
     from onestep.config import load_config
+    from onestep.errors import UserInputError
 
+    if args.suite == "attention":
+        from onestep.attention_bench import run_attention_suite
+
+        run_attention_suite(Path(args.out))
+        return 0
+    if not args.runs:
+        raise UserInputError(f"suite {args.suite} needs at least one run folder or config file")
     if args.suite == "convergence":
         from onestep.convergence import run_convergence
 
@@ -159,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     bench = sub.add_parser("bench", help="teacher vs students: FD, NFE, images/s; Markdown table + PNG chart")
-    bench.add_argument("runs", nargs="+", help="run output folders (step-overhead: config files)")
-    bench.add_argument("--suite", choices=["compare", "step-overhead", "convergence"], default="compare",
+    bench.add_argument("runs", nargs="*", help="run output folders (step-overhead: config files; attention: none)")
+    bench.add_argument("--suite", choices=["compare", "step-overhead", "convergence", "attention"], default="compare",
                        help="compare: teacher vs students; step-overhead: iteration time vs its network passes; "
-                            "convergence: FD-vs-step over seeds, steps to reach the baseline's final FD")
+                            "convergence: FD-vs-step over seeds, steps to reach the baseline's final FD; "
+                            "attention: forward+backward time per attention backend")
     bench.add_argument("--baseline", default="dmd2", help="convergence: the method whose final FD is the target")
     bench.add_argument("--iterations", type=int, default=20, help="step-overhead: timed TTUR periods")
     bench.add_argument("--out", required=True)

@@ -10,6 +10,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from onestep.attention import BACKENDS
 from onestep.errors import UserInputError
 from onestep.training.trainer import TrainerConfig
 
@@ -45,6 +46,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    attention: str = "auto"  # auto | sdpa | xformers | eager: the attention kernel of all networks (onestep.attention)
     # Two-stage runs: an exported OneStepPipeline of an earlier stage whose generator starts this one (teacher and
     # critics still start from teacher.path, never from the earlier stage's critic)
     init_generator: str | None = None
@@ -77,6 +79,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise UserInputError(f"config train.mixed_precision must be no, fp16 or bf16, got {cfg.train.mixed_precision}")
     if cfg.teacher.guidance_scale < 0:
         raise UserInputError(f"config teacher.guidance_scale must be >= 0, got {cfg.teacher.guidance_scale}")
+    if cfg.attention not in BACKENDS:
+        raise UserInputError(f"config attention must be one of {', '.join(BACKENDS)}, got {cfg.attention!r}")
     if cfg.eval.features not in ("digits", "inception"):
         raise UserInputError(f"config eval.features must be digits or inception, got {cfg.eval.features!r}")
 

@@ -145,7 +145,18 @@ def build_distiller_task(cfg: RunConfig):
         if not hasattr(distiller, "generator"):
             raise UserInputError(f"init_generator applies to distillers, not to method {cfg.method}")
         init_generator(distiller.generator, resolve_path(cfg.init_generator))
+    use_attention(distiller, cfg.attention)
     return distiller
+
+
+def use_attention(task, backend: str) -> None:
+    """Run every attention layer of the task's networks on `backend`, chosen for the device accelerate will train on
+    (the networks are still on the CPU here); the trainer's log states the backend (`task.attention_backend`)."""
+    from accelerate import PartialState
+
+    from onestep.attention import set_task_attention_backend
+
+    task.attention_backend = set_task_attention_backend(task, backend, PartialState().device.type)
 
 
 def init_generator(generator, pipeline_dir: Path) -> None:
@@ -244,6 +255,7 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
         judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, num_classes,
                       batch_size=cfg.eval.sampling_batch)
         task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)
+        use_attention(task, cfg.attention)
     else:
         task = build_distiller_task(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

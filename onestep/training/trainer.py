@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from onestep.files import write_json_atomic
+from onestep.networks import reachable_modules
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
 from onestep.training.updates import Update, make_optimizer
 
@@ -36,6 +37,7 @@ class TrainingTask(Protocol):
 
     # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
+    # optional: `attention_backend`, the attention implementation its networks run (onestep.attention); logged.
 
 
 @dataclass
@@ -81,6 +83,8 @@ class Trainer:
         self.run_config = run_config or {}
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
         set_seed(config.seed, device_specific=True)
+        for network in reachable_modules(task):  # frozen networks too (the teacher): prepare() moves trained ones only
+            network.to(self.accelerator.device)
         self.updates = task.updates()
         self.counter = _StepCounter()
         self.optimizers, self.lr_schedulers, self.modules, self.emas = {}, {}, {}, {}
@@ -234,7 +238,9 @@ class Trainer:
         resumed = cfg.resume and self.resume()
         if self.accelerator.is_main_process:
             self._open_tensorboard()
-        self._log({"step": self.step, "event": "resumed" if resumed else "started"})
+        attention = getattr(self.task, "attention_backend", None)  # set by onestep.runs: the kernel that runs
+        self._log({"step": self.step, "event": "resumed" if resumed else "started",
+                   **({"attention": attention} if attention else {})})
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.accelerator.is_main_process,
                         dynamic_ncols=True, desc="train")
         start = time.perf_counter() - self.counter.elapsed
