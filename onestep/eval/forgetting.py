@@ -42,9 +42,10 @@ def forgetting_report(sample: Callable[[torch.Tensor], torch.Tensor], num_classe
     if num_samples < num_classes:
         raise EvalError(f"forgetting metrics need at least {num_classes} samples (one per class), got {num_samples}")
     classifier = load_digits_classifier()
-    out = {}
+    per_class = num_samples // num_classes
+    out = {"samples_per_forgotten_class": float(per_class)}
     for c in forget:
-        ua = unlearning_accuracy(sample(torch.full((num_samples // num_classes,), c)), classifier, c)
+        ua = unlearning_accuracy(sample(torch.full((per_class,), c)), classifier, c)
         out[f"unlearning_accuracy/class_{c}"] = ua
         out[f"classified_as_forgotten/class_{c}"] = 1.0 - ua
     remain = torch.tensor([c for c in range(num_classes) if c not in forget])

@@ -1,0 +1,30 @@
+"""`onestep bench`: teacher rows and run rows under one protocol, forgetting metrics, Markdown and chart."""
+
+import json
+
+from onestep.benchmark import markdown_table, run_benchmark
+from onestep.export import export_generator
+from onestep.generator import Generator
+from onestep.teacher import Teacher
+
+
+def test_benchmark_rows_forgetting_and_outputs(tmp_path):
+    teacher = Teacher.from_pretrained("builtin:digits")
+    run = tmp_path / "run"
+    export_generator(Generator.from_teacher(teacher.unet, teacher.schedule, [400]), teacher, run / "pipeline")
+    (run / "config.json").write_text(json.dumps({"method": "sid", "teacher": {"path": "builtin:digits",
+                                                                              "guidance_scale": 1.0}}))
+    history = [{"step": 10, "elapsed_s": 6.0, "fd_digits/student": 50.0}]
+    (run / "metrics.json").write_text(json.dumps({"step": 10, "train_seconds": 6.0, "history": history}))
+    report = run_benchmark([run], tmp_path / "bench", num_samples=40, teacher_steps=[2], speed_batch=8,
+                           seeds=[0, 1], forget=[0])
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["teacher DDIM 2", "sid (run)"]
+    for row in report["rows"]:
+        assert len(row["fds"]) == 2 and row["fd"] > 0 and row["images_per_s"] > 0
+        f = row["forgetting"]
+        assert f["samples_per_forgotten_class"] == 4
+        assert f["unlearning_accuracy/class_0"] + f["classified_as_forgotten/class_0"] == 1.0
+    table = markdown_table(report)
+    assert "| sid (run) | 1 |" in table and "classified as 0 when asked for 0" in table
+    assert (tmp_path / "bench" / "fd_vs_step.png").stat().st_size > 0
