@@ -169,8 +169,12 @@ def plot_history(histories: dict[str, list[dict]], rows: list[dict], path: Path)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for name, history in histories.items():
+        # a forgetting run answers the forgotten class with other classes: its quality is on the remaining ones
+        forgetting = any(k.endswith("/remaining_classes") for h in history for k in h)
+        suffix = "/remaining_classes" if forgetting else "/student"
         points = [(h["step"], h["elapsed_s"] / 60, h[k]) for h in history for k in h
-                  if k.endswith("/student") and k.startswith(("fd_digits", "fid"))]
+                  if k.endswith(suffix) and k.startswith(("fd_digits", "fid"))]
+        name = f"{name} (remaining classes)" if forgetting else name
         if points:
             steps, minutes, values = zip(*points, strict=True)
             axes[0].plot(steps, values, marker="o", ms=3, label=name)
