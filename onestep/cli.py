@@ -14,11 +14,12 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from onestep.config import load_config
-    from onestep.runs import train
+    from onestep.runs import is_main_process, train
 
     cfg = load_config(args.config, args.overrides)
     final = train(cfg, overwrite=args.overwrite)
-    print(json.dumps({"output_dir": cfg.output_dir, **final}))
+    if is_main_process():  # one result line, however many processes trained
+        print(json.dumps({"output_dir": cfg.output_dir, **final}))
     return 130 if "interrupted" in final else 0
 
 
@@ -111,6 +112,16 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if not args.runs:
         raise UserInputError(f"suite {args.suite} needs at least one run folder or config file")
+    if args.suite == "scaling":
+        from onestep.scaling_bench import run_scaling_suite
+
+        run_scaling_suite(Path(args.runs[0]), Path(args.out), args.processes, args.train_steps)
+        return 0
+    if args.suite == "memory":
+        from onestep.memory_bench import run_memory_suite
+
+        run_memory_suite(Path(args.runs[0]), Path(args.out), args.batch_size)
+        return 0
     if args.suite == "convergence":
         from onestep.convergence import run_convergence
 
@@ -167,11 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     bench = sub.add_parser("bench", help="teacher vs students: FD, NFE, images/s; Markdown table + PNG chart")
-    bench.add_argument("runs", nargs="*", help="run output folders (step-overhead: config files; attention: none)")
-    bench.add_argument("--suite", choices=["compare", "step-overhead", "convergence", "attention"], default="compare",
+    bench.add_argument("runs", nargs="*",
+                       help="run output folders (step-overhead, scaling, memory: config files; attention: none)")
+    bench.add_argument("--suite", default="compare",
+                       choices=["compare", "step-overhead", "convergence", "attention", "scaling", "memory"],
                        help="compare: teacher vs students; step-overhead: iteration time vs its network passes; "
                             "convergence: FD-vs-step over seeds, steps to reach the baseline's final FD; "
-                            "attention: forward+backward time per attention backend")
+                            "attention: forward+backward time per attention backend; scaling: training samples/s of "
+                            "1 vs N processes; memory: peak memory of training steps per memory saver")
+    bench.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="scaling: process counts")
+    bench.add_argument("--train-steps", type=int, default=30, help="scaling: training steps per process count")
+    bench.add_argument("--batch-size", type=int, default=None, help="memory: data.batch_size (default: the config's)")
     bench.add_argument("--baseline", default="dmd2", help="convergence: the method whose final FD is the target")
     bench.add_argument("--iterations", type=int, default=20, help="step-overhead: timed TTUR periods")
     bench.add_argument("--out", required=True)
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from onestep.errors import UserInputError
 
     args = build_parser().parse_args(argv)
-    for name in ("num_images", "num_samples", "steps", "speed_batch"):
+    for name in ("num_images", "num_samples", "steps", "speed_batch", "train_steps", "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             print(f"onestep {args.command}: error: --{name.replace('_', '-')} must be > 0, got {value}",
@@ -200,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"onestep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the trainer stopped on non-finite updates; its last checkpoint is intact
+        print(f"onestep {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"onestep {args.command}: interrupted", file=sys.stderr)
         return 130

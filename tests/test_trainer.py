@@ -130,3 +130,43 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
     resumed = _train(tmp_path, 10, checkpoint_every=0)
     assert len(resumed.calls["critic"]) == 3  # continued from step 7
+
+
+def test_disk_full_mid_checkpoint_keeps_the_last_complete_one(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+    from accelerate import Accelerator
+
+    from onestep.errors import UserInputError
+
+    _train(tmp_path, 4, checkpoint_every=4)
+    before = latest_checkpoint(tmp_path / "checkpoints")
+    saved = Accelerator.save_state
+
+    def fill_disk(self, output_dir, **kwargs):
+        saved(self, output_dir, **kwargs)  # most of the state is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", fill_disk)
+    with pytest.raises(UserInputError, match="No space left on device.*checkpoint-0000004.*intact"):
+        _train(tmp_path, 8, checkpoint_every=4)
+    assert latest_checkpoint(tmp_path / "checkpoints") == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [before.name]  # no half-written folder
+    monkeypatch.setattr(Accelerator, "save_state", saved)
+    assert len(_train(tmp_path, 8, checkpoint_every=4).calls["critic"]) == 4  # resumes from step 4
+
+
+def test_nan_weights_are_never_written(tmp_path):
+    import pytest
+
+    task = TwoModelTask()
+    trainer = Trainer(task, tmp_path, TrainerConfig(max_steps=2, checkpoint_every=1))
+    trainer.train()
+    newest = latest_checkpoint(tmp_path / "checkpoints")
+    with torch.no_grad():
+        task.critic.weight[0, 0] = float("nan")
+    trainer.counter.step += 1
+    with pytest.raises(FloatingPointError, match="not saved"):
+        trainer._checkpoint()
+    assert latest_checkpoint(tmp_path / "checkpoints") == newest

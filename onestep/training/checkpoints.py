@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 
 
@@ -44,11 +45,18 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) 
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / COMPLETE_MARKER, state)
+            _fsync_tree(tmp)
+    except OSError as err:  # disk full, quota, permissions: the half-written folder goes, the older ones stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        raise UserInputError(f"cannot write checkpoint {final.name} ({err.strerror or err}); the last complete one "
+                             f"({last.name if last else 'none'}) is intact") from None
     if accelerator.is_main_process:
-        write_json_atomic(tmp / COMPLETE_MARKER, state)
-        _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): swap the old one out last
             old = root / f".old-{final.name}"
             os.replace(final, old)

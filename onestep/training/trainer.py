@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -12,16 +13,18 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.networks import reachable_modules
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
 from onestep.training.updates import Update, make_optimizer
+from onestep.unet import diffusers_models, enable_gradient_checkpointing
 
 
 class TrainingTask(Protocol):
@@ -38,6 +41,12 @@ class TrainingTask(Protocol):
     # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
     # optional: `attention_backend`, the attention implementation its networks run (onestep.attention); logged.
+    #
+    # Multi-process training (`accelerate launch` / `torchrun`): every process runs the same task on its own random
+    # numbers (the seed is offset by the process index), so `data.batch_size` is per process and the global batch is
+    # batch_size x num_processes; DDP averages the gradients. A task that must split one global batch across processes
+    # instead (e.g. a deterministic test) reads its share from `process_state()` (`process_index`, `num_processes`).
+    # Logged numbers are averaged over processes, so every process must log the same keys at a step.
 
 
 @dataclass
@@ -55,6 +64,11 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     max_nonfinite_in_a_row: int = 20
     resume: bool = True
+    # memory and speed (all off by default): recompute the activations of every network's blocks in the backward pass
+    # instead of keeping them; compile the trained networks' forward with torch.compile and this backend
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 class _StepCounter:
@@ -81,11 +95,21 @@ class Trainer:
                  run_config: dict | None = None):
         self.task, self.config, self.output_dir = task, config, Path(output_dir)
         self.run_config = run_config or {}
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        set_seed(config.seed, device_specific=True)
+        # the LR schedule counts optimizer steps whatever the number of processes (accelerate's default would step a
+        # prepared scheduler once per process, i.e. warm up N times faster under N processes)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False)
+        _check_launch(self.accelerator.num_processes)
+        set_seed(config.seed, device_specific=True)  # each process draws its own noise and conditions
         for network in reachable_modules(task):  # frozen networks too (the teacher): prepare() moves trained ones only
-            network.to(self.accelerator.device)
+            if getattr(network, "execution_device", None) is None:  # an offloaded teacher places itself per call
+                network.to(self.accelerator.device)
+            if config.gradient_checkpointing:
+                enable_gradient_checkpointing(network)
         self.updates = task.updates()
+        if config.compile:
+            for update in self.updates:
+                for model in diffusers_models(update.module):
+                    model.compile(backend=config.compile_backend)
         self.counter = _StepCounter()
         self.optimizers, self.lr_schedulers, self.modules, self.emas = {}, {}, {}, {}
         for update in self.updates:
@@ -146,7 +170,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
             out = update.loss(module)
-        if not torch.isfinite(out.loss):
+        if self._on_any_process(not torch.isfinite(out.loss)):  # all skip together, or DDP's backward would wait
             return self._skip(update, "loss")
         self.accelerator.backward(out.loss)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -159,7 +183,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             return self._skip(update, "gradient")
         optimizer.step()
-        self.lr_schedulers[update.name].step()
+        if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps with overflowing gradients
+            self.lr_schedulers[update.name].step()
         if update.name in self.emas:
             ema, ema_params = self.emas[update.name]
             ema.step(ema_params)
@@ -180,7 +205,42 @@ class Trainer:
                                      "stopped, the last checkpoint is intact")
         return {}
 
+    # --- processes ----------------------------------------------------------------------------------------------
+    def _on_any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process: a decision that changes which collective calls follow (skipping a
+        backward pass, leaving the loop) must be the same on every process, or the others wait for it forever."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "max"))
+
+    def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """The logged numbers averaged over processes: each process's loss is that of its share of the global batch."""
+        if self.accelerator.num_processes == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist(), strict=True))
+
+    def _stop_reason(self) -> str | None:
+        """Why the loop ends before this step (a signal, the time budget), agreed by all processes: a signal reaches
+        them at different steps and their clocks differ, but they must leave the loop at the same step."""
+        signum = signal.Signals[self.stop_signal].value if self.stop_signal is not None else 0
+        budget = self.config.max_minutes
+        over_budget = budget is not None and self.counter.elapsed >= 60 * budget
+        if self.accelerator.num_processes > 1:
+            votes = torch.tensor([signum, float(over_budget)], device=self.accelerator.device)
+            signum, over_budget = (int(v) for v in self.accelerator.reduce(votes, "max").tolist())
+        if signum:
+            self.stop_signal = signal.Signals(signum).name
+            return f"stopped by {self.stop_signal}"
+        return f"stopped at the {budget}-minute budget" if over_budget else None
+
     def _checkpoint(self) -> None:
+        broken = [name for name, module in self.modules.items()
+                  if not all(torch.isfinite(p).all() for p in module.parameters())]
+        if broken:  # never write a NaN weight: the last complete checkpoint stays the newest
+            raise FloatingPointError(f"non-finite weights in {', '.join(broken)} at step {self.step}: not saved; "
+                                     "the last complete checkpoint is intact")
         state = {"step": self.step, "elapsed": self.counter.elapsed, "config": self.run_config}
         save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.step, state,
                         self.config.keep_checkpoints)
@@ -246,11 +306,9 @@ class Trainer:
         start = time.perf_counter() - self.counter.elapsed
         running: dict[str, float] = {}
         while self.step < cfg.max_steps:
-            if self.stop_signal is not None:
-                self._log({"step": self.step, "event": f"stopped by {self.stop_signal}"})
-                break
-            if cfg.max_minutes is not None and self.counter.elapsed >= 60 * cfg.max_minutes:
-                self._log({"step": self.step, "event": f"stopped at the {cfg.max_minutes}-minute budget"})
+            stop = self._stop_reason()
+            if stop is not None:
+                self._log({"step": self.step, "event": stop})
                 break
             logs: dict[str, float] = {}
             if hasattr(self.task, "begin_step"):
@@ -263,9 +321,10 @@ class Trainer:
             running.update(logs)
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                record = self._mean_over_processes(running)
                 progress.set_postfix({k.split("/")[0][:3] + "/" + k.split("/")[-1]: f"{v:.3g}"
-                                      for k, v in running.items() if k.endswith("loss")})
-                self._log({"step": self.step, "elapsed_s": round(self.counter.elapsed, 2), **running})
+                                      for k, v in record.items() if k.endswith("loss")})
+                self._log({"step": self.step, "elapsed_s": round(self.counter.elapsed, 2), **record})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
                 start = time.perf_counter() - self.counter.elapsed  # evaluation time is not training time
@@ -291,3 +350,20 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (`process_index`, `num_processes`, `is_main_process`, `main_process_first()`) as the
+    Trainer's Accelerator will see it. The first call fixes the state for the whole process, and a bare
+    `PartialState()` ignores ACCELERATE_USE_CPU (`accelerate launch --cpu`): code that asks before the Trainer exists
+    (building a task) must ask here, or CPU processes would each run alone."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _check_launch(num_processes: int) -> None:
+    """A launcher started several processes but accelerate runs each alone (on a machine without GPUs accelerate
+    needs to be told to use the CPU): they would train side by side and overwrite each other's files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise UserInputError(f"launched as {launched} processes but accelerate runs {num_processes}; without GPUs "
+                             "set ACCELERATE_USE_CPU=true (or use `accelerate launch --cpu`)")
