@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from onestep.attention import BACKENDS
 from onestep.errors import UserInputError
+from onestep.loading import DTYPES
 from onestep.training.trainer import TrainerConfig
 
 
@@ -28,6 +29,9 @@ class TeacherConfig:
     path: str = "builtin:digits"  # a diffusers folder, or builtin:digits for the shipped teacher
     guidance_scale: float = 1.0
     allow_pickle: bool = False
+    # float16 / bfloat16 halve a large teacher's memory; generator and critics are float32 copies of those weights
+    dtype: str = "float32"
+    offload: bool = False  # keep the teacher's UNet in CPU memory, on the accelerator only during its calls
 
 
 @dataclass
@@ -77,6 +81,8 @@ def _check_values(cfg: RunConfig) -> None:
             raise UserInputError(f"config {key} must be >= 0, got {value}")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserInputError(f"config train.mixed_precision must be no, fp16 or bf16, got {cfg.train.mixed_precision}")
+    if cfg.teacher.dtype not in DTYPES:
+        raise UserInputError(f"config teacher.dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher.dtype!r}")
     if cfg.teacher.guidance_scale < 0:
         raise UserInputError(f"config teacher.guidance_scale must be >= 0, got {cfg.teacher.guidance_scale}")
     if cfg.attention not in BACKENDS:

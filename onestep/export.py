@@ -25,11 +25,12 @@ An exported `MultiStudentPipeline` folder (`export_students`) loads the same thr
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
@@ -37,6 +38,7 @@ from torch import nn
 
 from onestep.errors import UserInputError
 from onestep.generator import Generator
+from onestep.lora import lora_layers, save_lora_weights, without_adapters
 from onestep.pipelines.pipeline_multi_student import MultiStudentPipeline
 from onestep.pipelines.pipeline_onestep import OneStepPipeline
 from onestep.routing import Router
@@ -72,12 +74,14 @@ def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike) -> Path:
+def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """`save_pretrained` (safetensors) plus, for a pipeline class outside diffusers, a copy of its source file.
 
     The copy (e.g. `pipeline_onestep.py`) is what plain diffusers loads with
     `DiffusionPipeline.from_pretrained(out_dir, custom_pipeline="pipeline_onestep", trust_remote_code=True)`.
-    The folder is written atomically (see `atomic_folder`); returns `out_dir`.
+    `write_extra(folder)` adds files of its own (a LoRA adapter). The folder is written atomically (see
+    `atomic_folder`); returns `out_dir`.
     """
     pipeline_cls = type(pipeline)
     with atomic_folder(out_dir) as tmp:
@@ -85,19 +89,27 @@ def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike) -> 
         if not pipeline_cls.__module__.startswith("diffusers."):
             source = Path(inspect.getfile(pipeline_cls))
             shutil.copyfile(source, tmp / source.name)
+        if write_extra is not None:
+            write_extra(tmp)
     return Path(out_dir)
 
 
 def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike,
-                     readout: str = "x0") -> Path:
+                     readout: str = "x0", lora: str = "merge") -> Path:
     """A trained generator as an `OneStepPipeline` folder: its UNet and read-out timesteps, the teacher's scheduler,
     VAE (latent models), text encoder and tokenizer (text-to-image models) and classes.
 
-    `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`)."""
-    pipeline = OneStepPipeline(unet=generator.unet, scheduler=teacher.scheduler, vae=teacher.vae,
+    `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`).
+    A LoRA generator's adapters are merged into the exported UNet (`lora="merge"`), or the folder holds the base UNet
+    and the adapters beside it in `pytorch_lora_weights.safetensors` (`lora="adapter"`; see onestep.lora)."""
+    unet, write_extra = generator.unet, None
+    if lora_layers(unet):
+        unet = without_adapters(generator.unet, merge=lora == "merge")
+        write_extra = functools.partial(save_lora_weights, generator.unet) if lora == "adapter" else None
+    pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
-    return export_pipeline(pipeline, out_dir)
+    return export_pipeline(pipeline, out_dir, write_extra)
 
 
 def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router, timesteps: Sequence[int],

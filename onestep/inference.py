@@ -71,6 +71,10 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
         except Exception as err:  # diffusers raises many types for corrupt folders
             raise UserInputError(f"cannot load pipeline {path}: {str(err).splitlines()[0]}") from None
         pipe.set_progress_bar_config(disable=True)
+        if class_name == "OneStepPipeline":
+            from onestep.lora import merged_folder_adapter
+
+            pipe.register_modules(unet=merged_folder_adapter(pipe.unet, path))
         return FolderSampler(path, "onestep", pipe.config.num_classes, len(pipe.config.timesteps), _pipe=pipe)
     from onestep.teacher import Teacher
 

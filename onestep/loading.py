@@ -14,6 +14,10 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 BUILTIN = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher"}
 
 
+# the weight dtypes a config may name (teacher.dtype, DisBack's path_dtype)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def dtype_kwargs(dtype: torch.dtype) -> dict:
     """The from_pretrained keyword for a load dtype: diffusers 0.40 renamed `torch_dtype=` to `dtype=`."""
     import diffusers

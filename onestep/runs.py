@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from onestep.config import RunConfig, to_dict
+from onestep.config import RunConfig, config_from, to_dict
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
-from onestep.loading import resolve_path
+from onestep.loading import DTYPES, resolve_path
 from onestep.training.denoiser_task import DenoiserOptions, DenoiserTraining
-from onestep.training.trainer import Trainer
+from onestep.training.trainer import Trainer, process_state
 
 
 def options_schema(method: str) -> type:
@@ -48,6 +48,21 @@ IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "options")
 RUN_CONFIG = "config.json"
 
 
+def is_main_process() -> bool:
+    """Whether this process writes the run's files: the only one, or the first of an `accelerate launch` / `torchrun`
+    (the others compute the same run and must not race it on disk)."""
+    return process_state().is_main_process
+
+
+def with_current_defaults(saved: dict) -> dict:
+    """A saved config.json as today's code reads it: settings added since it was written take their defaults, so
+    that a run started by older code still resumes (as itself, not as a different run)."""
+    try:
+        return to_dict(config_from(saved, label=RUN_CONFIG))
+    except UserInputError:
+        return saved
+
+
 def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
     """Refuse to resume into / overwrite an output folder that holds a different run, unless told to.
 
@@ -58,7 +73,8 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
     if overwrite:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if is_main_process():
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return
     if not out.exists():
         return
@@ -70,7 +86,7 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
         previous = json.loads(saved.read_text())
     except json.JSONDecodeError:
         raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to replace it") from None
-    current = to_dict(cfg)
+    previous, current = with_current_defaults(previous), to_dict(cfg)
     changed = [k for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
     if changed:
         raise UserInputError(f"output_dir {out} belongs to a different run (its {', '.join(changed)} differ); "
@@ -81,7 +97,7 @@ def load_teacher(cfg: RunConfig):
     from onestep.teacher import Teacher
 
     return Teacher.from_pretrained(resolve_path(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale,
-                                   allow_pickle=cfg.teacher.allow_pickle)
+                                   dtype=DTYPES[cfg.teacher.dtype], allow_pickle=cfg.teacher.allow_pickle)
 
 
 def _check_teacher_matches_data(teacher, images: torch.Tensor) -> None:
@@ -109,7 +125,7 @@ def build_conditions(cfg: RunConfig, teacher):
 
 def build_distiller_task(cfg: RunConfig):
     from onestep.data.conditions import RealImages
-    from onestep.distillers import DISTILLERS
+    from onestep.distillers import DISTILLERS, Distiller
     from onestep.distillers.disback import Backtracking
     from onestep.eval.judge import Judge
 
@@ -145,6 +161,11 @@ def build_distiller_task(cfg: RunConfig):
         if not hasattr(distiller, "generator"):
             raise UserInputError(f"init_generator applies to distillers, not to method {cfg.method}")
         init_generator(distiller.generator, resolve_path(cfg.init_generator))
+    if isinstance(distiller, Distiller):  # last: LoRA adapters rename the parameters init_generator loads
+        try:
+            distiller.use_lora()
+        except ValueError as err:
+            raise UserInputError(str(err)) from None
     use_attention(distiller, cfg.attention)
     return distiller
 
@@ -152,16 +173,15 @@ def build_distiller_task(cfg: RunConfig):
 def use_attention(task, backend: str) -> None:
     """Run every attention layer of the task's networks on `backend`, chosen for the device accelerate will train on
     (the networks are still on the CPU here); the trainer's log states the backend (`task.attention_backend`)."""
-    from accelerate import PartialState
-
     from onestep.attention import set_task_attention_backend
 
-    task.attention_backend = set_task_attention_backend(task, backend, PartialState().device.type)
+    task.attention_backend = set_task_attention_backend(task, backend, process_state().device.type)
 
 
 def init_generator(generator, pipeline_dir: Path) -> None:
     """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
     from onestep.loading import load_model
+    from onestep.lora import merged_folder_adapter
 
     index = pipeline_dir / "model_index.json"
     if not index.is_file():
@@ -173,7 +193,7 @@ def init_generator(generator, pipeline_dir: Path) -> None:
     if timesteps != generator.timesteps:
         raise UserInputError(f"init_generator {pipeline_dir} reads out at timesteps {timesteps} but this run's "
                              f"generator at {generator.timesteps}")
-    unet = load_model(pipeline_dir / "unet")
+    unet = merged_folder_adapter(load_model(pipeline_dir / "unet"), pipeline_dir)
     try:
         generator.unet.load_state_dict(unet.state_dict(), strict=True)
     except RuntimeError:
@@ -212,7 +232,8 @@ def train_students(cfg: RunConfig, overwrite: bool = False) -> dict:
     check_output_dir(cfg, overwrite)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RUN_CONFIG, to_dict(cfg))
+    if is_main_process():
+        write_json_atomic(out / RUN_CONFIG, to_dict(cfg))
     students = []
     for k in range(cfg.options.num_students):
         sub = student_config(cfg, k)
@@ -220,11 +241,13 @@ def train_students(cfg: RunConfig, overwrite: bool = False) -> dict:
         if "interrupted" in final:
             return {**final, "student": k}
         students.append(json.loads((Path(sub.output_dir) / "metrics.json").read_text()))
-    pipeline = assemble_students(cfg)
+    pipeline = out / "pipeline"
     metrics = {"step": sum(m["step"] for m in students), "train_seconds": sum(m["train_seconds"] for m in students),
                "students": [{"step": m["step"], "train_seconds": m["train_seconds"], "final": m["final"]}
                             for m in students], "history": []}
-    write_json_atomic(out / "metrics.json", metrics)
+    if is_main_process():
+        assemble_students(cfg, pipeline)
+        write_json_atomic(out / "metrics.json", metrics)
     return {"pipeline": str(pipeline), "step": metrics["step"], "train_seconds": metrics["train_seconds"]}
 
 
@@ -250,23 +273,27 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
 
     check_output_dir(cfg, overwrite)
     set_seed(cfg.train.seed)  # building a task may draw random numbers too (DisBack records its path)
-    if cfg.method == "teacher":
-        images, labels, num_classes = load_real_data(cfg)
-        judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, num_classes,
-                      batch_size=cfg.eval.sampling_batch)
-        task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)
-        use_attention(task, cfg.attention)
-    else:
-        task = build_distiller_task(cfg)
+    # what a task writes while it is built (DisBack's path, the regression pairs) is written once: the main process
+    # builds first, the others then find the files complete and read them
+    with process_state().main_process_first():
+        if cfg.method == "teacher":
+            images, labels, num_classes = load_real_data(cfg)
+            judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, num_classes,
+                          batch_size=cfg.eval.sampling_batch)
+            task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)
+            use_attention(task, cfg.attention)
+        else:
+            task = build_distiller_task(cfg)
+    if cfg.teacher.offload and hasattr(task, "teacher"):
+        task.teacher.offload(process_state().device)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(cfg.output_dir) / RUN_CONFIG, to_dict(cfg))
+    if is_main_process():
+        write_json_atomic(Path(cfg.output_dir) / RUN_CONFIG, to_dict(cfg))
     return Trainer(task, cfg.output_dir, cfg.train, run_config=to_dict(cfg))
 
 
 def export_run(run_dir: Path, out: Path | None = None) -> Path:
     """Rebuild a run from its saved config, load its newest checkpoint and export the pipeline (EMA weights)."""
-    from onestep.config import config_from
-
     saved = run_dir / RUN_CONFIG
     if not saved.is_file():
         raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")

@@ -17,6 +17,11 @@ def classifier_free_guidance(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, sca
     return x0_uncond + scale * (x0_cond - x0_uncond)
 
 
+def _place(module: nn.Module, device: torch.device | str) -> None:
+    """`module.to(device)` as a forward hook: returning None keeps the call's inputs and output as they are."""
+    module.to(device)
+
+
 class Teacher(nn.Module):
     """A frozen diffusers diffusion model giving guided x0-predictions.
 
@@ -45,6 +50,7 @@ class Teacher(nn.Module):
         self.num_classes = num_classes
         self.guidance_scale = guidance_scale
         self._null_text: torch.Tensor | None = None
+        self.execution_device: torch.device | None = None  # set by `offload`: where the UNet runs, not where it is
 
     # --- construction -----------------------------------------------------------------------------------------
     def with_unet(self, unet: nn.Module) -> Teacher:
@@ -78,7 +84,21 @@ class Teacher(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the teacher computes (and its callers put their inputs)."""
+        return self.execution_device or next(self.unet.parameters()).device
+
+    def offload(self, device: torch.device | str) -> None:
+        """Keep the UNet's weights in CPU memory and move them to `device` for each of its calls only: transfer time
+        for memory, when the teacher does not fit beside the trained networks. The Trainer leaves an offloaded
+        teacher where it is. A call that is differentiated (SiD's generator loss) holds the weights it used on
+        `device` until its backward pass; the VAE and text encoder stay on `device`."""
+        self.execution_device = torch.device(device)
+        for part in (self.vae, self.text_encoder):
+            if part is not None:
+                part.to(self.execution_device)
+        self.unet.to("cpu")
+        self.unet.register_forward_pre_hook(lambda unet, args: _place(unet, self.execution_device))
+        self.unet.register_forward_hook(lambda unet, args, output: _place(unet, "cpu"))
 
     # --- conditions -------------------------------------------------------------------------------------------
     @torch.no_grad()

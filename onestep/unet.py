@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 import torch.utils.checkpoint
+from diffusers import ModelMixin
 from torch import nn
 
 from onestep.conditioning import Condition
@@ -32,19 +35,53 @@ def unet_x0(unet: nn.Module, schedule: VPSchedule, x_t: torch.Tensor, t: torch.T
     return schedule.to_x0(unet_forward(unet, x_t, t, condition), x_t, t, prediction_type)
 
 
+def diffusers_models(module: nn.Module) -> list[ModelMixin]:
+    """The diffusers models inside `module`, itself included: a generator's or critic's UNet, a teacher's parts."""
+    return [m for m in module.modules() if isinstance(m, ModelMixin)]
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> None:
+    """diffusers' activation checkpointing in every model of `module` that has it: their blocks recompute their
+    activations in the backward pass instead of keeping them (`call_frozen` stays correct for such modules)."""
+    for model in diffusers_models(module):
+        if model._supports_gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+
+
+def _checkpointing_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def _not_checkpointing(layers: list[nn.Module]) -> Iterator[None]:
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+
 def call_frozen(module: nn.Module, *args, checkpoint: bool = False, **kwargs):
     """`module(*args, **kwargs)` with gradients flowing to the inputs only, never to `module`'s parameters.
 
     The parameters enter as detached tensors (`torch.func.functional_call`) instead of having `requires_grad`
     toggled. With `checkpoint` the whole call is recomputed in the backward pass instead of keeping its activations;
     the recomputation runs this same function, so it sees the same detached parameters as the forward did.
+
+    A module whose own layers checkpoint (`enable_gradient_checkpointing`) is checkpointed that way as a whole, its
+    layers' checkpointing off for the call: they would recompute in the backward pass after this call has put the
+    live parameters back, and send those parameters gradients.
     """
+    layers = _checkpointing_layers(module)
     detached = {name: p.detach() for name, p in module.named_parameters()}
 
     def call(*inputs):
-        return torch.func.functional_call(module, detached, inputs, kwargs)
+        with _not_checkpointing(layers):
+            return torch.func.functional_call(module, detached, inputs, kwargs)
 
-    if checkpoint and torch.is_grad_enabled():
+    if (checkpoint or layers) and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
     return call(*args)
 

@@ -39,7 +39,10 @@ def build_distiller(name: str, teacher, options=None, **kwargs) -> Distiller:
     if name not in DISTILLERS:
         raise ValueError(f"unknown distiller {name!r}; choose from {', '.join(sorted(DISTILLERS))}")
     reg = DISTILLERS[name]
-    return reg.distiller_cls(teacher, options if options is not None else reg.options_cls(), **kwargs)
+    distiller = reg.distiller_cls(teacher, options if options is not None else reg.options_cls(), **kwargs)
+    if isinstance(distiller, Distiller):  # tsm is a task of its own: it trains a fresh network, never adapters
+        distiller.use_lora()
+    return distiller
 
 
 __all__ = ["BOOTOptions", "DISTILLERS", "DMD1Options", "DMDOptions", "DisBackOptions", "DisBackSiDOptions",

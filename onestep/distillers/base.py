@@ -25,6 +25,7 @@ class Distiller:
     """
 
     options_cls: type
+    export_readout = "x0"  # how the exported OneStepPipeline reads the generator out (see OneStepPipeline)
 
     def __init__(self, teacher: Teacher, options, conditions: ConditionSampler | None = None, judge=None,
                  generator_timesteps: list[int] | tuple[int, ...] = (999,), batch_size: int = 64):
@@ -38,6 +39,22 @@ class Distiller:
 
     def updates(self) -> list[Update]:
         raise NotImplementedError
+
+    def use_lora(self) -> None:
+        """Train LoRA adapters instead of all weights as `options.lora` says (nothing at rank 0): on the generator's
+        UNet and, with `lora.critic`, on each critic's UNet (a GAN head trains fully).
+
+        `build_distiller` and the run builder call it last, once the networks hold their starting weights
+        (`init_generator`, DisBack's path): the adapters rename the UNets' parameters (onestep.lora).
+        """
+        config = self.options.lora
+        if not config.enabled:
+            return
+        from onestep.lora import add_lora
+
+        critics = [u.module for u in self.updates() if u.module is not self.generator] if config.critic else []
+        for network in (self.generator, *critics):
+            add_lora(network.unet, config)
 
     def draw(self, generator, conditions: ConditionSampler | None = None, step: int = 0,
              batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Condition]:
@@ -64,4 +81,4 @@ class Distiller:
     def export_pipeline(self, out_dir: Path) -> None:
         from onestep.export import export_generator
 
-        export_generator(self.generator, self.teacher, out_dir)
+        export_generator(self.generator, self.teacher, out_dir, self.export_readout, self.options.lora.export)

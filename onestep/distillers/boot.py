@@ -22,13 +22,13 @@ computed in float64 from `alphas_cumprod`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from onestep.conditioning import Condition
 from onestep.distillers.base import Distiller
+from onestep.lora import LoRAConfig
 from onestep.schedules import VPSchedule
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 from onestep.unet import unet_forward
@@ -130,6 +130,7 @@ class BOOTOptions:
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=10.0))
     generator_ema: float | None = 0.99
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
 
     def validate(self) -> None:
         if self.num_grid_steps < 1:
@@ -146,6 +147,7 @@ class BOOTOptions:
             raise ValueError(f"generator_optimizer.lr must be > 0, got {self.generator_optimizer.lr}")
         if self.generator_ema is not None and not 0 <= self.generator_ema < 1:
             raise ValueError(f"generator_ema must be in [0, 1) or null, got {self.generator_ema}")
+        self.lora.validate()
 
 
 class BOOT(Distiller):
@@ -155,6 +157,9 @@ class BOOT(Distiller):
     """
 
     options_cls = BOOTOptions
+    # the exported OneStepPipeline reads the student out as a signal: one call g(eps, 0, c); `preview_timesteps`
+    # gives y_t
+    export_readout = "signal"
 
     def __init__(self, teacher, options: BOOTOptions, conditions=None, judge=None, batch_size: int = 64,
                  **_unused):
@@ -220,9 +225,3 @@ class BOOT(Distiller):
         if self.options.boundary_weight == 0:
             return 0
         return max(1, round(self.options.boundary_batch_fraction * batch))
-
-    def export_pipeline(self, out_dir: Path) -> None:
-        """A OneStepPipeline with the signal read-out: one call g(eps, 0, c), `preview_timesteps` for y_t."""
-        from onestep.export import export_generator
-
-        export_generator(self.generator, self.teacher, out_dir, readout="signal")

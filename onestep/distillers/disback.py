@@ -26,12 +26,12 @@ from onestep.denoising import denoising_loss
 from onestep.distillers.dmd import DMD, DMDOptions
 from onestep.distillers.sid import SiD, SiDOptions
 from onestep.files import atomic_file, write_json_atomic
+from onestep.loading import DTYPES
 from onestep.training.updates import OptimizerConfig, make_optimizer
 from onestep.unet import unet_forward
 
 
 PATH_INDEX = "path.json"  # written last: a path folder without it is incomplete and is recorded again
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

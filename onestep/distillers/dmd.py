@@ -21,6 +21,7 @@ from onestep.critics import FakeScore
 from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
 from onestep.distillers.regression import PairedRegression, RegressionOptions
+from onestep.lora import LoRAConfig
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 from onestep.unet import call_frozen
 
@@ -40,13 +41,13 @@ def distribution_matching_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: 
 
 
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss softplus(-D(G(z)))."""
-    return F.softplus(-fake_logits)
+    """Non-saturating generator loss softplus(-D(G(z))), in float32 (the head's logits are bf16 under autocast)."""
+    return F.softplus(-fake_logits.float())
 
 
 def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
-    """softplus(D(fake)) + softplus(-D(real))."""
-    return F.softplus(fake_logits) + F.softplus(-real_logits)
+    """softplus(D(fake)) + softplus(-D(real)), in float32."""
+    return F.softplus(fake_logits.float()) + F.softplus(-real_logits.float())
 
 
 @dataclass
@@ -66,6 +67,7 @@ class DMDOptions:
     gan_generator_weight: float = 3e-3
     gan_critic_weight: float = 1e-2
     regression: RegressionOptions = field(default_factory=RegressionOptions)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
 
     def validate(self) -> None:
         if not 0.0 <= self.dm_t_min < self.dm_t_max <= 1.0:
@@ -75,6 +77,7 @@ class DMDOptions:
         for name in ("generator_optimizer", "critic_optimizer"):
             if getattr(self, name).lr <= 0:
                 raise ValueError(f"{name}.lr must be > 0, got {getattr(self, name).lr}")
+        self.lora.validate()
 
 
 @dataclass

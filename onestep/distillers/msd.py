@@ -46,6 +46,10 @@ class MSDOptions(DMDOptions):
             raise ValueError(f"student must be in 0..{self.num_students - 1}, got {self.student}")
         if self.student_channels and self.student_init:
             raise ValueError("give student_channels (random init) or student_init (TSM weights), not both")
+        if self.student_channels and self.lora.enabled:
+            raise ValueError("lora adapts trained weights; a student_channels student starts from random ones")
+        if self.lora.enabled and self.lora.export == "adapter":
+            raise ValueError("lora.export must be merge: the students are assembled into one MultiStudentPipeline")
 
 
 def build_router(options: MSDOptions, teacher, conditions: ConditionSampler) -> Router:

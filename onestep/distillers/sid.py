@@ -19,6 +19,7 @@ from onestep.conditioning import Condition
 from onestep.critics import FakeScore
 from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
+from onestep.lora import LoRAConfig
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 from onestep.unet import call_frozen
 
@@ -51,6 +52,7 @@ class SiDOptions:
     # recompute activations in the backward pass of all three UNets: the generator loss differentiates through the
     # teacher and the fake score, so its activation memory is ~3 UNets' worth without it
     gradient_checkpointing: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
 
     def validate(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
@@ -60,6 +62,7 @@ class SiDOptions:
         for name in ("generator_optimizer", "critic_optimizer"):
             if getattr(self, name).lr <= 0:
                 raise ValueError(f"{name}.lr must be > 0, got {getattr(self, name).lr}")
+        self.lora.validate()
 
 
 class SiD(Distiller):
