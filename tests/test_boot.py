@@ -237,3 +237,15 @@ def test_cli_smoke_run_exports_a_sampleable_pipeline(tmp_path):
     assert sampler.nfe == 1 and sampler._pipe.config.readout == "signal"
     images = sampler.sample(torch.arange(4), 4, seed=0)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_teacher_signal_trajectory_matches_diffusers_ddim():
+    from onestep.distillers.boot import teacher_signal_trajectory
+
+    boot = boot_distiller()
+    noise, condition = batch()
+    expected = teacher_ddim_trajectory(boot.teacher, noise, condition)
+    got = teacher_signal_trajectory(boot.teacher, noise, condition, torch.tensor([0, 333, 666, 999]))
+    assert sorted(got) == sorted(expected)
+    for t in expected:
+        assert torch.allclose(got[t], expected[t], atol=1e-4), t

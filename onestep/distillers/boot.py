@@ -225,3 +225,30 @@ class BOOT(Distiller):
         if self.options.boundary_weight == 0:
             return 0
         return max(1, round(self.options.boundary_batch_fraction * batch))
+
+
+@torch.no_grad()
+def teacher_signal_trajectory(teacher, noise: torch.Tensor, condition: Condition,
+                              grid: torch.Tensor) -> dict[int, torch.Tensor]:
+    """y_t of the teacher's DDIM (eta 0) started at x = eps on the grid's top timestep, in signal space.
+
+    y at the top is the teacher's read-out of the start; each next grid point applies the exact signal-space step:
+    what a perfect student returns.
+    """
+    schedule, ndim = teacher.schedule, noise.dim()
+    top = int(grid[-1])
+    signals = {top: teacher.x0(noise, torch.tensor(top, device=noise.device), condition)}
+    for t, s in zip(grid.flip(0)[:-1].tolist(), grid.flip(0)[1:].tolist(), strict=True):
+        t_, s_ = (torch.full((noise.shape[0],), v, device=noise.device) for v in (t, s))
+        x_t = schedule.alpha(t_, ndim) * signals[t] + schedule.sigma(t_, ndim) * noise
+        signals[s] = ddim_signal_step(signals[t], teacher.x0(x_t, t_, condition),
+                                      signal_step_size(schedule, t_, s_, ndim))
+    return signals
+
+
+@torch.no_grad()
+def trajectory_gap(student: SignalGenerator, teacher, noise: torch.Tensor, condition: Condition,
+                   grid: torch.Tensor) -> dict[int, float]:
+    """Mean squared error between the student's g(eps, t) and the teacher's DDIM signal y_t at each grid t."""
+    target = teacher_signal_trajectory(teacher, noise, condition, grid)
+    return {t: float((student(noise, condition, t) - y).square().mean()) for t, y in sorted(target.items())}
