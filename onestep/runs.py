@@ -123,6 +123,18 @@ def build_conditions(cfg: RunConfig, teacher):
                             prompts=prompts, encode=teacher.encode_prompts if prompts else None)
 
 
+def _check_writes_inside(cfg: RunConfig, folder: str | None) -> None:
+    """A config value may name a folder onestep would write to: only inside output_dir, unless it already holds a
+    complete DisBack path (read, never written)."""
+    from onestep.distillers.disback import PATH_INDEX
+
+    if folder is None or (Path(folder) / PATH_INDEX).is_file():
+        return
+    if not Path(folder).resolve().is_relative_to(Path(cfg.output_dir).resolve()):
+        raise UserInputError(f"options.path_dir {folder} is outside output_dir {cfg.output_dir} and holds no recorded "
+                             "path; onestep writes only inside output_dir (point it at an existing path to reuse it)")
+
+
 def build_distiller_task(cfg: RunConfig):
     from onestep.data.conditions import RealImages
     from onestep.distillers import DISTILLERS, Distiller
@@ -151,6 +163,7 @@ def build_distiller_task(cfg: RunConfig):
     distiller_cls = DISTILLERS[cfg.method].distiller_cls
     if issubclass(distiller_cls, Backtracking):
         extra["path_dir"] = Path(cfg.output_dir) / "path"  # DisBack's stage-1 path, unless options.path_dir is set
+        _check_writes_inside(cfg, cfg.options.path_dir)
     try:
         distiller = distiller_cls(teacher, cfg.options, conditions=conditions, judge=judge,
                                   batch_size=cfg.data.batch_size, real=real,

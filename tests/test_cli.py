@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from onestep.cli import main
@@ -122,3 +123,42 @@ def test_overwrite_starts_over(tmp_path, capsys):
     cfg = load_config(DEMO, [f"output_dir={out}"])
     check_output_dir(cfg, overwrite=True)
     assert not (out / "checkpoints").exists() and (out / "config.json").exists()
+
+
+def test_more_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys):
+    disback = ROOT / "configs" / "digits" / "disback.yaml"
+    outside = tmp_path / "elsewhere"
+    assert_one_line_error(*run(capsys, "train", disback, f"output_dir={tmp_path / 'out'}",
+                               f"options.path_dir={outside}"), "outside output_dir")
+    assert not outside.exists()
+    sfd = ROOT / "configs" / "digits" / "sfd.yaml"
+    assert_one_line_error(*run(capsys, "train", sfd, f"output_dir={tmp_path / 'sfd'}", "options.forget=[12]"),
+                          "class 12 does not exist")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    assert_one_line_error(*run(capsys, "train", DEMO, f"output_dir={tmp_path / 'img'}", "data.name=image_folder",
+                               f"data.image_dir={folder}"), "cannot read image")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    from onestep.data.prompts import read_prompts
+    from onestep.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="empty lines \\(line 2\\)"):
+        read_prompts(prompts)
+
+
+def test_same_config_and_seed_give_the_same_samples_and_metrics(tmp_path):
+    from safetensors.torch import load_file
+
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["train", str(DEMO), f"output_dir={out}", "train.max_steps=3", "train.max_minutes=null",
+                     "train.eval_every=0", "eval.num_samples=50", "data.batch_size=8"]) == 0
+        weights = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+        outputs.append((json.loads((out / "metrics.json").read_text())["final"], weights))
+    (metrics_a, weights_a), (metrics_b, weights_b) = outputs
+    assert metrics_a["fd_digits/student"] == metrics_b["fd_digits/student"]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
