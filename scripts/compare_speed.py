@@ -24,7 +24,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for folder, sampler in samplers.items():
             rounds[folder].append(images_per_second(sampler, args.batch))
-    print(json.dumps({f: {"median": statistics.median(v), "rounds": [round(x) for x in v]} for f, v in rounds.items()}))
+    summary = {f: {"median": statistics.median(v), "rounds": [round(x) for x in v]} for f, v in rounds.items()}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
