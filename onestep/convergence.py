@@ -17,7 +17,8 @@ def _curve(run: Path) -> tuple[list[int], list[float]]:
     if not (run / RUN_CONFIG).is_file() or not metrics_file.is_file():
         raise UserInputError(f"{run} is not a finished run folder (needs {RUN_CONFIG} and metrics.json)")
     history = json.loads(metrics_file.read_text())["history"]
-    points = [(h["step"], v) for h in history for k, v in h.items() if k.endswith("/student")]
+    points = [(h["step"], v) for h in history for k, v in h.items()
+              if k.endswith("/student") and k.startswith(("fd_digits", "fid"))]
     return [s for s, _ in points], [v for _, v in points]
 
 

@@ -97,7 +97,8 @@ def _fake_run(folder, method, fds, path_steps=None):
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"method": method}))
-    history = [{"step": 100 * (i + 1), "fd_digits/student": v} for i, v in enumerate(fds)]
+    history = [{"step": 100 * (i + 1), "fd_digits/student": v, "images_per_s/student": 500.0}
+               for i, v in enumerate(fds)]
     (folder / "metrics.json").write_text(json.dumps({"history": history}))
     if path_steps is not None:
         (folder / "path").mkdir()
