@@ -162,3 +162,30 @@ def test_same_config_and_seed_give_the_same_samples_and_metrics(tmp_path):
     (metrics_a, weights_a), (metrics_b, weights_b) = outputs
     assert metrics_a["fd_digits/student"] == metrics_b["fd_digits/student"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_inputs_against_a_finished_run_leave_every_file_byte_identical(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(DEMO), f"output_dir={out}", "train.max_steps=2", "train.max_minutes=null",
+                 "train.eval_every=0", "eval.num_samples=20", "data.batch_size=4"]) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    bad = [
+        ["train", DEMO, f"output_dir={out}", "options.gan_wieght=1"],  # unknown key
+        ["train", DEMO, f"output_dir={out}", "train.max_steps=two"],  # wrong type
+        ["train", DEMO, f"output_dir={out}", "options.generator_every=0"],  # impossible value
+        ["train", DEMO, f"output_dir={out}", "teacher.path=/nonexistent"],  # missing teacher
+        ["train", DEMO, f"output_dir={out}", "options.generator_timesteps=[200]"],  # a different run
+        ["train", ROOT / "configs" / "digits" / "sfd.yaml", f"output_dir={out}", "options.forget=[10]"],
+        ["export", tmp_path / "not_a_run"],
+        ["sample", out, "--out", out / "grid.jpg"],
+        ["fid", out / "pipeline", "--reference", tmp_path / "missing.npz"],
+    ]
+    for argv in bad:
+        code, err = run(capsys, *argv)
+        assert_one_line_error(code, err)
+    assert _snapshot(out) == before
