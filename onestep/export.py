@@ -25,6 +25,7 @@ An exported `MultiStudentPipeline` folder (`export_students`) loads the same thr
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -33,6 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -122,3 +124,14 @@ def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router
                                                   tokenizer=teacher.tokenizer, timesteps=list(timesteps),
                                                   num_classes=teacher.num_classes)
     return export_pipeline(pipeline, out_dir)
+
+
+def export_denoiser(unet: nn.Module, scheduler, out_dir: str | os.PathLike,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """A (multi-step) denoiser as a teacher-layout `ClassConditionalDiffusionPipeline` folder: a trained teacher, or
+    TSM's smaller denoiser. A copy in `dtype` is saved, so the network in training is left as it is."""
+    from onestep.pipelines import ClassConditionalDiffusionPipeline
+
+    return export_pipeline(ClassConditionalDiffusionPipeline(unet=copy.deepcopy(unet).to(dtype), scheduler=scheduler),
+                           out_dir)
+

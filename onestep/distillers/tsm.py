@@ -9,7 +9,6 @@ The target is the teacher's, not the data's, so the small network inherits the t
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,8 +74,6 @@ class TeacherScoreMatching:
         return None if self.judge is None else self.judge.teacher_grid(self.student_view, steps=50)
 
     def export_pipeline(self, out_dir: Path) -> None:
-        from onestep.export import export_pipeline
-        from onestep.pipelines import ClassConditionalDiffusionPipeline
+        from onestep.export import export_denoiser
 
-        export_pipeline(ClassConditionalDiffusionPipeline(unet=copy.deepcopy(self.unet),
-                                                          scheduler=self.teacher.scheduler), out_dir)
+        export_denoiser(self.unet, self.teacher.scheduler, out_dir)

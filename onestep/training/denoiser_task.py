@@ -78,10 +78,6 @@ class DenoiserTraining:
         return self.evaluator.teacher_grid(self.teacher_view, steps=50)
 
     def export_pipeline(self, out_dir: Path) -> None:
-        import copy
+        from onestep.export import export_denoiser
 
-        from onestep.export import export_pipeline
-        from onestep.pipelines import ClassConditionalDiffusionPipeline
-
-        unet = copy.deepcopy(self.unet).to(getattr(torch, self.options.export_dtype))
-        export_pipeline(ClassConditionalDiffusionPipeline(unet=unet, scheduler=self.scheduler), out_dir)
+        export_denoiser(self.unet, self.scheduler, out_dir, getattr(torch, self.options.export_dtype))
