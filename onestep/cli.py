@@ -86,7 +86,7 @@ def _fid(args: argparse.Namespace) -> int:
         images = to_uint8(sampler.sample(_balanced(sampler.num_classes, n), n, args.seed))
     result = frechet_distance(images, reference=args.reference, features=args.features).to_dict()
     if args.forget:
-        from onestep.benchmark import forgetting_metrics
+        from onestep.bench.compare import forgetting_metrics
 
         result["forgetting"] = forgetting_metrics(sampler, args.forget, n, args.seed)
     print(json.dumps(result))
@@ -101,29 +101,29 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from onestep.benchmark import run_benchmark, step_overhead
+    from onestep.bench.compare import run_benchmark, step_overhead
     from onestep.config import load_config
     from onestep.errors import UserInputError
 
     if args.suite == "attention":
-        from onestep.attention_bench import run_attention_suite
+        from onestep.bench.attention import run_attention_suite
 
         run_attention_suite(Path(args.out))
         return 0
     if not args.runs:
         raise UserInputError(f"suite {args.suite} needs at least one run folder or config file")
     if args.suite == "scaling":
-        from onestep.scaling_bench import run_scaling_suite
+        from onestep.bench.scaling import run_scaling_suite
 
         run_scaling_suite(Path(args.runs[0]), Path(args.out), args.processes, args.train_steps)
         return 0
     if args.suite == "memory":
-        from onestep.memory_bench import run_memory_suite
+        from onestep.bench.memory import run_memory_suite
 
         run_memory_suite(Path(args.runs[0]), Path(args.out), args.batch_size)
         return 0
     if args.suite == "convergence":
-        from onestep.convergence import run_convergence
+        from onestep.bench.convergence import run_convergence
 
         run_convergence([Path(r) for r in args.runs], Path(args.out), args.baseline)
         return 0

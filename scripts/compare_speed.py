@@ -9,7 +9,7 @@ import argparse
 import json
 import statistics
 
-from onestep.benchmark import images_per_second
+from onestep.bench.compare import images_per_second
 from onestep.inference import load_sampler
 
 

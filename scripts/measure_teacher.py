@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from onestep.benchmark import teacher_report
+from onestep.bench.compare import teacher_report
 
 
 def main() -> None:

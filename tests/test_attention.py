@@ -154,7 +154,7 @@ def test_training_log_states_the_backend(tmp_path):
 
 
 def test_bench_attention_suite_reports_every_backend(tmp_path, monkeypatch, capsys):
-    from onestep import attention_bench
+    from onestep.bench import attention as attention_bench
     from onestep.cli import main
 
     monkeypatch.setattr(attention_bench, "BATCH", 1)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from onestep.memory_bench import measure
-from onestep.scaling_bench import throughput
+from onestep.bench.memory import measure
+from onestep.bench.scaling import throughput
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits" / "dmd2.yaml"

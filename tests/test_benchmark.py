@@ -2,7 +2,7 @@
 
 import json
 
-from onestep.benchmark import markdown_table, run_benchmark
+from onestep.bench.compare import markdown_table, run_benchmark
 from onestep.export import export_generator
 from onestep.generator import Generator
 from onestep.teacher import Teacher

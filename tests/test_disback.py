@@ -107,7 +107,7 @@ def _fake_run(folder, method, fds, path_steps=None):
 
 
 def test_convergence_counts_stage_one_and_finds_the_first_step_at_target(tmp_path):
-    from onestep.convergence import convergence_report
+    from onestep.bench.convergence import convergence_report
     from onestep.errors import UserInputError
 
     runs = [_fake_run(tmp_path / "b0", "dmd2", [9, 6, 4, 3]), _fake_run(tmp_path / "b1", "dmd2", [9, 6, 4, 5]),

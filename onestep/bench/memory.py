@@ -73,7 +73,7 @@ def run_memory_suite(config: Path, out: Path, batch_size: int | None = None) -> 
     extra = [f"data.batch_size={batch_size}"] if batch_size else []
     rows = []
     for name, overrides in VARIANTS.items():
-        cmd = [sys.executable, "-m", "onestep.memory_bench", str(config), str(out / name), *extra, *overrides]
+        cmd = [sys.executable, "-m", "onestep.bench.memory", str(config), str(out / name), *extra, *overrides]
         done = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **os.environ})
         if done.returncode != 0:
             raise RuntimeError(f"memory variant {name} failed:\n{done.stderr[-4000:]}")
