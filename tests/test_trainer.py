@@ -170,3 +170,67 @@ def test_nan_weights_are_never_written(tmp_path):
     with pytest.raises(FloatingPointError, match="not saved"):
         trainer._checkpoint()
     assert latest_checkpoint(tmp_path / "checkpoints") == newest
+
+
+class StreamTask:
+    """A generator every 2nd step (with EMA) and a critic every step, each reading the next rows of a fixed stream:
+    k micro-batches of b rows are the same rows as one batch of k*b."""
+
+    def __init__(self, batch_size: int):
+        torch.manual_seed(0)
+        self.gen, self.critic = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.data = torch.randn(1000, 4)
+        self.batch_size, self.position = batch_size, {"generator": 0, "critic": 0}
+        self.calls = {"generator": 0, "critic": 0}
+
+    def _rows(self, name):
+        start = self.position[name]
+        self.position[name] += self.batch_size
+        self.calls[name] += 1
+        return self.data[start:start + self.batch_size]
+
+    def updates(self):
+        opt = OptimizerConfig(lr=1e-2, grad_clip=None)
+        return [Update("generator", self.gen, lambda g: LossOutput((g(self._rows("generator")) - 1).square().mean()),
+                       opt, every=2, ema_decay=0.5),
+                Update("critic", self.critic, lambda c: LossOutput(c(self._rows("critic")).square().mean()), opt)]
+
+    def evaluate(self):
+        return {}
+
+    def sample_images(self):
+        return None
+
+    def export_pipeline(self, out_dir: Path):
+        pass
+
+
+def _accumulated(tmp_path, batch_size, k, steps=6):
+    task = StreamTask(batch_size)
+    trainer = Trainer(task, tmp_path, TrainerConfig(max_steps=steps, log_every=1, checkpoint_every=0,
+                                                    gradient_accumulation_steps=k))
+    trainer.train()
+    return task, trainer
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """k micro-batches of b: the same AdamW steps as one batch of k*b; TTUR and EMA count optimizer steps."""
+    big, big_trainer = _accumulated(tmp_path / "big", 12, 1)
+    small, small_trainer = _accumulated(tmp_path / "small", 4, 3)
+    for a, b in ((big.gen, small.gen), (big.critic, small.critic)):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert small.calls == {"generator": 3 * 3, "critic": 3 * 6}  # 3 generator and 6 critic optimizer steps
+    ema_big, ema_small = big_trainer.emas["generator"][0], small_trainer.emas["generator"][0]
+    assert ema_small.optimization_step == ema_big.optimization_step == 3
+    for pa, pb in zip(ema_big.shadow_params, ema_small.shadow_params, strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(big.gen.weight, StreamTask(12).gen.weight)  # it trained
+    # AdamW hides a gradient's scale: the logged loss and gradient norm show the micro-batches are averaged, not summed
+    logs = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("big", "small")]
+    keys = ("generator/loss", "generator/grad_norm", "critic/loss", "critic/grad_norm")
+    for a, b in zip(*logs, strict=True):
+        for key in keys:
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), key

@@ -57,6 +57,9 @@ class TrainerConfig:
     max_minutes: float | None = None  # stop early (cleanly, with a checkpoint) after this wall time
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16
+    # each optimizer step sums the gradients of this many micro-batches (global batch = data.batch_size x this x
+    # processes); the cadence (`every`), the LR schedule and the EMA count optimizer steps, not micro-batches
+    gradient_accumulation_steps: int = 1
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     sample_every: int = 0  # 0 = only at the end
@@ -166,13 +169,27 @@ class Trainer:
         self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def _run_update(self, update: Update) -> dict[str, float]:
+        """One optimizer step of `update` over `gradient_accumulation_steps` micro-batches, each drawn by its loss.
+
+        The micro-batch losses are averaged (each backward takes loss / k), so k micro-batches of b give the gradient
+        of one batch of k*b. Under DDP only the last backward all-reduces (`no_sync`). accelerate's own
+        `accumulate()` counts calls across all models, which two updates on different cadences would entangle.
+        """
         module, optimizer = self.modules[update.name], self.optimizers[update.name]
         optimizer.zero_grad(set_to_none=True)
-        with self.accelerator.autocast():
-            out = update.loss(module)
-        if self._on_any_process(not torch.isfinite(out.loss)):  # all skip together, or DDP's backward would wait
-            return self._skip(update, "loss")
-        self.accelerator.backward(out.loss)
+        k = self.config.gradient_accumulation_steps
+        totals: dict[str, float] = {}
+        for micro in range(k):
+            sync = contextlib.nullcontext() if micro == k - 1 else self.accelerator.no_sync(module)
+            with sync:
+                with self.accelerator.autocast():
+                    out = update.loss(module)
+                if self._on_any_process(not torch.isfinite(out.loss)):  # all skip together, or DDP would wait
+                    optimizer.zero_grad(set_to_none=True)
+                    return self._skip(update, "loss")
+                self.accelerator.backward(out.loss / k)
+            for key, value in {**out.logs, "loss": out.loss.item()}.items():
+                totals[key] = totals.get(key, 0.0) + value / k
         params = [p for p in module.parameters() if p.requires_grad]
         if update.optimizer.grad_clip:
             grad_norm = self.accelerator.clip_grad_norm_(params, update.optimizer.grad_clip)
@@ -189,8 +206,7 @@ class Trainer:
             ema, ema_params = self.emas[update.name]
             ema.step(ema_params)
         self.nonfinite_in_a_row = 0
-        logs = {f"{update.name}/{k}": v for k, v in out.logs.items()}
-        logs[f"{update.name}/loss"] = out.loss.item()
+        logs = {f"{update.name}/{key}": value for key, value in totals.items()}
         logs[f"{update.name}/grad_norm"] = float(grad_norm)
         return logs
 
