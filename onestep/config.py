@@ -69,7 +69,8 @@ def _check_values(cfg: RunConfig) -> None:
     """Impossible values that types alone don't catch."""
     positive = {"data.batch_size": cfg.data.batch_size, "train.max_steps": cfg.train.max_steps,
                 "train.log_every": cfg.train.log_every,
-                "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "eval.num_samples": cfg.eval.num_samples,
+                "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+                "eval.num_samples": cfg.eval.num_samples,
                 "eval.sampling_batch": cfg.eval.sampling_batch}
     non_negative = {"train.eval_every": cfg.train.eval_every, "train.sample_every": cfg.train.sample_every,
                     "train.checkpoint_every": cfg.train.checkpoint_every,
