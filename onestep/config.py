@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from onestep.attention import BACKENDS
 from onestep.errors import UserInputError
 from onestep.loading import DTYPES
+from onestep.training.tracking import check_tracker
 from onestep.training.trainer import TrainerConfig
 
 
@@ -74,15 +75,18 @@ def _check_values(cfg: RunConfig) -> None:
                 "eval.sampling_batch": cfg.eval.sampling_batch}
     non_negative = {"train.eval_every": cfg.train.eval_every, "train.sample_every": cfg.train.sample_every,
                     "train.checkpoint_every": cfg.train.checkpoint_every,
-                    "train.keep_checkpoints": cfg.train.keep_checkpoints}
+                    "train.keep_checkpoints": cfg.train.keep_checkpoints,
+                    "train.progress_every_s": cfg.train.progress_every_s}
     for key, value in positive.items():
         if value <= 0:
             raise UserInputError(f"config {key} must be > 0, got {value}")
     for key, value in non_negative.items():
         if value < 0:
             raise UserInputError(f"config {key} must be >= 0, got {value}")
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise UserInputError(f"config train.mixed_precision must be no, fp16 or bf16, got {cfg.train.mixed_precision}")
+    if cfg.train.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise UserInputError(f"config train.mixed_precision must be no, fp16 or bf16 (or unset: the launcher's), "
+                             f"got {cfg.train.mixed_precision}")
+    check_tracker(cfg.train.report_to)
     if cfg.teacher.dtype not in DTYPES:
         raise UserInputError(f"config teacher.dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher.dtype!r}")
     if cfg.teacher.guidance_scale < 0:

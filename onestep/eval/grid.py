@@ -23,20 +23,17 @@ def _to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return array
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
-              scale: int | None = None, padding: int = 2, pad_value: int = 128) -> Path:
-    """Write uint8 images as one PNG grid, `nrow` images per row (default: a square-ish grid).
+def grid_array(images: torch.Tensor | np.ndarray, nrow: int | None = None, scale: int | None = None,
+               padding: int = 2, pad_value: int = 128) -> np.ndarray:
+    """uint8 images as one uint8 (H, W, C) grid, `nrow` images per row (default: a square-ish grid).
 
     Args:
         images: uint8 (N, C, H, W) or (N, H, W, C), C in {1, 3}; channel-first wins when both would fit.
-        path: the PNG to write (parent folders are created; the file appears complete or not at all).
         nrow: images per row; default ceil(sqrt(N)).
         scale: nearest-neighbour upscaling factor; default enough to make each image about 64 pixels wide.
         padding: pixels between and around the images.
         pad_value: gray level of the padding.
     """
-    from PIL import Image
-
     array = _to_nhwc(images)
     n, h, w, c = array.shape
     scale = scale or max(1, 64 // max(h, w))
@@ -48,6 +45,16 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | N
     for i, image in enumerate(array):
         y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         canvas[y:y + h, x:x + w] = image
+    return canvas
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
+              scale: int | None = None, padding: int = 2, pad_value: int = 128) -> Path:
+    """Write uint8 images as one PNG grid (see `grid_array` for the arguments); parent folders are created and the
+    file appears complete or not at all."""
+    from PIL import Image
+
+    canvas = grid_array(images, nrow, scale, padding, pad_value)
     with atomic_file(path) as f:
-        Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format="PNG")
+        Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas).save(f, format="PNG")
     return Path(path)

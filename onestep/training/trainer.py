@@ -14,15 +14,16 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.networks import reachable_modules
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
+from onestep.training.progress import Progress
+from onestep.training.tracking import TRACKERS, check_tracker, log_grid, tracker_config
 from onestep.training.updates import Update, make_optimizer
 from onestep.unet import diffusers_models, enable_gradient_checkpointing
 
@@ -56,11 +57,15 @@ class TrainerConfig:
     max_steps: int = 1000
     max_minutes: float | None = None  # stop early (cleanly, with a checkpoint) after this wall time
     seed: int = 0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    # no | fp16 | bf16; unset: whatever the launcher says (`accelerate launch --mixed_precision`, accelerate config),
+    # else no
+    mixed_precision: str | None = None
     # each optimizer step sums the gradients of this many micro-batches (global batch = data.batch_size x this x
     # processes); the cadence (`every`), the LR schedule and the EMA count optimizer steps, not micro-batches
     gradient_accumulation_steps: int = 1
     log_every: int = 10
+    report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers, beside the JSONL log always written
+    progress_every_s: float = 30.0  # when stderr is not a terminal: one progress line this often instead of a bar
     eval_every: int = 0  # 0 = only at the end
     sample_every: int = 0  # 0 = only at the end
     checkpoint_every: int = 500
@@ -100,7 +105,10 @@ class Trainer:
         self.run_config = run_config or {}
         # the LR schedule counts optimizer steps whatever the number of processes (accelerate's default would step a
         # prepared scheduler once per process, i.e. warm up N times faster under N processes)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False)
+        check_tracker(config.report_to)
+        project = ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs"))
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False,
+                                       log_with=TRACKERS[config.report_to], project_config=project)
         _check_launch(self.accelerator.num_processes)
         set_seed(config.seed, device_specific=True)  # each process draws its own noise and conditions
         for network in reachable_modules(task):  # frozen networks too (the teacher): prepare() moves trained ones only
@@ -131,7 +139,6 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
-        self._tb = None
         self.stop_signal: str | None = None
 
     # --- helpers ----------------------------------------------------------------------------------------------
@@ -156,17 +163,10 @@ class Trainer:
             return
         with open(self.output_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
-
-    def _open_tensorboard(self) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # TensorBoard is optional; the JSONL log is always written
-            return
-        self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if scalars:
+            self.accelerator.log(scalars, step=record["step"])
 
     def _run_update(self, update: Update) -> dict[str, float]:
         """One optimizer step of `update` over `gradient_accumulation_steps` micro-batches, each drawn by its loss.
@@ -208,6 +208,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         logs = {f"{update.name}/{key}": value for key, value in totals.items()}
         logs[f"{update.name}/grad_norm"] = float(grad_norm)
+        logs[f"{update.name}/lr"] = self.lr_schedulers[update.name].get_last_lr()[0]
         return logs
 
     def _skip(self, update: Update, what: str) -> dict[str, float]:
@@ -285,6 +286,7 @@ class Trainer:
             from onestep.eval.grid import save_grid
 
             save_grid(images, self.output_dir / name)
+            log_grid(self.accelerator, "samples", images, self.step)
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -305,20 +307,24 @@ class Trainer:
 
         Interrupted by SIGINT/SIGTERM, it saves a checkpoint and returns {"interrupted": signal name} instead.
         """
-        with self._stop_on_signals():
-            return self._train()
+        self.accelerator.init_trackers("onestep", config=tracker_config(self.run_config or {"train": self.config}))
+        try:
+            with self._stop_on_signals():
+                return self._train()
+        finally:  # not accelerator.end_training(): it also ends the process group, which a next run may need
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
     def _train(self) -> dict:
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed = cfg.resume and self.resume()
-        if self.accelerator.is_main_process:
-            self._open_tensorboard()
         attention = getattr(self.task, "attention_backend", None)  # set by onestep.runs: the kernel that runs
         self._log({"step": self.step, "event": "resumed" if resumed else "started",
+                   "mixed_precision": self.accelerator.mixed_precision,
                    **({"attention": attention} if attention else {})})
-        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.accelerator.is_main_process,
-                        dynamic_ncols=True, desc="train")
+        progress = Progress(cfg.max_steps, cfg.max_minutes, self.step, cfg.progress_every_s,
+                            enabled=self.accelerator.is_main_process)
         start = time.perf_counter() - self.counter.elapsed
         running: dict[str, float] = {}
         while self.step < cfg.max_steps:
@@ -335,12 +341,13 @@ class Trainer:
             self.counter.step += 1
             self.counter.elapsed = time.perf_counter() - start
             running.update(logs)
-            progress.update(1)
+            postfix = None
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 record = self._mean_over_processes(running)
-                progress.set_postfix({k.split("/")[0][:3] + "/" + k.split("/")[-1]: f"{v:.3g}"
-                                      for k, v in record.items() if k.endswith("loss")})
+                postfix = {k.split("/")[0][:3] + "/" + k.split("/")[-1]: f"{v:.3g}"
+                           for k, v in record.items() if k.endswith("loss")}
                 self._log({"step": self.step, "elapsed_s": round(self.counter.elapsed, 2), **record})
+            progress.update(self.step, self.counter.elapsed, postfix)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
                 start = time.perf_counter() - self.counter.elapsed  # evaluation time is not training time
@@ -348,7 +355,7 @@ class Trainer:
                 self.save_samples(f"samples-{self.step:07d}.png")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
-        progress.close()
+        progress.close(finished=self.stop_signal is None)
         if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self._checkpoint()
         if self.stop_signal is not None:
@@ -361,8 +368,6 @@ class Trainer:
             metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
                        "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
             write_json_atomic(self.output_dir / "metrics.json", metrics)
-        if self._tb is not None:
-            self._tb.close()
         self.accelerator.wait_for_everyone()
         return final
 
