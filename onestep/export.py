@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import inspect
 import os
 import shutil
 import uuid
@@ -78,19 +77,14 @@ def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike,
                     write_extra: Callable[[Path], None] | None = None) -> Path:
-    """`save_pretrained` (safetensors) plus, for a pipeline class outside diffusers, a copy of its source file.
-
-    The copy (e.g. `pipeline_onestep.py`) is what plain diffusers loads with
+    """`save_pretrained` (safetensors): onestep's pipelines write their own source file beside `model_index.json`
+    (e.g. `pipeline_onestep.py`), which plain diffusers loads with
     `DiffusionPipeline.from_pretrained(out_dir, custom_pipeline="pipeline_onestep", trust_remote_code=True)`.
     `write_extra(folder)` adds files of its own (a LoRA adapter). The folder is written atomically (see
     `atomic_folder`); returns `out_dir`.
     """
-    pipeline_cls = type(pipeline)
     with atomic_folder(out_dir) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        if not pipeline_cls.__module__.startswith("diffusers."):
-            source = Path(inspect.getfile(pipeline_cls))
-            shutil.copyfile(source, tmp / source.name)
         if write_extra is not None:
             write_extra(tmp)
     return Path(out_dir)

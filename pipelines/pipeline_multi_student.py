@@ -22,6 +22,8 @@ included, would then have to import as remote code.
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
 
 import torch
 from diffusers import (
@@ -116,6 +118,13 @@ class MultiStudentPipeline(DiffusionPipeline):
         self.register_to_config(timesteps=self.check_timesteps(timesteps), num_classes=num_classes,
                                 router=dict(router))
         self.image_processor = VaeImageProcessor(do_resize=False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' `save_pretrained`, plus this file beside `model_index.json`, so that the saved folder loads
+        again with plain diffusers (`custom_pipeline="pipeline_multi_student", trust_remote_code=True`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source = inspect.getfile(type(self))
+        shutil.copyfile(source, os.path.join(save_directory, os.path.basename(source)))
 
     @classmethod
     def from_students(cls, students: list[Student], scheduler: SchedulerMixin, router: dict,

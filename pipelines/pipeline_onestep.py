@@ -17,6 +17,9 @@ Two read-outs (`readout` in the config; folders without it are "x0"):
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +31,12 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 READOUTS = ("x0", "signal")
 
 
@@ -67,6 +71,7 @@ class OneStepPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
@@ -80,7 +85,15 @@ class OneStepPipeline(DiffusionPipeline):
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         steps = self.check_timesteps(timesteps, readout)
         self.register_to_config(timesteps=steps, num_classes=num_classes, readout=readout)
-        self.image_processor = VaeImageProcessor(do_resize=False)
+        self.vae_scale_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' `save_pretrained`, plus this file beside `model_index.json`, so that the saved folder loads
+        again with plain diffusers (`custom_pipeline="pipeline_onestep", trust_remote_code=True`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source = inspect.getfile(type(self))
+        shutil.copyfile(source, os.path.join(save_directory, os.path.basename(source)))
 
     # --- schedule -----------------------------------------------------------------------------------------------
     def check_timesteps(self, timesteps: list[int] | tuple[int, ...], readout: str = "x0") -> list[int]:
@@ -119,6 +132,15 @@ class OneStepPipeline(DiffusionPipeline):
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
         return cfg.in_channels, size[0], size[1]
+
+    def model_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(C, H, W) in model space for an image of height x width pixels (default: the generator's own size)."""
+        channels, h, w = self.sample_shape
+        f = self.vae_scale_factor
+        height, width = height or h * f, width or w * f
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height} x {width}")
+        return channels, height // f, width // f
 
     def prepare_class_labels(self, class_labels: list[int] | torch.Tensor | None,
                              batch_size: int) -> torch.Tensor | None:
@@ -167,24 +189,23 @@ class OneStepPipeline(DiffusionPipeline):
         out = self.unet(noise.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
         return self.to_x0(out, noise, len(self.scheduler.alphas_cumprod) - 1)
 
-    def initial_noise(self, batch_size: int,
-                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """z ~ N(0, I) in model space, float32, on the execution device."""
-        return randn_tensor((batch_size, *self.sample_shape), generator, self._execution_device, torch.float32)
-
     def generate(self, noise: torch.Tensor, unet_kwargs: dict, timesteps: list[int],
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 on_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """x0 in model space (float32) from initial noise z: after the whole recursion over `timesteps` (x0
-        read-out; `generator` draws its fresh noise), or y at `timesteps[0]` (signal read-out)."""
+        read-out; `generator` draws its fresh noise), or y at `timesteps[0]` (signal read-out).
+
+        `on_step(i, t, x0)`, when given, sees each step's x0 and returns the x0 the recursion goes on with."""
+        on_step = on_step or (lambda i, t, x0: x0)
         if self.config.readout == "signal":
-            return self.predict_signal(noise, timesteps[0], unet_kwargs)
+            return on_step(0, timesteps[0], self.predict_signal(noise, timesteps[0], unet_kwargs))
         device, shape = noise.device, noise.shape
         x = self.alpha_sigma(timesteps[0])[1].to(device) * noise
-        x0 = self.predict_x0(x, timesteps[0], unet_kwargs)
-        for t in timesteps[1:]:
+        x0 = on_step(0, timesteps[0], self.predict_x0(x, timesteps[0], unet_kwargs))
+        for i, t in enumerate(timesteps[1:], start=1):
             alpha, sigma = (v.to(device) for v in self.alpha_sigma(t))
             x = alpha * x0 + sigma * randn_tensor(shape, generator, device, torch.float32)
-            x0 = self.predict_x0(x, t, unet_kwargs)
+            x0 = on_step(i, t, self.predict_x0(x, t, unet_kwargs))
         return x0
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -194,12 +215,26 @@ class OneStepPipeline(DiffusionPipeline):
         latents = x0 / self.vae.config.scaling_factor
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
+    @staticmethod
+    def check_conditions(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None,
+                         num_images_per_prompt: int) -> None:
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if prompt_embeds is not None and prompt_embeds.dim() != 3:
+            raise ValueError(f"prompt_embeds must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}")
+
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels: list[int] | torch.Tensor | None = None,
                  prompt: str | list[str] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  timesteps: list[int] | None = None, output_type: str = "pil",
-                 return_dict: bool = True, preview_timesteps: list[int] | None = None) -> ImagePipelineOutput | tuple:
+                 return_dict: bool = True, preview_timesteps: list[int] | None = None,
+                 num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+                 callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
         Args:
@@ -210,14 +245,35 @@ class OneStepPipeline(DiffusionPipeline):
                 string is repeated `batch_size` times).
             generator (`torch.Generator`, *optional*): makes generation deterministic.
             timesteps (`list[int]`, *optional*): overrides the configured read-out timesteps.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]), `"pt"` (NCHW in [0, 1]) or
+                `"latent"` (the generator's float32 output in model space, before any VAE decoding).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
             preview_timesteps (`list[int]`, *optional*): signal read-out only: also return the student's y_t at
                 these t from the same noise (a trajectory preview, one extra call each) as `trajectory` {t: images}
                 of a [`OneStepPipelineOutput`] (or the tuple's second item).
+            num_images_per_prompt (`int`, defaults to 1): images per prompt, per prompt embedding or per class
+                label (each condition repeated, in order).
+            latents (`torch.Tensor`, *optional*): the standard-normal noise z to start from, (images, C, H, W) in
+                model space; drawn with `generator` when not given. The generator's input is sigma_{t_0} z.
+            prompt_embeds (`torch.Tensor`, *optional*): precomputed text-encoder hidden states (batch, tokens, dim)
+                instead of `prompt`.
+            height (`int`, *optional*), width (`int`, *optional*): image size in pixels; defaults to the
+                generator's sample size (times the VAE's down-scaling factor).
+            callback_on_step_end (`Callable`, *optional*): called after each generator step as
+                `callback_on_step_end(pipe, i, t, callback_kwargs)` with the tensors named in
+                `callback_on_step_end_tensor_inputs`; its returned `latents` (the step's x0) replace the step's.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): among
+                `_callback_tensor_inputs`.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, "
+                             f"got {sorted(unknown)}")
+        self.check_conditions(prompt, prompt_embeds, num_images_per_prompt)
         readout = self.config.readout
         timesteps = self.config.timesteps if timesteps is None else self.check_timesteps(timesteps, readout)
         if preview_timesteps is not None:
@@ -228,19 +284,42 @@ class OneStepPipeline(DiffusionPipeline):
                 raise ValueError(f"preview_timesteps must be integers in [0, {num_train}), got {preview_timesteps}")
         labels = self.prepare_class_labels(class_labels, batch_size)
         num_images = batch_size if labels is None else labels.numel()
-        prompt_embeds = None
         if prompt is not None:
             prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.encode_prompt(prompts).to(self.unet.dtype)
-            num_images = len(prompts)
+            prompt_embeds = self.encode_prompt(prompts)
+        if prompt_embeds is not None:
+            prompt_embeds = prompt_embeds.to(self._execution_device, self.unet.dtype)
+            num_images = len(prompt_embeds)
+            if labels is not None and labels.numel() != num_images:
+                raise ValueError(f"{labels.numel()} class labels for {num_images} prompts")
+        if num_images_per_prompt > 1:
+            num_images *= num_images_per_prompt
+            labels = None if labels is None else labels.repeat_interleave(num_images_per_prompt)
+            if prompt_embeds is not None:
+                prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         unet_kwargs = self.unet_kwargs(labels, prompt_embeds)
-        noise = self.initial_noise(num_images, generator)
-        x0 = self.generate(noise, unet_kwargs, timesteps, generator)
-        images = self.image_processor.postprocess(self.decode(x0), output_type)
+        shape = (num_images, *self.model_shape(height, width))
+        if latents is None:
+            noise = randn_tensor(shape, generator, self._execution_device, torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            noise = latents.to(self._execution_device, torch.float32)
+
+        def on_step(i: int, t: int, x0: torch.Tensor) -> torch.Tensor:
+            if callback_on_step_end is None:
+                return x0
+            tensors = {"latents": x0, "prompt_embeds": prompt_embeds}
+            outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+            return outputs.pop("latents", x0)
+
+        x0 = self.generate(noise, unet_kwargs, timesteps, generator, on_step)
+        images = x0 if output_type == "latent" else self.image_processor.postprocess(self.decode(x0), output_type)
         trajectory = None
         if preview_timesteps is not None:
             signals = {int(t): self.predict_signal(noise, int(t), unet_kwargs) for t in preview_timesteps}
-            trajectory = {t: self.image_processor.postprocess(self.decode(y), output_type) for t, y in signals.items()}
+            trajectory = {t: y if output_type == "latent" else
+                          self.image_processor.postprocess(self.decode(y), output_type) for t, y in signals.items()}
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,) if trajectory is None else (images, trajectory)

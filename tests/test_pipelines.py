@@ -118,7 +118,7 @@ def test_seeded_calls_are_deterministic_and_labels_default_balanced(pipe):
 
 
 @pytest.mark.parametrize("call", [dict(class_labels=[10]), dict(class_labels=[-1]), dict(timesteps=[500, 999]),
-                                  dict(timesteps=[1000]), dict(output_type="latent")])
+                                  dict(timesteps=[1000]), dict(output_type="latents")])
 def test_bad_arguments_raise(pipe, call):
     with pytest.raises(ValueError):
         pipe(**call)
@@ -212,15 +212,18 @@ PLAIN_DIFFUSERS = textwrap.dedent("""
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False  # as in the parent process, for bitwise-equal outputs
     from diffusers import DiffusionPipeline
-    one, teacher, out = sys.argv[1:]
+    one, teacher, out, resaved = sys.argv[1:]
     pipe = DiffusionPipeline.from_pretrained(one, custom_pipeline="pipeline_onestep", trust_remote_code=True)
+    pipe.save_pretrained(resaved)  # diffusers' save_pretrained of the dynamically loaded class keeps its file
+    again = DiffusionPipeline.from_pretrained(resaved, custom_pipeline="pipeline_onestep", trust_remote_code=True)
     plain = DiffusionPipeline.from_pretrained(teacher, custom_pipeline="pipeline_class_conditional",
                                               trust_remote_code=True)
     assert type(pipe).__module__.startswith("diffusers_modules"), type(pipe).__module__
     one_images = pipe(class_labels=[1, 8], generator=torch.Generator().manual_seed(0), output_type="np").images
     teacher_images = plain(class_labels=[1, 8], num_inference_steps=2, guidance_scale=2.0,
                            generator=torch.Generator().manual_seed(0), output_type="np").images
-    np.savez(out, one=one_images, teacher=teacher_images)
+    again_images = again(class_labels=[1, 8], generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.savez(out, one=one_images, teacher=teacher_images, again=again_images)
 """)
 
 
@@ -245,11 +248,15 @@ def test_export_loads_three_ways(tmp_path, pipe, unet):
     script, out = tmp_path / "plain.py", tmp_path / "plain.npz"  # (b), in a process where onestep cannot import
     script.write_text(PLAIN_DIFFUSERS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, str(script), str(folder), str(teacher_folder), str(out)],
+    resaved = tmp_path / "resaved"
+    result = subprocess.run([sys.executable, str(script), str(folder), str(teacher_folder), str(out), str(resaved)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     plain = np.load(out)
-    assert np.array_equal(plain["one"], expected)
+    assert np.array_equal(plain["one"], expected) and np.array_equal(plain["again"], expected)
+    assert (resaved / "pipeline_onestep.py").read_text() == (folder / "pipeline_onestep.py").read_text()
+    reloaded = OneStepPipeline.from_pretrained(resaved)  # the re-saved folder loads with onestep too
+    assert np.array_equal(reloaded(class_labels=[1, 8], generator=seeded(), output_type="np").images, expected)
     teacher_images = ClassConditionalDiffusionPipeline.from_pretrained(teacher_folder)(
         class_labels=[1, 8], num_inference_steps=2, guidance_scale=2.0, generator=seeded(), output_type="np").images
     assert np.array_equal(plain["teacher"], teacher_images)

@@ -9,6 +9,8 @@ The class index `num_classes` (the UNet's last class embedding) is the null clas
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel, UNet2DModel
@@ -37,6 +39,13 @@ class ClassConditionalDiffusionPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(do_resize=False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' `save_pretrained`, plus this file beside `model_index.json`, so that the saved folder loads
+        again with plain diffusers (`custom_pipeline="pipeline_class_conditional", trust_remote_code=True`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source = inspect.getfile(type(self))
+        shutil.copyfile(source, os.path.join(save_directory, os.path.basename(source)))
 
     @property
     def num_classes(self) -> int | None:

@@ -1,0 +1,112 @@
+"""SD-family one-step students as stock diffusers pipelines: no custom code, no `trust_remote_code`.
+
+An exported text-to-image `OneStepPipeline` folder (one read-out timestep t0, x0 read-out, a VAE and CLIP text
+encoder(s)) is also written as a `StableDiffusionPipeline` / `StableDiffusionXLPipeline` folder whose scheduler's one
+step is the student, so that
+
+    StableDiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=0.0)
+
+gives the OneStepPipeline's images for the same noise (`latents=z` in both, or the same seeded generator).
+
+Which scheduler. The student is x0 = G(sigma_t0 z, t0) read out by the teacher's `prediction_type` (VP: alpha, sigma
+from `alphas_cumprod`). A stock pipeline starts from `latents = z * scheduler.init_noise_sigma` and feeds the UNet
+`scheduler.scale_model_input(latents, t)`:
+- `EulerDiscreteScheduler`, trailing spacing: `init_noise_sigma` is the VE sigma s = sigma_t0 / alpha_t0 and the UNet
+  input latents / sqrt(s^2 + 1) = sigma_t0 z; one Euler step to sigma 0 lands on its `pred_original_sample`, the
+  same x0 read-out. One trailing step is t = T-1; another t0 is placed by Karras sigmas with `sigma_max` = s(t0) (a
+  one-step Karras schedule is `sigma_max` itself; `timesteps=` cannot then be passed at call time).
+- zero terminal SNR at t0 = T-1 (s is infinite there; Euler clamps alpha_bar to 2^-24, an x0 error of ~2^-12 z):
+  `LCMScheduler`, whose UNet input is z itself (= sigma_{T-1} z, sigma_{T-1} = 1) and whose boundary scalings at
+  t = T-1, c_skip = 0.25 / (10 t)^2 ~ 2.5e-9 and c_out = 1 - O(1e-9), reduce its last step to the x0 read-out.
+LCM and DDIM feed z unscaled, so they are the student only where sigma_t0 = 1; Euler is used everywhere else.
+
+The stock folder shares the exported weights (hard links where the file system allows, else copies): only
+`model_index.json` and `scheduler/` are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, LCMScheduler, SchedulerMixin
+
+from onestep.export import atomic_folder
+
+
+STOCK_SUFFIX = "_diffusers"
+LORA_ADAPTER = "pytorch_lora_weights.safetensors"
+
+
+def stock_folder(pipeline_dir: str | os.PathLike) -> Path:
+    """Where the stock copy of an exported folder goes: `OUTPUT_DIR/pipeline` -> `OUTPUT_DIR/pipeline_diffusers`."""
+    pipeline_dir = Path(pipeline_dir)
+    return pipeline_dir.with_name(pipeline_dir.name + STOCK_SUFFIX)
+
+
+def stock_scheduler(teacher_config: dict, t0: int) -> SchedulerMixin | None:
+    """A stock scheduler whose one step (num_inference_steps=1) reads x0 out at t0 from sigma_t0 z, as the student
+    does; None when the teacher's noise schedule cannot be carried over exactly."""
+    teacher = DDPMScheduler.from_config(teacher_config)
+    abar = teacher.alphas_cumprod.double()
+    last = len(abar) - 1
+    common = {"clip_sample": False, "thresholding": False}
+    if t0 == last and abar[last] == 0:
+        scheduler = LCMScheduler.from_config(teacher_config, **common, original_inference_steps=len(abar))
+    elif t0 == last:
+        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing")
+    else:
+        s = float(((1 - abar[t0]) / abar[t0]).sqrt())
+        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing",
+                                                       use_karras_sigmas=True, sigma_max=s,
+                                                       sigma_min=float(((1 - abar[0]) / abar[0]).sqrt()))
+    same_schedule = torch.allclose(scheduler.alphas_cumprod.double()[:last], abar[:last], rtol=1e-6, atol=0)
+    scheduler.set_timesteps(1)
+    one_step = np.isclose(float(scheduler.timesteps[0]), t0, rtol=0, atol=1e-3)
+    return scheduler if same_schedule and one_step else None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path | None:
+    """Write the stock `StableDiffusion(XL)Pipeline` folder of an exported OneStepPipeline folder (default
+    `stock_folder(pipeline_dir)`); returns it, or None where the folder is not a one-step SD-family student (a
+    class-conditional or pixel generator, several read-out timesteps, a BOOT signal read-out, a LoRA adapter kept
+    beside the base UNet) or its schedule has no stock equivalent."""
+    pipeline_dir = Path(pipeline_dir)
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    text_to_image = all((index.get(name) or [None])[0] for name in ("vae", "text_encoder", "tokenizer"))
+    if (index.get("_class_name") != "OneStepPipeline" or not text_to_image or index.get("readout", "x0") != "x0"
+            or len(index.get("timesteps", [])) != 1 or index.get("num_classes") is not None
+            or (pipeline_dir / LORA_ADAPTER).exists()):
+        return None
+    teacher_config = DDPMScheduler.load_config(pipeline_dir / "scheduler")
+    scheduler = stock_scheduler(teacher_config, index["timesteps"][0])
+    if scheduler is None:
+        return None
+    sdxl = bool((index.get("text_encoder_2") or [None])[0])
+    components = ["unet", "vae", "text_encoder", "tokenizer", *(["text_encoder_2", "tokenizer_2"] if sdxl else [])]
+    stock_index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+                   "_diffusers_version": diffusers.__version__,
+                   **{name: index[name] for name in components},
+                   "scheduler": ["diffusers", type(scheduler).__name__],
+                   "feature_extractor": [None, None], "image_encoder": [None, None]}
+    if not sdxl:
+        stock_index.update(safety_checker=[None, None], requires_safety_checker=False)
+    out_dir = Path(out_dir) if out_dir is not None else stock_folder(pipeline_dir)
+    with atomic_folder(out_dir) as tmp:
+        for name in components:
+            shutil.copytree(pipeline_dir / name, tmp / name, copy_function=_link_or_copy)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(stock_index, indent=2) + "\n")
+    return out_dir
