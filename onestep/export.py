@@ -97,7 +97,10 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
 
     `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`).
     A LoRA generator's adapters are merged into the exported UNet (`lora="merge"`), or the folder holds the base UNet
-    and the adapters beside it in `pytorch_lora_weights.safetensors` (`lora="adapter"`; see onestep.lora)."""
+    and the adapters beside it in `pytorch_lora_weights.safetensors` (`lora="adapter"`; see onestep.lora).
+
+    A one-step text-to-image student of an SD-family teacher is also written as a stock `StableDiffusion(XL)Pipeline`
+    folder beside `out_dir` (`out_dir` + "_diffusers"; see onestep.stock_export)."""
     unet, write_extra = generator.unet, None
     if lora_layers(unet):
         unet = without_adapters(generator.unet, merge=lora == "merge")
@@ -105,7 +108,11 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
-    return export_pipeline(pipeline, out_dir, write_extra)
+    out_dir = export_pipeline(pipeline, out_dir, write_extra)
+    from onestep.stock_export import export_stock_pipeline
+
+    export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock diffusers folder
+    return out_dir
 
 
 def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router, timesteps: Sequence[int],

@@ -12,6 +12,7 @@ from onestep.config import RunConfig, config_from, to_dict
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.loading import DTYPES, resolve_path
+from onestep.model_card import write_model_card
 from onestep.training.denoiser_task import DenoiserOptions, DenoiserTraining
 from onestep.training.trainer import Trainer, process_state
 
@@ -261,6 +262,7 @@ def train_students(cfg: RunConfig, overwrite: bool = False) -> dict:
     if is_main_process():
         assemble_students(cfg, pipeline)
         write_json_atomic(out / "metrics.json", metrics)
+        write_model_card(pipeline, to_dict(cfg), metrics)
     return {"pipeline": str(pipeline), "step": metrics["step"], "train_seconds": metrics["train_seconds"]}
 
 
@@ -311,12 +313,20 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     if not saved.is_file():
         raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")
     cfg = config_from(json.loads(saved.read_text()), label=str(saved))
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):  # none yet (an interrupted run), or unreadable: a card without metrics
+        metrics = None
     if cfg.method == "msd" and cfg.options.student is None:
-        return assemble_students(cfg, out)
-    trainer = build_trainer(cfg)
-    if not trainer.resume():
-        raise UserInputError(f"{run_dir} has no complete checkpoint to export")
-    out = out or run_dir / "pipeline"
-    with trainer.ema_weights():
-        trainer.task.export_pipeline(out)
+        out = assemble_students(cfg, out)
+    else:
+        trainer = build_trainer(cfg)
+        if not trainer.resume():
+            raise UserInputError(f"{run_dir} has no complete checkpoint to export")
+        out = out or run_dir / "pipeline"
+        with trainer.ema_weights():
+            trainer.task.export_pipeline(out)
+        if metrics is not None and metrics.get("step") != trainer.step:
+            metrics = None  # measured at another step than the checkpoint exported
+    write_model_card(out, to_dict(cfg), metrics)
     return out

@@ -59,10 +59,10 @@ def stock_scheduler(teacher_config: dict, t0: int) -> SchedulerMixin | None:
     if t0 == last and abar[last] == 0:
         scheduler = LCMScheduler.from_config(teacher_config, **common, original_inference_steps=len(abar))
     elif t0 == last:
-        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing")
+        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing", steps_offset=1)
     else:
         s = float(((1 - abar[t0]) / abar[t0]).sqrt())
-        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing",
+        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing", steps_offset=1,
                                                        use_karras_sigmas=True, sigma_max=s,
                                                        sigma_min=float(((1 - abar[0]) / abar[0]).sqrt()))
     same_schedule = torch.allclose(scheduler.alphas_cumprod.double()[:last], abar[:last], rtol=1e-6, atol=0)

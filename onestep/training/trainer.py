@@ -368,6 +368,11 @@ class Trainer:
             metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
                        "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
             write_json_atomic(self.output_dir / "metrics.json", metrics)
+            if (self.output_dir / "pipeline" / "model_index.json").is_file():
+                from onestep.model_card import write_model_card
+
+                run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
+                write_model_card(self.output_dir / "pipeline", run_config, metrics)
         self.accelerator.wait_for_everyone()
         return final
 

@@ -1,0 +1,122 @@
+"""The model card (README.md) of an exported folder: base model, method, license, training config, metrics, loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from onestep.files import atomic_file
+
+
+METHODS = {  # method -> the paper it follows
+    "dmd": "One-step Diffusion with Distribution Matching Distillation (DMD; Yin et al. 2023)",
+    "dmd2": "Improved Distribution Matching Distillation for Fast Image Synthesis (DMD2; Yin et al. 2024)",
+    "sid": "Score identity Distillation (SiD; Zhou et al. 2024)",
+    "sfd": "Score Forgetting Distillation (SFD; Chen, Zhang, Zhou 2024)",
+    "msd": "Multi-Student Diffusion Distillation (MSD; Song et al. 2024)",
+    "disback": "Distribution Backtracking (DisBack; Zhang et al. 2024), on DMD2",
+    "disback_sid": "Distribution Backtracking (DisBack; Zhang et al. 2024), on SiD",
+    "boot": "BOOT: data-free distillation with bootstrapping (Gu et al. 2023)",
+    "tsm": "teacher score matching (MSD's stage 0 for a smaller student)",
+    "teacher": "denoising score matching (a diffusion teacher trained from data)",
+}
+
+
+def teacher_license(teacher_path: str | None) -> str | None:
+    """The `license` of the teacher's own model card (README.md front matter), when it has one."""
+    from onestep.loading import resolve_path
+
+    if not teacher_path:
+        return None
+    card = resolve_path(teacher_path) / "README.md"
+    if not card.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(teacher_path), "README.md")  # a Hub id in the local cache
+        except ValueError:  # not a repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        card = Path(cached)
+    try:
+        return ModelCard.load(card).data.license
+    except (ValueError, OSError, yaml.YAMLError):  # a card without or with broken front matter
+        return None
+
+
+def _metrics_section(metrics: dict | None) -> str:
+    if not metrics:
+        return "No metrics were recorded for this export (export without a finished training run).\n"
+    lines = [f"Measured by onestep at the end of training (step {metrics.get('step')}, "
+             f"{metrics.get('train_seconds')} s of training), on the EMA weights where EMA is on:", "",
+             "| metric | value |", "|---|---|"]
+    final = metrics.get("final") or {}
+    lines += [f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |"
+              for key, value in final.items() if key not in ("step", "elapsed_s")]
+    if not final:
+        lines.append("| (none: this run had no judge) | |")
+    return "\n".join(lines) + "\n"
+
+
+def _loading_section(folder: Path, stock: Path | None, text: bool) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    pipeline_class, custom = index["_class_name"], next((p.stem for p in folder.glob("pipeline_*.py")), None)
+    call = 'prompt=["a photo of a cat"]' if text else "batch_size=4"
+    parts = [f"```python\nimport torch\nfrom onestep.pipelines import {pipeline_class}\n\n"
+             f'pipe = {pipeline_class}.from_pretrained("{folder.name}")\n'
+             f"images = pipe({call}, generator=torch.Generator().manual_seed(0)).images\n```\n"]
+    if custom:
+        parts.append(f"Without onestep installed (the pipeline file travels in the folder):\n\n```python\n"
+                     f"from diffusers import DiffusionPipeline\n\n"
+                     f'pipe = DiffusionPipeline.from_pretrained("{folder.name}", custom_pipeline="{custom}", '
+                     f"trust_remote_code=True)\n```\n")
+    if stock is not None:
+        stock_index = json.loads((stock / "model_index.json").read_text())
+        parts.append(f"With stock diffusers and no custom code (`{stock.name}/`: the same weights, with the "
+                     f"scheduler `{stock_index['scheduler'][1]}` set so that its one step is the student's read-out):"
+                     "\n\n```python\n"
+                     f"from diffusers import {stock_index['_class_name']}\n\n"
+                     f'pipe = {stock_index["_class_name"]}.from_pretrained("{stock.name}")\n'
+                     f'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0).images[0]\n```\n'
+                     "The student runs without classifier-free guidance (`guidance_scale` <= 1): the teacher's "
+                     "guidance, if any, was distilled in.\n")
+    return "\n".join(parts)
+
+
+def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stock: Path | None = None) -> ModelCard:
+    """The card of an exported folder from the run's config (`config.json`) and metrics (`metrics.json`)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    text = bool((index.get("text_encoder") or [None])[0])
+    method = run_config.get("method", "unknown")
+    teacher = (run_config.get("teacher") or {}).get("path")
+    data = ModelCardData(base_model=teacher, license=teacher_license(teacher), library_name="diffusers",
+                         pipeline_tag="text-to-image" if text else "unconditional-image-generation",
+                         tags=["onestep", method, "diffusion-distillation", "one-step"])
+    readout = index.get("timesteps")
+    body = "\n".join([
+        f"# {method} student of `{teacher}`", "",
+        f"A generator distilled with onestep by {METHODS.get(method, method)}"
+        + (f"; the generator reads out at timesteps {readout}." if readout else "."), "",
+        "## Metrics", "", _metrics_section(metrics),
+        "## How to load", "", _loading_section(folder, stock, text),
+        "## Training config", "", "```yaml", yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```", ""])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def write_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict | None = None) -> None:
+    """README.md in an exported folder and, where there is one, in its stock diffusers copy (onestep.stock_export)."""
+    from onestep.stock_export import stock_folder
+
+    folder = Path(folder)
+    stock = stock_folder(folder)
+    stock = stock if (stock / "model_index.json").is_file() else None
+    text = str(model_card(folder, run_config, metrics, stock))
+    for target in (folder, stock):
+        if target is not None:
+            with atomic_file(target / "README.md") as f:
+                f.write(text.encode())

@@ -1,0 +1,68 @@
+"""The model card of an exported folder: front matter, metrics, training config, and loading code that runs."""
+
+import json
+import re
+
+import yaml
+from huggingface_hub import ModelCard
+
+from onestep.cli import main
+from onestep.export import export_generator
+from onestep.generator import Generator
+from onestep.model_card import write_model_card
+from onestep.teacher import Teacher
+from tests.conftest import scheduler, tiny_clip, tiny_text_unet, tiny_vae
+from tests.test_cli import DEMO
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_card_of_a_text_student_with_its_stock_copy(tmp_path, monkeypatch):
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    (teacher_dir / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# a teacher\n")
+    encoder, tokenizer = tiny_clip(tmp_path)
+    teacher = Teacher(tiny_text_unet().eval(), scheduler("epsilon", zero_snr=False), vae=tiny_vae().eval(),
+                      text_encoder=encoder, tokenizer=tokenizer)
+    run = tmp_path / "run"
+    export_generator(Generator.from_teacher(teacher.unet, teacher.schedule), teacher, run / "pipeline")
+    run_config = {"method": "dmd2", "teacher": {"path": str(teacher_dir), "guidance_scale": 4.5},
+                  "train": {"max_steps": 7, "max_minutes": None}}
+    metrics = {"step": 7, "train_seconds": 1.5, "final": {"clip_score": 0.3125, "fid": 12.5}}
+    write_model_card(run / "pipeline", run_config, metrics)
+
+    card = ModelCard.load(run / "pipeline" / "README.md")
+    assert card.data.base_model == str(teacher_dir) and card.data.license == "creativeml-openrail-m"
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert "dmd2" in card.data.tags and "Distribution Matching Distillation" in card.text
+    assert "| clip_score | 0.3125 |" in card.text and "| fid | 12.5 |" in card.text and "step 7" in card.text
+    config = re.search(r"```yaml\n(.*?)```", card.text, flags=re.S).group(1)
+    assert yaml.safe_load(config) == run_config
+    assert (run / "pipeline_diffusers" / "README.md").read_text() == (run / "pipeline" / "README.md").read_text()
+
+    blocks = python_blocks(card.text)
+    assert len(blocks) == 3 and "trust_remote_code=True" in blocks[1] and "StableDiffusionPipeline" in blocks[2]
+    monkeypatch.chdir(run)  # the card names the folders relative to the run folder
+    for block in (blocks[0], blocks[2]):  # (the custom_pipeline load is tested in test_pipelines)
+        scope = {}
+        exec(block, scope)
+        assert scope["pipe"] is not None and ("images" in scope or "image" in scope)
+
+
+def test_training_and_export_write_the_card(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(DEMO), f"output_dir={out}", "train.max_steps=2", "train.max_minutes=null",
+                 "eval.num_samples=20", "data.batch_size=4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    card = ModelCard.load(out / "pipeline" / "README.md")
+    assert card.data.base_model == "builtin:digits" and card.data.license is None  # the digits card states none
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    value = metrics["final"]["fd_digits/student"]
+    assert f"| fd_digits/student | {value:.6g} |" in card.text
+    assert not (out / "pipeline_diffusers").exists()  # a pixel-space class-conditional student: no stock copy
+    (out / "pipeline" / "README.md").unlink()
+    assert main(["export", str(out)]) == 0
+    capsys.readouterr()
+    assert f"| fd_digits/student | {value:.6g} |" in (out / "pipeline" / "README.md").read_text()

@@ -1,0 +1,76 @@
+"""SD-family one-step students as stock diffusers pipelines: one scheduler step reproduces the OneStepPipeline."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline
+
+from onestep.export import export_generator, export_pipeline
+from onestep.generator import Generator
+from onestep.pipelines import OneStepPipeline
+from onestep.stock_export import export_stock_pipeline, stock_folder
+from onestep.teacher import Teacher
+from tests.conftest import scheduler, tiny_clip, tiny_text_unet, tiny_unet, tiny_vae
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def text_teacher(clip, kind: str, zero_snr: bool) -> Teacher:
+    encoder, tokenizer = clip
+    return Teacher(tiny_text_unet().eval(), scheduler(kind, zero_snr=zero_snr), vae=tiny_vae().eval(),
+                   text_encoder=encoder, tokenizer=tokenizer)
+
+
+# SD1.5's case (epsilon, t0 = T-1), a zero-terminal-SNR v-prediction teacher at T-1, and a read-out at t0 = 399
+@pytest.mark.parametrize(("kind", "zero_snr", "t0", "stock_scheduler"),
+                         [("epsilon", False, 999, EulerDiscreteScheduler), ("v_prediction", True, 999, LCMScheduler),
+                          ("epsilon", False, 399, EulerDiscreteScheduler)])
+@torch.no_grad()
+def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_snr, t0, stock_scheduler):
+    teacher = text_teacher(clip, kind, zero_snr)
+    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(t0,)).eval()
+    folder = export_generator(generator, teacher, tmp_path / "pipeline")
+    stock_dir = tmp_path / "pipeline_diffusers"
+    assert stock_folder(folder) == stock_dir and (stock_dir / "model_index.json").is_file()
+    assert not list(stock_dir.rglob("*.py"))  # no custom code travels with it
+
+    student = OneStepPipeline.from_pretrained(folder)
+    stock = DiffusionPipeline.from_pretrained(stock_dir)  # plain diffusers resolves the class from model_index.json
+    assert type(stock) is StableDiffusionPipeline and type(stock.scheduler) is stock_scheduler
+    prompts = ["cat", "dog"]
+    expected = student(prompt=prompts, generator=seeded(), output_type="pt").images
+    images = stock(prompts, num_inference_steps=1, guidance_scale=0.0, generator=seeded(), output_type="pt").images
+    assert stock.scheduler.timesteps.tolist() == [t0]
+    assert torch.allclose(images, expected, atol=1e-5)
+
+    z = torch.randn((2, 4, 8, 8), generator=seeded(7))  # the same noise handed to both as `latents`
+    x0 = student(prompt=prompts, latents=z, output_type="latent").images
+    stock_x0 = stock(prompts, num_inference_steps=1, guidance_scale=0.0, latents=z, output_type="latent").images
+    assert torch.allclose(stock_x0, x0, rtol=1e-5, atol=1e-5 * x0.abs().max().item())
+    # the stock folder shares the exported weights
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(folder / weights, stock_dir / weights) or \
+        (folder / weights).read_bytes() == (stock_dir / weights).read_bytes()
+
+
+@pytest.mark.parametrize("case", ["class_conditional", "multi_step", "signal"])
+def test_no_stock_pipeline_where_a_stock_scheduler_cannot_be_the_student(tmp_path, clip, case):
+    if case == "class_conditional":
+        pipe = OneStepPipeline(tiny_unet(num_classes=3, channels=4), scheduler(), vae=tiny_vae())
+    else:
+        encoder, tokenizer = clip
+        pipe = OneStepPipeline(tiny_text_unet(), scheduler(), vae=tiny_vae(), text_encoder=encoder,
+                               tokenizer=tokenizer, timesteps=[999, 500] if case == "multi_step" else [999],
+                               readout="signal" if case == "signal" else "x0")
+    folder = export_pipeline(pipe, tmp_path / "pipeline")
+    assert export_stock_pipeline(folder) is None and not stock_folder(folder).exists()
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "OneStepPipeline"
