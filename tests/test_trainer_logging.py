@@ -92,6 +92,7 @@ def test_progress_in_a_log_file_is_a_few_lines_toward_the_time_budget(tmp_path, 
     steps = _log(tmp_path)[-1]["step"]
     assert "\r" not in err and 2 <= len(lines) <= 0.6 / 0.2 + 2  # one line per 0.2 s of a 0.6 s run, and the last
     assert f" 100% {steps}/{steps} " in lines[-1]  # ended at the budget: that step was the total
+    assert len(set(lines)) == len(lines)  # no line printed twice
     assert all("/100000" not in line for line in lines[1:])
 
 

@@ -35,6 +35,7 @@ class Progress:
         self.initial = self.step = initial
         self.total = max_steps
         self.postfix = ""
+        self.printed: tuple[int, int] | None = None  # (step, total) of the last line printed
         self.bar = tqdm(total=max_steps, initial=initial, dynamic_ncols=True, desc=desc,
                         disable=not (enabled and self.terminal))
         self.start = self.last_line = time.monotonic()
@@ -52,10 +53,10 @@ class Progress:
             self._print_line()
 
     def _print_line(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.printed == (self.step, self.total):
             return
         now = time.monotonic()
-        self.last_line = now
+        self.last_line, self.printed = now, (self.step, self.total)
         line = tqdm.format_meter(self.step, self.total, now - self.start, prefix=self.desc, postfix=self.postfix,
                                  initial=self.initial, ncols=0)
         print(line.strip(), file=sys.stderr, flush=True)
