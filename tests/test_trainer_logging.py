@@ -100,3 +100,20 @@ def test_progress_line_interval(tmp_path, capfd):
     Trainer(TwoModelTask(), tmp_path, TrainerConfig(max_steps=30, checkpoint_every=0, progress_every_s=3600)).train()
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("train:")]
     assert len(lines) == 1 and " 100% 30/30 " in lines[0]
+
+
+def test_progress_on_a_terminal_is_a_bar_toward_the_time_budget(tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    cfg = TrainerConfig(max_steps=100000, max_minutes=0.005, log_every=1, checkpoint_every=0, progress_every_s=3600)
+    Trainer(TwoModelTask(), tmp_path, cfg).train()
+    steps = _log(tmp_path)[-1]["step"]
+    redraws = terminal.getvalue().split("\r")
+    assert len(redraws) > 2 and "\n" not in terminal.getvalue().rstrip("\n")  # redrawn in place, not lines
+    assert "100%|" in redraws[-1] and f" {steps}/{steps} " in redraws[-1]
