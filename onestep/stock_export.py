@@ -55,16 +55,19 @@ def stock_scheduler(teacher_config: dict, t0: int) -> SchedulerMixin | None:
     teacher = DDPMScheduler.from_config(teacher_config)
     abar = teacher.alphas_cumprod.double()
     last = len(abar) - 1
-    common = {"clip_sample": False, "thresholding": False}
     if t0 == last and abar[last] == 0:
-        scheduler = LCMScheduler.from_config(teacher_config, **common, original_inference_steps=len(abar))
-    elif t0 == last:
-        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing", steps_offset=1)
+        scheduler = LCMScheduler.from_config(teacher_config, clip_sample=False, thresholding=False,
+                                             original_inference_steps=len(abar))
     else:
-        s = float(((1 - abar[t0]) / abar[t0]).sqrt())
-        scheduler = EulerDiscreteScheduler.from_config(teacher_config, timestep_spacing="trailing", steps_offset=1,
-                                                       use_karras_sigmas=True, sigma_max=s,
-                                                       sigma_min=float(((1 - abar[0]) / abar[0]).sqrt()))
+        # every option that would move the sigmas off the teacher's schedule set explicitly (a teacher's own Euler
+        # config may carry others)
+        euler = {"timestep_spacing": "trailing", "steps_offset": 1, "interpolation_type": "linear",
+                 "timestep_type": "discrete", "final_sigmas_type": "zero", "use_exponential_sigmas": False,
+                 "use_beta_sigmas": False, "use_karras_sigmas": t0 != last}
+        if t0 != last:
+            euler.update(sigma_max=float(((1 - abar[t0]) / abar[t0]).sqrt()),
+                         sigma_min=float(((1 - abar[0]) / abar[0]).sqrt()))
+        scheduler = EulerDiscreteScheduler.from_config(teacher_config, **euler)
     same_schedule = torch.allclose(scheduler.alphas_cumprod.double()[:last], abar[:last], rtol=1e-6, atol=0)
     scheduler.set_timesteps(1)
     one_step = np.isclose(float(scheduler.timesteps[0]), t0, rtol=0, atol=1e-3)
