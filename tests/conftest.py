@@ -87,3 +87,11 @@ def text_teacher(tmp_path) -> Teacher:
     encoder, tokenizer = tiny_clip(tmp_path)
     return Teacher(tiny_text_unet(), scheduler("epsilon", zero_snr=False), vae=tiny_vae(), text_encoder=encoder,
                    tokenizer=tokenizer)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stats_cache(tmp_path_factory):
+    """Reference statistics cached by the tests go to a temporary folder, not the user's ~/.cache."""
+    import os
+
+    os.environ["ONESTEP_CACHE"] = str(tmp_path_factory.mktemp("onestep_cache"))

@@ -28,7 +28,7 @@ from onestep.eval import (
     to_uint8,
     uint8_to_float,
 )
-from onestep.eval.fd import INCEPTION_WEIGHTS_NAME
+from onestep.eval.features import INCEPTION_SAFETENSORS_NAME
 from onestep.eval.forgetting import forgetting_report, unlearning_accuracy
 
 
@@ -64,7 +64,8 @@ def test_fd_of_a_set_with_itself_is_zero(digits):
     result = frechet_distance(images, reference="digits")
     assert abs(result.value) < 1e-6
     assert result.protocol == {"metric": "FD-digits", "features": "digits", "reference": "digits",
-                               "num_samples": 1797, "num_reference": 1797}
+                               "num_samples": 1797, "num_reference": 1797, "dtype": "float64",
+                               "extractor": "digits classifier penultimate layer (64-d)", "resize": "none (8x8 input)"}
     assert json.loads(json.dumps(result.to_dict()))["value"] == result.value
 
 
@@ -107,8 +108,8 @@ def test_inception_without_weights_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(EvalError) as err:
         frechet_distance(images, features="inception")
     message = str(err.value)
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_NAME) in message
-    assert "pip install 'onestep[inception]'" in message and "\n" not in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_SAFETENSORS_NAME) in message
+    assert "convert_inception_weights.py" in message and "\n" not in message
     assert not (tmp_path / "torch").exists()  # nothing downloaded
 
     with pytest.raises(EvalError, match=str(tmp_path / "mine.pth")):
@@ -121,7 +122,7 @@ def test_cli_inception_error_exits_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     np.savez(tmp_path / "samples.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
     assert main(["fid", str(tmp_path / "samples.npz"), "--features", "inception"]) == 2
-    assert INCEPTION_WEIGHTS_NAME in capsys.readouterr().err
+    assert INCEPTION_SAFETENSORS_NAME in capsys.readouterr().err
 
 
 def test_shipped_classifier_accuracy_and_shares(digits):

@@ -1,4 +1,4 @@
-"""Evaluation: uint8 quantisation, FD-digits / FID through torchmetrics, class shares, sample grids.
+"""Evaluation: uint8 quantisation, FD-digits / FID through torchmetrics, pluggable metrics, class shares, grids.
 
 Names resolve lazily (PEP 562), so `onestep.eval.to_uint8` does not pay for importing torchmetrics.
 """
@@ -13,8 +13,13 @@ _EXPORTS = {
     "load_digits_classifier": "classifier",
     "to_uint8": "quantize",
     "uint8_to_float": "quantize",
-    "EvalError": "fd",
-    "DigitsFeatures": "fd",
+    "EvalError": "features",
+    "DigitsFeatures": "features",
+    "FeatureOptions": "features",
+    "register_features": "features",
+    "default_inception_weights": "features",
+    "metric_name": "features",
+    "FrechetDistance": "fd",
     "FDResult": "fd",
     "ReferenceStats": "fd",
     "frechet_distance": "fd",
@@ -24,8 +29,6 @@ _EXPORTS = {
     "save_stats": "fd",
     "load_stats": "fd",
     "load_stats_into_metric": "fd",
-    "default_inception_weights": "fd",
-    "metric_name": "fd",
     "balanced_labels": "sampling",
     "class_shares": "sampling",
     "max_share_error": "sampling",

@@ -1,59 +1,46 @@
-"""Fréchet distance through torchmetrics' FrechetInceptionDistance, on uint8 images, with cached reference statistics.
+"""Fréchet distances through torchmetrics' FrechetInceptionDistance, on uint8 images, with cached reference statistics.
 
-Two feature extractors: "digits" (the shipped classifier's 64-d penultimate activations; the score is called
-FD-digits) and "inception" (the standard pool3 protocol; the score is called FID). A reference is "digits" (all 1797
-digits images), a STATS.npz (keys mu, sigma, num_samples, features) or an IMAGE_DIR of images.
+Feature networks come by name from `onestep.eval.features` ("digits": FD-digits, "inception": FID, or a registered
+one). A reference is "digits" (all 1797 digits images, or "digits:1,2" for some classes), a STATS.npz (ours, or a
+pytorch-fid / clean-fid file holding only mu and sigma) or an IMAGE_DIR, streamed in batches. Statistics of image
+references are cached on disk under a key of the feature network's weights, its protocol and the reference's content
+(`stats_cache_dir()`), so a reference is read through the network once, not at every evaluation.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from onestep.data.digits import load_digits_tensors, split_halves
-from onestep.data.folders import load_image_folder
-from onestep.errors import UserInputError
-from onestep.eval.classifier import DigitsClassifier, load_digits_classifier
-from onestep.eval.quantize import to_uint8, uint8_to_float
+from onestep.eval.features import (  # noqa: F401  (EvalError, DigitsFeatures, metric_name: public through here)
+    FEATURES,
+    DigitsFeatures,
+    EvalError,
+    FeatureOptions,
+    default_inception_weights,
+    feature_spec,
+    metric_name,
+)
+from onestep.eval.quantize import to_uint8
 from onestep.files import atomic_file
 
 
-FEATURES = ("digits", "inception")
 STATS_KEYS = ("mu", "sigma", "num_samples", "features")
-INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
-
-
-class EvalError(UserInputError):
-    """Evaluation cannot run as asked (bad images, reference or feature setup); the message is one line."""
-
-
-class DigitsFeatures(nn.Module):
-    """uint8 (N, 1, 8, 8) -> the digits classifier's penultimate activations (N, 64), for torchmetrics.
-
-    Holds its own copy of a given classifier: the metric's `set_dtype(torch.float64)` casts the copy, not the
-    caller's network.
-    """
-
-    def __init__(self, classifier: DigitsClassifier | None = None):
-        super().__init__()
-        self.classifier = copy.deepcopy(classifier) if classifier is not None else load_digits_classifier()
-        self.num_features = self.classifier.config.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.classifier.parameters()).dtype
-        return self.classifier.features(uint8_to_float(images).to(dtype))
 
 
 @dataclass
 class ReferenceStats:
-    """Mean and covariance of reference features (what a STATS.npz holds)."""
+    """Mean and covariance of reference features (what a STATS.npz holds); num_samples 0 = not stated (a
+    pytorch-fid / clean-fid file), features "" = not stated."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -73,63 +60,33 @@ class FDResult:
         return {"value": self.value, "protocol": dict(self.protocol)}
 
 
-def metric_name(features: str) -> str:
-    """`FID` for Inception features only, `FD-<features>` otherwise (a digits-feature score is never FID)."""
-    return "FID" if features == "inception" else f"FD-{features}"
-
-
-def default_inception_weights() -> Path:
-    """Where torch-fidelity looks for the Inception weights: torch.hub.get_dir()/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
-
-
-def _inception_weights(path: str | Path | None) -> Path:
-    """The weights file, checked together with torch-fidelity; one EvalError naming everything that is missing."""
-    target = Path(path) if path is not None else default_inception_weights()
-    missing = []
-    try:
-        import torch_fidelity  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        missing.append("pip install 'onestep[inception]' (torch-fidelity + torchvision)")
-    if not target.is_file():
-        missing.append(f"put {INCEPTION_WEIGHTS_NAME} (from {INCEPTION_WEIGHTS_URL}) at {target}")
-    if missing:
-        raise EvalError(f"Inception features are not available offline: {'; and '.join(missing)}")
-    return target
-
-
-def new_metric(features: str = "digits", inception_weights: str | Path | None = None,
-               classifier: DigitsClassifier | None = None) -> FrechetInceptionDistance:
-    """A float64 FrechetInceptionDistance over uint8 images that keeps its real statistics across `reset()`.
+def new_metric(features: str = "digits", inception_weights: str | Path | None = None, classifier=None,
+               options: FeatureOptions | None = None) -> FrechetInceptionDistance:
+    """A FrechetInceptionDistance over uint8 images (float64 sums) that keeps its real statistics across `reset()`.
 
     Args:
-        features: "digits" or "inception".
-        inception_weights: Inception only; default `default_inception_weights()`.
+        features: a registered feature network ("digits", "inception", ...).
+        inception_weights: Inception only; default `default_inception_weights()` (shorthand for options).
         classifier: digits only; default the shipped classifier.
+        options: what building the feature network needs (weights file, pickle permission).
     """
-    if features == "digits":
-        metric = FrechetInceptionDistance(feature=DigitsFeatures(classifier), normalize=False,
-                                          reset_real_features=False)
-    elif features == "inception":
-        metric = FrechetInceptionDistance(feature=2048, normalize=False, antialias=False, reset_real_features=False,
-                                          feature_extractor_weights_path=str(_inception_weights(inception_weights)))
-    else:
-        raise EvalError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
-    return metric.set_dtype(torch.float64)
+    spec = feature_spec(features)
+    options = options or FeatureOptions(inception_weights=inception_weights)
+    network = DigitsFeatures(classifier) if features == "digits" and classifier is not None else spec.build(options)
+    metric = FrechetInceptionDistance(feature=network, normalize=False, reset_real_features=False)
+    return metric.set_dtype(spec.dtype)
 
 
 def check_images(images: torch.Tensor, features: str, what: str = "images") -> torch.Tensor:
-    """Validate uint8 (N, C, H, W) images for `features`; 1-channel images are repeated to 3 for Inception."""
+    """Validate uint8 (N, C, H, W) images for `features`; 1-channel images are repeated to 3 for 3-channel networks."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise EvalError(f"{what} must be a uint8 tensor (N, C, H, W) (quantise with to_uint8), got {desc}")
-    if len(images) < 2:
-        raise EvalError(f"a Fréchet distance needs at least 2 {what}, got {len(images)}")
     if features == "digits" and images.shape[1:] != (1, 8, 8):
         raise EvalError(f"digits features need (N, 1, 8, 8) {what}, got {tuple(images.shape)}")
-    if features == "inception":
+    if feature_spec(features).channels == 3:
         if images.shape[1] not in (1, 3):
-            raise EvalError(f"Inception features need 1- or 3-channel {what}, got {images.shape[1]} channels")
+            raise EvalError(f"{features} features need 1- or 3-channel {what}, got {images.shape[1]} channels")
         return images.expand(-1, 3, -1, -1)
     return images
 
@@ -149,12 +106,17 @@ def _stats_from_metric(metric: FrechetInceptionDistance, features: str) -> Refer
     return ReferenceStats(mu.cpu().numpy(), sigma.cpu().numpy(), int(n.item()), features)
 
 
-def compute_stats(images: torch.Tensor, features: str = "digits", inception_weights: str | Path | None = None,
-                  batch_size: int = 500, device: str | torch.device | None = None) -> ReferenceStats:
-    """Reference statistics of uint8 (N, C, H, W) images."""
-    images = check_images(images, features, "reference images")
-    metric = new_metric(features, inception_weights).to(device if device is not None else images.device)
-    add_images(metric, images, real=True, batch_size=batch_size)
+def compute_stats(images: torch.Tensor | Iterable[torch.Tensor], features: str = "digits",
+                  inception_weights: str | Path | None = None, batch_size: int = 500,
+                  device: str | torch.device | None = None, options: FeatureOptions | None = None) -> ReferenceStats:
+    """Reference statistics of uint8 (N, C, H, W) images, or of an iterable of such batches (streamed)."""
+    metric = new_metric(features, inception_weights, options=options)
+    batches = [images] if isinstance(images, torch.Tensor) else images
+    metric = metric.to(device if device is not None else "cpu")
+    for batch in batches:
+        add_images(metric, check_images(batch, features, "reference images"), real=True, batch_size=batch_size)
+    if int(metric.real_features_num_samples) < 2:
+        raise EvalError("reference statistics need at least 2 images")
     return _stats_from_metric(metric, features)
 
 
@@ -167,25 +129,31 @@ def save_stats(stats: ReferenceStats, path: str | Path) -> Path:
 
 
 def load_stats(path: str | Path, features: str | None = None) -> ReferenceStats:
-    """Read a STATS.npz; with `features`, it must have been computed with those features."""
+    """Read a STATS.npz: ours, or a pytorch-fid / clean-fid file with only `mu` and `sigma` (then the feature
+    network is not stated in the file; it must be the one asked for). With `features`, ours must match it."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"reference statistics not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in STATS_KEYS if k in data}
-    except (OSError, ValueError) as err:
-        raise EvalError(f"cannot read reference statistics {path}: {err}") from None
-    missing = [k for k in STATS_KEYS if k not in arrays]
-    if missing:
-        raise EvalError(f"{path} lacks {', '.join(missing)} (a STATS.npz holds mu, sigma, num_samples, features)")
-    stats = ReferenceStats(arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64),
-                           int(arrays["num_samples"]), str(arrays["features"]))
+    except (OSError, ValueError, EOFError) as err:
+        raise EvalError(f"cannot read reference statistics {path}: {str(err).splitlines()[0]}") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise EvalError(f"{path} lacks {' and '.join(k for k in ('mu', 'sigma') if k not in arrays)} "
+                        "(reference statistics hold mu and sigma)")
+    try:
+        stats = ReferenceStats(arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64),
+                               int(arrays.get("num_samples", 0)), str(arrays.get("features", "")))
+    except (TypeError, ValueError) as err:
+        raise EvalError(f"{path}: unreadable statistics ({err})") from None
     d = stats.mu.shape[0] if stats.mu.ndim == 1 else -1
-    if d < 1 or stats.sigma.shape != (d, d) or stats.num_samples < 2:
+    if d < 1 or stats.sigma.shape != (d, d) or stats.num_samples == 1 or stats.num_samples < 0:
         raise EvalError(f"{path}: mu must be (d,), sigma (d, d) and num_samples >= 2; got mu {stats.mu.shape}, "
                         f"sigma {stats.sigma.shape}, num_samples {stats.num_samples}")
-    if features is not None and stats.features != features:
+    if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+        raise EvalError(f"{path}: mu and sigma must be finite")
+    if features is not None and stats.features and stats.features != features:
         raise EvalError(f"{path} holds {stats.features} statistics, but features={features!r} was asked for")
     return stats
 
@@ -193,9 +161,9 @@ def load_stats(path: str | Path, features: str | None = None) -> ReferenceStats:
 def load_stats_into_metric(metric: FrechetInceptionDistance, stats: ReferenceStats) -> None:
     """Set the metric's real running sums so that compute() is the Fréchet distance to N(stats.mu, stats.sigma)."""
     if stats.mu.shape != tuple(metric.real_features_sum.shape):
-        raise EvalError(f"reference statistics are {stats.mu.shape[0]}-d ({stats.features}), "
+        raise EvalError(f"reference statistics are {stats.mu.shape[0]}-d ({stats.features or 'features unstated'}), "
                         f"the metric's features are {metric.real_features_sum.shape[0]}-d")
-    n = stats.num_samples
+    n = stats.num_samples or 2  # mu and sigma alone: any n >= 2 gives back the same mean and covariance
     mu = torch.as_tensor(stats.mu, dtype=torch.float64)
     sigma = torch.as_tensor(stats.sigma, dtype=torch.float64)
     for name, value in (("real_features_sum", n * mu),
@@ -205,60 +173,142 @@ def load_stats_into_metric(metric: FrechetInceptionDistance, stats: ReferenceSta
         setattr(metric, name, value.to(dtype=old.dtype, device=old.device))
 
 
-def _load_reference(reference: str | Path, features: str, channels: int) -> ReferenceStats | torch.Tensor:
-    """Reference statistics (STATS.npz) or checked uint8 reference images ("digits", "digits:1,2,..." for some
-    classes only, or an IMAGE_DIR)."""
-    if str(reference) == "digits" or str(reference).startswith("digits:"):
-        images, labels = load_digits_tensors()
-        if str(reference).startswith("digits:"):
-            try:
-                classes = [int(c) for c in str(reference)[len("digits:"):].split(",")]
-            except ValueError:
-                raise EvalError(f"reference {reference!r}: expected digits:CLASS,CLASS,...") from None
-            images = images[torch.isin(labels, torch.tensor(classes))]
-        return check_images(to_uint8(images), features, "reference images")
-    path = Path(reference)
-    if path.suffix == ".npz":
-        return load_stats(path, features)
-    if path.is_dir():
+# --- references ------------------------------------------------------------------------------------------------
+def stats_cache_dir() -> Path:
+    """Where reference statistics are cached: $ONESTEP_CACHE/fd_stats, else $XDG_CACHE_HOME (~/.cache)/onestep/."""
+    root = os.environ.get("ONESTEP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "onestep"
+    return Path(root) / "fd_stats"
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """sha256 of a network's state (names, shapes, dtypes, values): the feature network part of a cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _digits_reference(reference: str) -> torch.Tensor:
+    images, labels = load_digits_tensors()
+    if reference.startswith("digits:"):
         try:
-            images = to_uint8(load_image_folder(path, channels))
-        except UserInputError as err:
-            raise EvalError(str(err)) from None
-        return check_images(images, features, f"reference images in {path}")
-    raise EvalError(f"reference must be 'digits', a STATS.npz or an IMAGE_DIR; {path} is none of these")
+            classes = [int(c) for c in reference[len("digits:"):].split(",")]
+        except ValueError:
+            raise EvalError(f"reference {reference!r}: expected digits:CLASS,CLASS,...") from None
+        images = images[torch.isin(labels, torch.tensor(classes))]
+    return to_uint8(images)
 
 
-def frechet_distance(images: torch.Tensor, reference: str | Path = "digits", features: str = "digits",
-                     inception_weights: str | Path | None = None, batch_size: int = 500,
-                     device: str | torch.device | None = None) -> FDResult:
-    """Fréchet distance of uint8 (N, C, H, W) images to `reference` in `features` space.
+def is_digits_reference(reference: str | Path) -> bool:
+    return str(reference) == "digits" or str(reference).startswith("digits:")
+
+
+def _reference_batches(reference: str | Path, features: str, batch_size: int) -> tuple[str, Iterator[torch.Tensor]]:
+    """(content digest, uint8 batches) of an image reference: the digits data or an IMAGE_DIR."""
+    from onestep.eval.image_files import folder_digest, iter_image_batches
+
+    if is_digits_reference(reference):
+        images = _digits_reference(str(reference))
+        digest = hashlib.sha256(str(reference).encode() + images.numpy().tobytes()).hexdigest()
+        return digest, iter(images.split(batch_size))
+    path = Path(reference)
+    if not path.is_dir():
+        raise EvalError(f"reference must be 'digits', a STATS.npz or an IMAGE_DIR; {path} is none of these")
+    return folder_digest(path), iter_image_batches(path, feature_spec(features).channels, batch_size)
+
+
+def reference_stats(reference: str | Path, metric: FrechetInceptionDistance, features: str,
+                    protocol: dict, batch_size: int = 500, cache: bool = True) -> ReferenceStats:
+    """Statistics of `reference` in the feature space of `metric` (a fresh one): read from a STATS.npz, or computed
+    from the images (streamed) and cached under a key of the network's weights, the protocol and the reference's content."""
+    if Path(reference).suffix == ".npz":
+        return load_stats(reference, features)
+    digest, batches = _reference_batches(reference, features, batch_size)
+    key_source = {"network": module_digest(metric.inception), "reference": digest, "features": features,
+                  "protocol": {k: v for k, v in protocol.items() if k != "weights"}}
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:32]
+    cached = stats_cache_dir() / f"{features}-{key}.npz"
+    if cache and cached.is_file():
+        try:
+            return load_stats(cached, features)
+        except EvalError:
+            pass  # a damaged cache entry is recomputed and replaced
+    for batch in batches:  # `metric` holds no real features yet: they become the reference's
+        add_images(metric, check_images(batch, features, "reference images"), real=True, batch_size=batch_size)
+    if int(metric.real_features_num_samples) < 2:
+        raise EvalError(f"reference {reference} needs at least 2 images")
+    stats = _stats_from_metric(metric, features)
+    if cache:
+        save_stats(stats, cached)
+    return stats
+
+
+class FrechetDistance:
+    """A Fréchet distance to a fixed reference, fed generated uint8 batches; `reset()` keeps the reference.
+
+    The training judge and `onestep fid` both use it, so their numbers and protocols are the same.
+    """
+
+    def __init__(self, features: str = "digits", reference: str | Path = "digits",
+                 options: FeatureOptions | None = None, device: str | torch.device = "cpu", batch_size: int = 500,
+                 classifier=None, cache: bool = True):
+        spec = feature_spec(features)
+        self.features, self.reference, self.batch_size = features, str(reference), batch_size
+        options = options or FeatureOptions()
+        self.metric = new_metric(features, classifier=classifier, options=options).to(device)
+        self.base_protocol = {"metric": metric_name(features), "features": features, **spec.protocol(options),
+                              "reference": self.reference}
+        self.stats = reference_stats(reference, self.metric, features, self.base_protocol, batch_size, cache)
+        load_stats_into_metric(self.metric, self.stats)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def update(self, images: torch.Tensor) -> None:
+        add_images(self.metric, check_images(images, self.features), real=False, batch_size=self.batch_size)
+
+    def compute(self) -> float:
+        if int(self.metric.fake_features_num_samples) < 2:
+            raise EvalError("a Fréchet distance needs at least 2 images")
+        return float(self.metric.compute())
+
+    def protocol(self) -> dict:
+        return {**self.base_protocol, "num_samples": int(self.metric.fake_features_num_samples),
+                "num_reference": self.stats.num_samples or None}
+
+
+def frechet_distance(images: torch.Tensor | Iterable[torch.Tensor], reference: str | Path = "digits",
+                     features: str = "digits", inception_weights: str | Path | None = None, batch_size: int = 500,
+                     device: str | torch.device | None = None, options: FeatureOptions | None = None) -> FDResult:
+    """Fréchet distance of uint8 (N, C, H, W) images (or an iterable of such batches) to `reference`.
 
     Args:
         images: generated images, uint8 (quantise with `to_uint8`).
         reference: "digits" (all 1797 digits images), "digits:1,2,..." (those classes), a STATS.npz, or an IMAGE_DIR.
-        features: "digits" (score named FD-digits) or "inception" (score named FID).
-        inception_weights: Inception only; default `default_inception_weights()`.
+        features: "digits" (score named FD-digits), "inception" (score named FID), or a registered network.
+        inception_weights: Inception only; default `default_inception_weights()` (shorthand for options).
         batch_size: images per feature-extractor call.
-        device: where features are computed; default the images' device.
+        device: where features are computed; default the images' device (CPU for an iterable).
+        options: what building the feature network needs.
 
     Raises:
         EvalError: bad images, reference or features, or Inception asked for without its weights.
     """
-    images = check_images(images, features)
-    metric = new_metric(features, inception_weights).to(device if device is not None else images.device)
-    ref = _load_reference(reference, features, channels=images.shape[1])
-    if isinstance(ref, ReferenceStats):
-        load_stats_into_metric(metric, ref)
-    else:
-        add_images(metric, ref, real=True, batch_size=batch_size)
-    add_images(metric, images, real=False, batch_size=batch_size)
-    return FDResult(float(metric.compute()), {
-        "metric": metric_name(features), "features": features, "reference": str(reference),
-        "num_samples": len(images), "num_reference": int(metric.real_features_num_samples.item())})
+    options = options or FeatureOptions(inception_weights=inception_weights)
+    if isinstance(images, torch.Tensor):
+        images = check_images(images, features)
+        device = device if device is not None else images.device
+        images = [images]
+    fd = FrechetDistance(features, reference, options, device or "cpu", batch_size)
+    for batch in images:
+        fd.update(batch)
+    return FDResult(fd.compute(), fd.protocol())
 
 
-def real_vs_real_floor(seed: int = 0, classifier: DigitsClassifier | None = None) -> FDResult:
+def real_vs_real_floor(seed: int = 0, classifier=None) -> FDResult:
     """FD-digits between the two halves of `split_halves(labels, seed)`: the best score a sampler can expect."""
     images, labels = load_digits_tensors()
     first, second = split_halves(labels.numpy(), seed)

@@ -1,0 +1,132 @@
+"""Feature networks for Fréchet distances, by name: "digits" (FD-digits), "inception" (FID), and any registered one.
+
+A feature network maps uint8 (N, C, H, W) images to (N, d) features and has an int `num_features`. Registering
+one (`register_features`) makes it usable everywhere a Fréchet distance is computed: `eval.features`, the training
+judge, `onestep fid --features NAME`. What `protocol` returns is stored beside every number it produces.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onestep.errors import UserInputError
+from onestep.eval.quantize import uint8_to_float
+
+
+INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
+INCEPTION_SAFETENSORS_NAME = "inception-2015-12-05.safetensors"
+
+
+class EvalError(UserInputError):
+    """Evaluation cannot run as asked (bad images, reference or feature setup); the message is one line."""
+
+
+@dataclass
+class FeatureOptions:
+    """What building a feature network may need: the Inception weights file, whether a pickle may be read."""
+
+    inception_weights: str | Path | None = None
+    allow_pickle: bool = False
+    extra: dict = field(default_factory=dict)  # for registered networks (e.g. a folder of their weights)
+
+
+@dataclass
+class FeatureSpec:
+    """A named feature network: `build(options)` returns it (eval mode); `channels` are what it takes (1 or 3)."""
+
+    build: Callable[[FeatureOptions], nn.Module]
+    channels: int
+    protocol: Callable[[FeatureOptions], dict]
+    dtype: torch.dtype = torch.float64  # the network's compute dtype inside the metric
+
+
+FEATURES: dict[str, FeatureSpec] = {}
+
+
+def register_features(name: str, build: Callable[[FeatureOptions], nn.Module], channels: int = 3,
+                      protocol: Callable[[FeatureOptions], dict] | None = None,
+                      dtype: torch.dtype = torch.float64) -> None:
+    """Make a feature network available as `features=name` (its score is called FD-<name>)."""
+    FEATURES[name] = FeatureSpec(build, channels, protocol or (lambda options: {"extractor": name}), dtype)
+
+
+def feature_spec(name: str) -> FeatureSpec:
+    if name not in FEATURES:
+        raise EvalError(f"features must be one of {', '.join(sorted(FEATURES))}, got {name!r}")
+    return FEATURES[name]
+
+
+def metric_name(features: str) -> str:
+    """`FID` for Inception features only, `FD-<features>` otherwise (a digits-feature score is never FID)."""
+    return "FID" if features == "inception" else f"FD-{features}"
+
+
+def metric_key(features: str) -> str:
+    """The key of the score in metrics.json: fid, fd_digits, fd_<features>."""
+    return "fid" if features == "inception" else f"fd_{features}"
+
+
+class DigitsFeatures(nn.Module):
+    """uint8 (N, 1, 8, 8) -> the digits classifier's penultimate activations (N, 64), for torchmetrics.
+
+    Holds its own copy of a given classifier: the metric's `set_dtype(torch.float64)` casts the copy, not the
+    caller's network.
+    """
+
+    def __init__(self, classifier=None):
+        from onestep.eval.classifier import load_digits_classifier
+
+        super().__init__()
+        self.classifier = copy.deepcopy(classifier) if classifier is not None else load_digits_classifier()
+        self.num_features = self.classifier.config.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.classifier.parameters()).dtype
+        return self.classifier.features(uint8_to_float(images).to(dtype))
+
+
+def default_inception_weights() -> Path:
+    """Where Inception weights are looked for when none are named: torch.hub.get_dir()/checkpoints/, the
+    safetensors file first, then torch-fidelity's pickle (read only when pickle is allowed)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    safetensors = folder / INCEPTION_SAFETENSORS_NAME
+    return safetensors if safetensors.is_file() or not (folder / INCEPTION_WEIGHTS_NAME).is_file() \
+        else folder / INCEPTION_WEIGHTS_NAME
+
+
+def inception_weights(path: str | Path | None) -> Path:
+    """The Inception weights file to use; one EvalError saying where to put it when it is not there."""
+    target = Path(path) if path is not None else default_inception_weights()
+    if not target.is_file():
+        raise EvalError(f"Inception weights not found at {target}: download {INCEPTION_WEIGHTS_NAME} from "
+                        f"{INCEPTION_WEIGHTS_URL} where you have network, convert it once with "
+                        f"scripts/convert_inception_weights.py, and pass --inception-weights FILE "
+                        f"(eval.inception_weights) or put it at {target.parent / INCEPTION_SAFETENSORS_NAME}")
+    return target
+
+
+def _build_inception(options: FeatureOptions) -> nn.Module:
+    from onestep.eval.inception import load_inception
+
+    return load_inception(inception_weights(options.inception_weights), options.allow_pickle)
+
+
+def _inception_protocol(options: FeatureOptions) -> dict:
+    from onestep.eval.inception import INPUT_SIZE, RESIZE
+
+    return {"extractor": "Inception-v3 pool3 (2048-d), the FID network of torch-fidelity / pytorch-fid",
+            "weights": str(inception_weights(options.inception_weights)), "resize": RESIZE,
+            "input_size": INPUT_SIZE, "dtype": "float32"}
+
+
+register_features("digits", lambda options: DigitsFeatures(), channels=1,
+                  protocol=lambda options: {"extractor": "digits classifier penultimate layer (64-d)",
+                                            "resize": "none (8x8 input)", "dtype": "float64"})
+register_features("inception", _build_inception, channels=3, protocol=_inception_protocol, dtype=torch.float32)
