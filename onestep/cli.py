@@ -23,10 +23,18 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if "interrupted" in final else 0
 
 
-def _balanced(num_classes: int | None, n: int):
+def _requests(sampler, n: int, prompts_file: str | None):
+    """Balanced class labels (class-conditional) or the prompt file's prompts cycled over n (text-to-image)."""
     from onestep.eval.sampling import balanced_labels
 
-    return balanced_labels(n, num_classes) if num_classes else None
+    prompts = None
+    if prompts_file is not None:
+        from onestep.data.prompts import read_prompts
+        from onestep.eval.judge import cycle
+
+        prompts = cycle(read_prompts(Path(prompts_file)), n)
+    sampler.check_prompts(prompts)
+    return (balanced_labels(n, sampler.num_classes) if sampler.num_classes else None), prompts
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -41,8 +49,8 @@ def _sample(args: argparse.Namespace) -> int:
     if out.suffix not in (".png", ".npz"):
         raise UserInputError(f"--out must end in .png (grid) or .npz (arrays), got {out.name}")
     sampler = load_sampler(args.folder, args.steps, args.sampler, args.guidance)
-    labels = _balanced(sampler.num_classes, args.num_images)
-    images = to_uint8(sampler.sample(labels, args.num_images, args.seed))
+    labels, prompts = _requests(sampler, args.num_images, args.prompts)
+    images = to_uint8(sampler.sample(labels, args.num_images, args.seed, prompts=prompts))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         save_grid(images, out)
@@ -52,45 +60,113 @@ def _sample(args: argparse.Namespace) -> int:
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if labels is not None:
             arrays["labels"] = labels.numpy()
+        if prompts is not None:
+            arrays["prompts"] = np.array(prompts, dtype=np.str_)
         with atomic_file(out) as f:
             np.savez(f, **arrays)
     print(json.dumps({"out": str(out), "num_images": args.num_images, "nfe": sampler.nfe}))
     return 0
 
 
-def _fid(args: argparse.Namespace) -> int:
+def _npz_images(source: Path, limit: int | None):
+    """uint8 (N, C, H, W) images (and prompts, when stored) of a SAMPLES.npz written by `onestep sample`."""
     import numpy as np
     import torch
 
     from onestep.errors import UserInputError
-    from onestep.eval.fd import frechet_distance
-    from onestep.eval.quantize import to_uint8
-    from onestep.inference import load_sampler
 
-    source = Path(args.source)
-    if source.suffix == ".npz":
-        if not source.is_file():
-            raise UserInputError(f"samples file not found: {source}")
-        with np.load(source) as data:
+    if not source.is_file():
+        raise UserInputError(f"samples file not found: {source}")
+    try:
+        with np.load(source, allow_pickle=False) as data:
             if "images" not in data:
                 raise UserInputError(f"{source} has no 'images' array (N, H, W, C uint8)")
-            images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)
-        if images.dtype != torch.uint8:
-            raise UserInputError(f"{source} images must be uint8, got {images.dtype}")
-        images = images[: args.num_samples] if args.num_samples else images
-        if args.forget:
-            raise UserInputError("--forget needs a pipeline or teacher folder to sample from, not an .npz")
+            images = torch.from_numpy(data["images"])
+            prompts = [str(p) for p in data["prompts"]] if "prompts" in data else None
+    except (OSError, ValueError, EOFError) as err:
+        raise UserInputError(f"cannot read samples {source}: {str(err).splitlines()[0]}") from None
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise UserInputError(f"{source} images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
+    images = images.permute(0, 3, 1, 2)
+    return (images[:limit], prompts[:limit] if prompts else None) if limit else (images, prompts)
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from onestep.errors import UserInputError
+    from onestep.eval.features import FeatureOptions, feature_spec
+    from onestep.eval.metrics import FrechetMetric, MetricContext, SampleBatch, build_metric, run_metrics
+    from onestep.eval.quantize import to_uint8
+
+    options = FeatureOptions(args.inception_weights, args.allow_pickle)
+    ctx = MetricContext(batch_size=args.batch_size, features=options, clip_model=args.clip_model)
+    if args.source is None:
+        if not args.save_stats:
+            raise UserInputError("give a SOURCE to score, or --save-stats OUT.npz to write the reference's statistics")
+        _save_reference_stats(args, options)
+        return 0
+    source = Path(args.source)
+    fd = FrechetMetric(args.features, args.reference, ctx)
+    protocol = {"seed": None, "source": str(source)}
+    if args.save_stats:
+        _save_reference_stats(args, options, fd.fd.stats)
+        protocol["stats"] = args.save_stats
+    metrics = [fd] + [build_metric(name, ctx) for name in args.metrics]
+    if source.suffix == ".npz":
+        if args.forget or args.prompts:
+            raise UserInputError("--forget and --prompts need a pipeline or teacher folder to sample from, "
+                                 "not an .npz")
+        images, prompts = _npz_images(source, args.num_samples)
+        batches = (SampleBatch(images[i:i + args.batch_size], None,
+                               prompts[i:i + args.batch_size] if prompts else None)
+                   for i in range(0, len(images), args.batch_size))
+    elif source.is_dir() and not (source / "model_index.json").exists():
+        if args.forget or args.prompts:
+            raise UserInputError("--forget and --prompts need a pipeline or teacher folder to sample from, "
+                                 "not an image folder")
+        from onestep.eval.image_files import iter_image_batches
+
+        batches = (SampleBatch(b) for b in iter_image_batches(source, feature_spec(args.features).channels,
+                                                              args.batch_size))
     else:
+        from onestep.inference import load_sampler
+
         sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
         n = args.num_samples or 1000
-        images = to_uint8(sampler.sample(_balanced(sampler.num_classes, n), n, args.seed))
-    result = frechet_distance(images, reference=args.reference, features=args.features).to_dict()
+        labels, prompts = _requests(sampler, n, args.prompts)
+        batches = (SampleBatch(to_uint8(images), lab, pr)
+                   for images, lab, pr in sampler.batches(labels, n, args.seed, args.batch_size, prompts))
+        protocol.update(seed=args.seed, nfe=sampler.nfe, requests="prompts from " + args.prompts + ", cycled"
+                        if prompts else ("class-balanced labels" if labels is not None else "unconditional"))
+    batches = _remember_size(batches, protocol)
+    values, protocols = run_metrics(metrics, batches)
+    result = {"value": values[fd.key], "protocol": {**protocols[fd.key], **protocol}}
+    result.update({key: {"value": values[key], "protocol": protocols[key]} for key in values if key != fd.key})
     if args.forget:
         from onestep.bench.compare import forgetting_metrics
 
         result["forgetting"] = forgetting_metrics(sampler, args.forget, n, args.seed)
     print(json.dumps(result))
     return 0
+
+
+def _remember_size(batches, protocol: dict):
+    """Pass SampleBatches through, recording the generated images' size (C x H x W) in `protocol`."""
+    for batch in batches:
+        protocol.setdefault("image_size", list(batch.images.shape[1:]))
+        yield batch
+
+
+def _save_reference_stats(args: argparse.Namespace, options, stats=None) -> None:
+    """Write the reference's statistics (computed, or read from the cache) to --save-stats."""
+    from onestep.eval.fd import FrechetDistance, save_stats
+
+    if stats is None:
+        fd = FrechetDistance(args.features, args.reference, options, batch_size=args.batch_size)
+        stats = fd.stats
+        print(json.dumps({"stats": args.save_stats, "num_reference": stats.num_samples or None,
+                          "protocol": {k: v for k, v in fd.base_protocol.items()}}))
+    stats.features = stats.features or args.features
+    save_stats(stats, args.save_stats)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -151,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--prompts", default=None,
+                       help="text-to-image folders: a prompt file (one per line), cycled over the images")
         p.add_argument("--steps", type=int, default=50, help="teacher folders: sampler steps")
         p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="teacher folders: sampler")
         p.add_argument("--guidance", type=float, default=None, help="teacher folders: guidance scale")
@@ -162,10 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(sample)
     sample.set_defaults(run=_sample)
 
-    fid = sub.add_parser("fid", help="Fréchet distance of a pipeline's samples or an .npz; prints JSON")
-    fid.add_argument("source", help="PIPELINE_DIR, teacher folder or SAMPLES.npz")
-    fid.add_argument("--reference", default="digits", help="digits | STATS.npz | IMAGE_DIR")
-    fid.add_argument("--features", default="digits", choices=["digits", "inception"])
+    fid = sub.add_parser("fid", help="Fréchet distance (+ metrics) of a pipeline's samples, an .npz or an image "
+                                     "folder; prints JSON with the protocol")
+    fid.add_argument("source", nargs="?", default=None,
+                     help="PIPELINE_DIR, teacher folder, SAMPLES.npz or IMAGE_DIR (omit with --save-stats)")
+    fid.add_argument("--reference", default="digits",
+                     help="digits | STATS.npz (ours, pytorch-fid or clean-fid {mu, sigma}) | IMAGE_DIR")
+    fid.add_argument("--features", default="digits", help="digits | inception | a registered feature network")
+    fid.add_argument("--inception-weights", default=None,
+                     help="FID Inception weights (.safetensors; a .pth needs --allow-pickle)")
+    fid.add_argument("--allow-pickle", action="store_true", help="allow reading pickled (.pth) Inception weights")
+    fid.add_argument("--save-stats", default=None, help="also write the reference's statistics to OUT.npz")
+    fid.add_argument("--metrics", nargs="+", default=[], help="further metrics, e.g. clip_score")
+    fid.add_argument("--clip-model", default=None, help="clip_score: a local CLIP model folder")
+    fid.add_argument("--batch-size", type=int, default=250, help="images per feature-network call")
     fid.add_argument("--num-samples", type=int, default=None)
     fid.add_argument("--forget", type=int, nargs="+", default=[],
                      help="forgotten classes: add unlearning accuracy and FD on the remaining classes")

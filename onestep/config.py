@@ -38,9 +38,18 @@ class TeacherConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = 1000
-    features: str = "digits"  # digits | inception
-    reference: str = "digits"  # digits | STATS.npz | IMAGE_DIR
+    # the Fréchet distance's features: digits | inception | a registered network | none. A text teacher's samples
+    # are not digits: with "digits" it is judged by `metrics` only (and its sample grid)
+    features: str = "digits"
+    reference: str = "digits"  # digits | STATS.npz (ours, pytorch-fid, clean-fid) | IMAGE_DIR
     sampling_batch: int = 500
+    inception_weights: str | None = None  # FID network weights (.safetensors; a .pth needs allow_pickle)
+    allow_pickle: bool = False
+    metrics: list[str] = field(default_factory=list)  # further metrics: clip_score, registered ones
+    metric_options: dict[str, Any] = field(default_factory=dict)  # for registered metrics
+    clip_model: str | None = None  # a local CLIP model folder for clip_score
+    prompts: str | None = None  # text teachers: the eval prompt file (default data.prompts), cycled over N samples
+    validation_prompts: Any = None  # text teachers: a list or a prompt file, a grid row each (default: 8 eval prompts)
 
 
 @dataclass
@@ -93,8 +102,15 @@ def _check_values(cfg: RunConfig) -> None:
         raise UserInputError(f"config teacher.guidance_scale must be >= 0, got {cfg.teacher.guidance_scale}")
     if cfg.attention not in BACKENDS:
         raise UserInputError(f"config attention must be one of {', '.join(BACKENDS)}, got {cfg.attention!r}")
-    if cfg.eval.features not in ("digits", "inception"):
-        raise UserInputError(f"config eval.features must be digits or inception, got {cfg.eval.features!r}")
+    from onestep.eval.features import FEATURES
+
+    if cfg.eval.features not in (*FEATURES, "none"):
+        raise UserInputError(f"config eval.features must be one of {', '.join([*FEATURES, 'none'])}, "
+                             f"got {cfg.eval.features!r}")
+    prompts = cfg.eval.validation_prompts
+    if prompts is not None and not isinstance(prompts, str) and (
+            not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise UserInputError("config eval.validation_prompts must be a prompt file or a list of non-empty prompts")
 
 
 def load_config(path: str | Path, overrides: list[str] = (), options_schema: type | None = None) -> RunConfig:

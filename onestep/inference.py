@@ -26,25 +26,47 @@ class FolderSampler:
     sampler: str = "ddim"
     guidance_scale: float | None = None
 
-    @torch.no_grad()
-    def sample(self, labels: torch.Tensor | None, num_images: int, seed: int, batch_size: int = 256) -> torch.Tensor:
+    is_text: bool = False  # text-to-image: sample() needs prompts
+
+    def check_prompts(self, prompts: list[str] | None) -> None:
+        """Prompts for a text-to-image folder, none otherwise (UserInputError naming the folder)."""
+        if self.is_text and not prompts:
+            raise UserInputError(f"{self.path} is text-to-image: pass --prompts FILE (one prompt per line)")
+        if prompts and not self.is_text:
+            raise UserInputError(f"{self.path} does not take prompts (it is "
+                                 f"{'class-conditional' if self.num_classes else 'unconditional'}); drop --prompts")
+
+    def batches(self, labels: torch.Tensor | None, num_images: int, seed: int, batch_size: int = 256,
+                prompts: list[str] | None = None):
+        """(images in [-1, 1], labels, prompts) batch by batch, one image per label / prompt, from noise `seed`."""
+        self.check_prompts(prompts)
         generator = torch.Generator().manual_seed(seed)
-        out = []
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             batch_labels = labels[start:start + n] if labels is not None else None
-            if self.kind == "onestep":
-                kwargs = {"class_labels": batch_labels} if batch_labels is not None else {"batch_size": n}
-                images = self._pipe(**kwargs, generator=generator, output_type="pt").images
-                out.append(images.float() * 2 - 1)
-            else:
-                from onestep.sampling import sample_teacher
+            batch_prompts = prompts[start:start + n] if prompts else None
+            with torch.no_grad():
+                yield self._draw(n, batch_labels, batch_prompts, generator), batch_labels, batch_prompts
 
-                condition = self._teacher.condition(class_labels=batch_labels)
-                latents = sample_teacher(self._teacher, condition, n, self.steps, self.sampler, self.guidance_scale,
-                                         generator=generator, batch_size=n)
-                out.append(self._teacher.decode(latents).clamp(-1, 1))
-        return torch.cat(out)
+    def _draw(self, n: int, labels: torch.Tensor | None, prompts: list[str] | None,
+              generator: torch.Generator) -> torch.Tensor:
+        if self.kind == "onestep":
+            kwargs = {"class_labels": labels} if labels is not None else {"batch_size": n}
+            if prompts is not None:
+                kwargs = {"prompt": prompts}
+            images = self._pipe(**kwargs, generator=generator, output_type="pt").images
+            return images.float() * 2 - 1
+        from onestep.sampling import sample_teacher
+
+        condition = self._teacher.condition(class_labels=labels, prompts=prompts)
+        latents = sample_teacher(self._teacher, condition, n, self.steps, self.sampler, self.guidance_scale,
+                                 generator=generator, batch_size=n)
+        return self._teacher.decode(latents).clamp(-1, 1)
+
+    def sample(self, labels: torch.Tensor | None, num_images: int, seed: int, batch_size: int = 256,
+               prompts: list[str] | None = None) -> torch.Tensor:
+        """Images in [-1, 1]: one per label (class-conditional), per prompt (text-to-image) or num_images."""
+        return torch.cat([images for images, _, _ in self.batches(labels, num_images, seed, batch_size, prompts)])
 
 
 def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
@@ -75,11 +97,12 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
             from onestep.lora import merged_folder_adapter
 
             pipe.register_modules(unet=merged_folder_adapter(pipe.unet, path))
-        return FolderSampler(path, "onestep", pipe.config.num_classes, len(pipe.config.timesteps), _pipe=pipe)
+        return FolderSampler(path, "onestep", pipe.config.num_classes, len(pipe.config.timesteps), _pipe=pipe,
+                             is_text=getattr(pipe, "text_encoder", None) is not None)
     from onestep.teacher import Teacher
 
     teacher = Teacher.from_pretrained(path)
     scale = teacher.guidance_scale if guidance_scale is None else guidance_scale
-    nfe = steps * (2 if scale != 1.0 and teacher.num_classes else 1)
+    nfe = steps * (2 if scale != 1.0 and (teacher.num_classes or teacher.is_text) else 1)
     return FolderSampler(path, "teacher", teacher.num_classes, nfe, _teacher=teacher, steps=steps, sampler=sampler,
-                         guidance_scale=guidance_scale)
+                         guidance_scale=guidance_scale, is_text=teacher.is_text)

@@ -124,6 +124,34 @@ def build_conditions(cfg: RunConfig, teacher):
                             prompts=prompts, encode=teacher.encode_prompts if prompts else None)
 
 
+def read_prompt_list(value: str | list[str] | None) -> list[str] | None:
+    """A config value naming prompts: a prompt file (one per line) or a list of prompts."""
+    from onestep.data.prompts import read_prompts
+
+    if value is None or isinstance(value, list):
+        return value
+    return read_prompts(resolve_path(value))
+
+
+def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, forget: list[int] = ()):
+    """The run's judge (`eval.*`): its metrics, reference and, for text teachers, its eval and grid prompts."""
+    from onestep.eval.features import FeatureOptions
+    from onestep.eval.judge import Judge
+    from onestep.eval.metrics import MetricContext
+
+    e = cfg.eval
+    features = None if e.features == "none" or (is_text and e.features == "digits") else e.features
+    prompts = validation = None
+    if is_text:
+        prompts = read_prompt_list(e.prompts or cfg.data.prompts)
+        validation = read_prompt_list(e.validation_prompts)
+    context = MetricContext(batch_size=e.sampling_batch, clip_model=e.clip_model, extra=dict(e.metric_options),
+                            features=FeatureOptions(e.inception_weights, e.allow_pickle, dict(e.metric_options)))
+    return Judge(e.num_samples, features, e.reference, num_classes, batch_size=e.sampling_batch,
+                 forget_classes=list(forget), prompts=prompts, validation_prompts=validation, metrics=e.metrics,
+                 context=context)
+
+
 def _check_writes_inside(cfg: RunConfig, folder: str | None) -> None:
     """A config value may name a folder onestep would write to: only inside output_dir, unless it already holds a
     complete DisBack path (read, never written)."""
@@ -140,7 +168,6 @@ def build_distiller_task(cfg: RunConfig):
     from onestep.data.conditions import RealImages
     from onestep.distillers import DISTILLERS, Distiller
     from onestep.distillers.disback import Backtracking
-    from onestep.eval.judge import Judge
 
     teacher = load_teacher(cfg)
     conditions = build_conditions(cfg, teacher)
@@ -152,10 +179,7 @@ def build_distiller_task(cfg: RunConfig):
                           encode=teacher.encode if teacher.vae is not None else None,
                           unlabeled=teacher.unconditional)
     forget = list(getattr(cfg.options, "forget", [])) if not getattr(cfg.options, "forget_prompts", None) else []
-    judge = None
-    if cfg.eval.num_samples and not teacher.is_text:
-        judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, teacher.num_classes,
-                      batch_size=cfg.eval.sampling_batch, forget_classes=forget)
+    judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget)
     extra = {}
     if getattr(cfg.options, "override", None) == "classifier":
         from onestep.eval.classifier import load_digits_classifier
@@ -284,8 +308,6 @@ def assemble_students(cfg: RunConfig, out: Path | None = None) -> Path:
 
 
 def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
-    from onestep.eval.judge import Judge
-
     check_output_dir(cfg, overwrite)
     set_seed(cfg.train.seed)  # building a task may draw random numbers too (DisBack records its path)
     # what a task writes while it is built (DisBack's path, the regression pairs) is written once: the main process
@@ -293,8 +315,7 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
     with process_state().main_process_first():
         if cfg.method == "teacher":
             images, labels, num_classes = load_real_data(cfg)
-            judge = Judge(cfg.eval.num_samples, cfg.eval.features, cfg.eval.reference, num_classes,
-                          batch_size=cfg.eval.sampling_batch)
+            judge = build_judge(cfg, num_classes)
             task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)
             use_attention(task, cfg.attention)
         else:

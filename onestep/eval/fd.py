@@ -74,7 +74,8 @@ def new_metric(features: str = "digits", inception_weights: str | Path | None = 
     options = options or FeatureOptions(inception_weights=inception_weights)
     network = DigitsFeatures(classifier) if features == "digits" and classifier is not None else spec.build(options)
     metric = FrechetInceptionDistance(feature=network, normalize=False, reset_real_features=False)
-    return metric.set_dtype(spec.dtype)
+    # set_dtype casts the network and every state: the sums are float64 already, so only a float64 network asks it
+    return metric.set_dtype(torch.float64) if spec.dtype == torch.float64 else metric
 
 
 def check_images(images: torch.Tensor, features: str, what: str = "images") -> torch.Tensor:
@@ -187,7 +188,7 @@ def module_digest(module: torch.nn.Module) -> str:
     for name, tensor in module.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -223,7 +224,8 @@ def _reference_batches(reference: str | Path, features: str, batch_size: int) ->
 def reference_stats(reference: str | Path, metric: FrechetInceptionDistance, features: str,
                     protocol: dict, batch_size: int = 500, cache: bool = True) -> ReferenceStats:
     """Statistics of `reference` in the feature space of `metric` (a fresh one): read from a STATS.npz, or computed
-    from the images (streamed) and cached under a key of the network's weights, the protocol and the reference's content."""
+    from the images (streamed) and cached under a key of the network's weights, the protocol and the reference's
+    content."""
     if Path(reference).suffix == ".npz":
         return load_stats(reference, features)
     digest, batches = _reference_batches(reference, features, batch_size)

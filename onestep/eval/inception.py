@@ -13,7 +13,6 @@ Weights: a safetensors file (preferred), or the published pickle `weights-incept
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -205,6 +204,8 @@ class FIDInceptionV3(nn.Module):
 
 def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a pickled .pth / .pt file when `allow_pickle` (never otherwise)."""
+    if not path.is_file():
+        raise UserInputError(f"Inception weights not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -239,6 +240,8 @@ def load_inception(path: str | Path, allow_pickle: bool = False) -> FIDInception
 
 def convert_weights(source: str | Path, out: str | Path) -> Path:
     """Check a trusted pickled Inception weights file and write it as safetensors (atomically)."""
+    if not Path(source).is_file():
+        raise UserInputError(f"Inception weights not found: {source}")
     from safetensors.torch import save
 
     from onestep.files import atomic_file
@@ -248,11 +251,3 @@ def convert_weights(source: str | Path, out: str | Path) -> Path:
         f.write(save({k: v.contiguous() for k, v in model.state_dict().items()}))
     return Path(out)
 
-
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
