@@ -23,6 +23,15 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if "interrupted" in final else 0
 
 
+def _quiet_loading() -> None:
+    """No "Loading weights" / "Loading pipeline components" bars: sample and fid print one JSON line (or one error)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _requests(sampler, n: int, prompts_file: str | None):
     """Balanced class labels (class-conditional) or the prompt file's prompts cycled over n (text-to-image)."""
     from onestep.eval.sampling import balanced_labels
@@ -48,6 +57,7 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise UserInputError(f"--out must end in .png (grid) or .npz (arrays), got {out.name}")
+    _quiet_loading()
     sampler = load_sampler(args.folder, args.steps, args.sampler, args.guidance)
     labels, prompts = _requests(sampler, args.num_images, args.prompts)
     images = to_uint8(sampler.sample(labels, args.num_images, args.seed, prompts=prompts))
@@ -97,6 +107,7 @@ def _fid(args: argparse.Namespace) -> int:
     from onestep.eval.metrics import FrechetMetric, MetricContext, SampleBatch, build_metric, run_metrics
     from onestep.eval.quantize import to_uint8
 
+    _quiet_loading()
     options = FeatureOptions(args.inception_weights, args.allow_pickle)
     ctx = MetricContext(batch_size=args.batch_size, features=options, clip_model=args.clip_model)
     if args.source is None:

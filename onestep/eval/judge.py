@@ -91,11 +91,6 @@ class Judge:
             return None, None
         return torch.as_tensor(self.classes)[balanced_labels(n, len(self.classes))], None
 
-    def condition(self, n: int, device: torch.device | str = "cpu") -> Condition:
-        """Class-balanced labels over this judge's classes (none for an unconditional teacher)."""
-        labels, _ = self.requests(n)
-        return Condition() if labels is None else Condition(class_labels=labels.to(device))
-
     @staticmethod
     def _condition(teacher: Teacher, labels: torch.Tensor | None, prompts: list[str] | None) -> Condition:
         if prompts is not None:
@@ -204,7 +199,8 @@ class Judge:
 
     # --- sample grids -----------------------------------------------------------------------------------------------
     def grid_requests(self, per_row: int) -> tuple[int, torch.Tensor | None, list[str] | None]:
-        """One row per class (labels 0,0,..,1,1,..) or per validation prompt; a square for unconditional models."""
+        """`per_row` images per class (labels 0,0,..,1,1,..) or per validation prompt; a square for unconditional
+        models."""
         if self.validation_prompts:
             return len(self.validation_prompts) * per_row, None, \
                 [p for p in self.validation_prompts for _ in range(per_row)]
@@ -213,7 +209,8 @@ class Judge:
         return len(self.classes) * per_row, torch.as_tensor(self.classes).repeat_interleave(per_row), None
 
     def _grid_per_row(self) -> int:
-        return 4 if self.validation_prompts else 10
+        # the grid writer lays N images out ceil(sqrt(N)) wide: K prompts x K images is one row per prompt
+        return max(len(self.validation_prompts), 2) if self.validation_prompts else 10
 
     def teacher_grid(self, teacher: Teacher, steps: int = 50, per_class: int | None = None) -> torch.Tensor:
         from onestep.eval.quantize import to_uint8

@@ -89,7 +89,7 @@ class FrechetMetric(SampleMetric):
 
 
 class CLIPScoreMetric(SampleMetric):
-    """torchmetrics' CLIPScore (100 * max(cos(image, prompt), 0), averaged) with a CLIP model from a local folder."""
+    """torchmetrics' CLIPScore, max(100 * mean cos(image, prompt), 0), with a CLIP model from a local folder."""
 
     key = "clip_score"
 
@@ -104,7 +104,7 @@ class CLIPScoreMetric(SampleMetric):
         def load():
             from transformers import CLIPModel, CLIPProcessor
 
-            return CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+            return _TensorFeatures(CLIPModel.from_pretrained(path).eval()), CLIPProcessor.from_pretrained(path)
 
         try:
             self.metric = CLIPScore(model_name_or_path=load).to(device)
@@ -128,7 +128,26 @@ class CLIPScoreMetric(SampleMetric):
 
     def protocol(self) -> dict:
         return {"metric": "CLIP score", "model": self.model_dir, "num_samples": self.count,
-                "definition": "torchmetrics CLIPScore: 100 * max(cos(image, prompt), 0), mean over samples"}
+                "definition": "torchmetrics CLIPScore: max(100 * mean cos(image, prompt embedding), 0)"}
+
+
+class _TensorFeatures(torch.nn.Module):
+    """A CLIPModel whose get_*_features return the projected embeddings as tensors, as torchmetrics 1.9 expects
+    (transformers 5 returns a model output holding them as `pooler_output`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
 class PerSampleMetric(SampleMetric):
