@@ -26,8 +26,9 @@ TORCH_FIDELITY_STATE_DIGEST = "6b47c6f86df6dee8f2f6ca068ebb0e554d487009028b67a76
 @pytest.fixture(autouse=True)
 def _onednn():
     """oneDNN on for the 299x299 Inception (tests turn it off for tiny models; here it is ~1.5x faster)."""
-    with torch.backends.mkldnn.flags(enabled=True):
-        yield
+    before, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, True
+    yield
+    torch.backends.mkldnn.enabled = before
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +101,9 @@ def test_cli_inception_fid_equals_torchmetrics_direct(weights, folders, capsys, 
     assert "antialias off" in p["resize"] and p["input_size"] == 299 and p["image_size"] == [3, 16, 16]
     assert p["reference"] == str(folders / "real") and p["weights"] == str(w)
 
-    # the saved statistics in pytorch-fid's / clean-fid's {mu, sigma} layout give the same number
-    with np.load(tmp_path / "real.npz") as ours:
-        np.savez(tmp_path / "pytorch_fid.npz", mu=ours["mu"], sigma=ours["sigma"])
-    assert _fid(capsys, folders / "fake", "--reference", tmp_path / "pytorch_fid.npz", "--features", "inception",
-                "--inception-weights", w)["value"] == pytest.approx(expected, rel=1e-5)
+    with np.load(tmp_path / "real.npz") as saved:
+        assert saved["mu"].shape == (2048,) and int(saved["num_samples"]) == 3
+        assert str(saved["features"]) == "inception"
 
 
 def test_reference_statistics_are_cached_by_content(capsys, monkeypatch, tmp_path):
@@ -158,11 +157,22 @@ def test_pickled_inception_weights_need_an_explicit_allow(weights, capsys, tmp_p
 
 
 def test_save_stats_of_a_reference_alone_and_bad_stats_files(capsys, tmp_path):
+    from onestep.data.digits import load_digits_tensors
+    from onestep.eval.quantize import to_uint8
+
     out = tmp_path / "digits.npz"
     assert main(["fid", "--save-stats", str(out)]) == 0
     with np.load(out) as stats:
         assert stats["mu"].shape == (64,) and int(stats["num_samples"]) == 1797 and str(stats["features"]) == "digits"
     capsys.readouterr()
+
+    # pytorch-fid's / clean-fid's {mu, sigma} layout gives the same number as ours
+    np.savez(tmp_path / "fake.npz", images=to_uint8(load_digits_tensors()[0][:300]).permute(0, 2, 3, 1).numpy())
+    expected = _fid(capsys, tmp_path / "fake.npz", "--reference", out)["value"]
+    with np.load(out) as ours:
+        np.savez(tmp_path / "pytorch_fid.npz", mu=ours["mu"], sigma=ours["sigma"])
+    result = _fid(capsys, tmp_path / "fake.npz", "--reference", tmp_path / "pytorch_fid.npz")
+    assert result["value"] == pytest.approx(expected, rel=1e-9) and result["protocol"]["num_reference"] is None
 
     np.savez(tmp_path / "no_sigma.npz", mu=np.zeros(64))
     np.savez(tmp_path / "samples.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
