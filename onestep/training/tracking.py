@@ -43,5 +43,5 @@ def log_grid(accelerator: Accelerator, name: str, images: torch.Tensor, step: in
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({name: grid[None]}, step=step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({name: [grid]}, step=step)
+        elif hasattr(tracker, "log_images"):  # wandb: a list of (H, W) or (H, W, 3) images
+            tracker.log_images({name: [grid[..., 0] if grid.shape[-1] == 1 else grid]}, step=step)
