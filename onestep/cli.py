@@ -197,6 +197,18 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_attention_suite(Path(args.out))
         return 0
+    if args.suite == "memory" and args.shape:
+        from onestep.bench.memory import METHODS, SHAPE_VARIANTS, markdown, run_shape_suite
+
+        unknown = sorted(set(args.methods or []) - set(METHODS))
+        unknown += sorted(set(args.variants or []) - set(SHAPE_VARIANTS))
+        if unknown:
+            raise UserInputError(f"unknown method or variant {unknown[0]!r}; methods: {', '.join(METHODS)}; "
+                                 f"variants: {', '.join(SHAPE_VARIANTS)}")
+        report = run_shape_suite(args.shape, Path(args.out), list(args.methods or METHODS),
+                                 list(args.variants or SHAPE_VARIANTS), args.steps, args.latent_size, args.max_gb)
+        (Path(args.out) / "memory.md").write_text(markdown(report))
+        return 0
     if not args.runs:
         raise UserInputError(f"suite {args.suite} needs at least one run folder or config file")
     if args.suite == "scaling":
@@ -216,7 +228,14 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.suite == "step-overhead":
         for config in args.runs:
-            cfg = load_config(config, [f"output_dir={args.out}"])
+            overrides = []
+            if args.shape:  # real-size random-weight networks, batch 1, the savers of the first --variants entry
+                from onestep.bench.memory import SHAPE_VARIANTS, shape_overrides
+
+                method = load_config(config, [f"output_dir={args.out}"]).method
+                overrides = [*shape_overrides(args.shape, method, Path(args.out), args.latent_size),
+                             *SHAPE_VARIANTS[(args.variants or ["bf16_ckpt_lora"])[0]]]
+            cfg = load_config(config, [f"output_dir={args.out}", *overrides, *args.overrides])
             print(json.dumps({"config": config, **step_overhead(cfg, args.iterations)}))
         return 0
     run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples,
@@ -288,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="scaling: process counts")
     bench.add_argument("--train-steps", type=int, default=30, help="scaling: training steps per process count")
     bench.add_argument("--batch-size", type=int, default=None, help="memory: data.batch_size (default: the config's)")
+    bench.add_argument("--shape", choices=["sd15", "sdxl"], default=None,
+                       help="memory: real-size random-weight models in configs/SHAPE/METHOD.yaml at batch 1")
+    bench.add_argument("--methods", nargs="+", default=None, help="memory --shape: methods (default: all six)")
+    bench.add_argument("--variants", nargs="+", default=None, help="memory --shape: variants (default: all)")
+    bench.add_argument("--steps", type=int, default=2, help="memory --shape: rounds of every update (first: warm-up)")
+    bench.add_argument("--latent-size", type=int, default=None,
+                       help="memory --shape: a reduced latent side (activations are scaled by the area ratio)")
+    bench.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="step-overhead: config overrides")
+    bench.add_argument("--max-gb", type=float, default=14.0, help="memory --shape: never run a variant above this")
     bench.add_argument("--baseline", default="dmd2", help="convergence: the method whose final FD is the target")
     bench.add_argument("--iterations", type=int, default=20, help="step-overhead: timed TTUR periods")
     bench.add_argument("--out", required=True)

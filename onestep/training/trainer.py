@@ -200,6 +200,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             return self._skip(update, "gradient")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # free them now: they would sit beside the next update's activations
         if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps with overflowing gradients
             self.lr_schedulers[update.name].step()
         if update.name in self.emas:
@@ -322,6 +323,9 @@ class Trainer:
         attention = getattr(self.task, "attention_backend", None)  # set by onestep.runs: the kernel that runs
         self._log({"step": self.step, "event": "resumed" if resumed else "started",
                    "mixed_precision": self.accelerator.mixed_precision,
+                   # what runs: `accelerate launch --cpu --num_processes 2` runs ONE process (docs/multi_gpu.md)
+                   "num_processes": self.accelerator.num_processes,
+                   "distributed_type": self.accelerator.distributed_type.value,
                    **({"attention": attention} if attention else {})})
         progress = Progress(cfg.max_steps, cfg.max_minutes, self.step, cfg.progress_every_s,
                             enabled=self.accelerator.is_main_process)

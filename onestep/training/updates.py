@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from onestep.errors import UserInputError
+
 
 @dataclass
 class OptimizerConfig:
@@ -19,10 +21,19 @@ class OptimizerConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float | None = 10.0
+    # bitsandbytes' 8-bit AdamW (`pip install 'onestep[bnb]'`): 2 bytes of state per parameter instead of 8
+    use_8bit: bool = False
 
 
-def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.AdamW:
+def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
     """The AdamW every update (and DisBack's path recording) steps with."""
+    if config.use_8bit:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserInputError("use_8bit needs bitsandbytes: pip install 'onestep[bnb]'") from None
+        return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, betas=tuple(config.betas),
+                                            weight_decay=config.weight_decay, eps=config.eps)
     return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
                              eps=config.eps)
 

@@ -1,0 +1,116 @@
+"""Real-size models without downloads: SD1.5- and SDXL-shaped components built from their published configs
+(`onestep/assets/shapes/<shape>/*.json`) with random weights, for memory and speed measurements.
+
+The weights are random, so these teachers are for counting bytes and seconds, never for images. The tokenizer is a
+CLIP tokenizer over single characters (no merges): prompts become up to 77 token ids as with the real one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from onestep.errors import UserInputError
+
+
+SHAPES_DIR = Path(__file__).parent / "assets" / "shapes"
+SHAPES = ("sd15", "sdxl")
+# component name -> (library, class) as a diffusers model_index.json names it
+_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def component_configs(shape: str) -> dict[str, dict]:
+    """The stored published config of each component of `shape` (unet, vae, text encoder(s), scheduler)."""
+    if shape not in SHAPES:
+        raise UserInputError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    return {path.stem: json.loads(path.read_text()) for path in sorted((SHAPES_DIR / shape).glob("*.json"))}
+
+
+def build_component(name: str, config: dict) -> torch.nn.Module:
+    """One component with random weights, in torch's current default dtype and device (`meta` counts for free)."""
+    library, class_name = _CLASSES[name]
+    if library == "diffusers":
+        import diffusers
+
+        return getattr(diffusers, class_name).from_config(config)
+    import transformers
+
+    return getattr(transformers, class_name)(transformers.CLIPTextConfig(**config))
+
+
+def parameter_counts(shape: str) -> dict[str, int]:
+    """Parameters per component, counted on the meta device (no memory, a second or two)."""
+    with torch.device("meta"):
+        return {name: sum(p.numel() for p in build_component(name, config).parameters())
+                for name, config in component_configs(shape).items() if name in _CLASSES}
+
+
+def write_tokenizer(folder: Path, max_length: int = 77) -> None:
+    """A CLIP tokenizer over the 256 byte-level characters (each also word-final) and the two special tokens."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars]
+                                                 + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                  model_max_length=max_length).save_pretrained(folder)
+
+
+def write_random_teacher(shape: str, folder: Path, latent_size: int | None = None,
+                         dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A standard diffusers folder of `shape` with random weights (safetensors, `dtype`), loadable as a teacher.
+
+    `latent_size` changes only the UNet's `sample_size` (the latent side the generator draws), so a run at a reduced
+    size keeps every weight of the real model. Written once: an existing complete folder is reused.
+    """
+    folder = Path(folder)
+    configs = component_configs(shape)
+    if latent_size is not None:
+        configs["unet"] = {**configs["unet"], "sample_size": latent_size}
+    index = {"_class_name": PIPELINES[shape]}
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in `dtype`: an SDXL UNet is 10 GB in float32
+    try:
+        for name, config in configs.items():
+            if name == "scheduler":
+                import diffusers
+
+                scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+                scheduler.save_pretrained(folder / name)
+                index[name] = ["diffusers", config["_class_name"]]
+                continue
+            module = build_component(name, config)
+            module.save_pretrained(folder / name, safe_serialization=True)
+            index[name] = list(_CLASSES[name])
+            del module
+    finally:
+        torch.set_default_dtype(default)
+    for tokenizer in ("tokenizer", "tokenizer_2") if "text_encoder_2" in configs else ("tokenizer",):
+        write_tokenizer(folder / tokenizer)
+        index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))  # last: marks the folder complete
+    return folder
+
+
+def write_random_images(folder: Path, size: int, count: int = 2, seed: int = 0) -> Path:
+    """`count` random RGB PNGs of side `size` (real images for a GAN term's shapes; their content is noise)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return folder
