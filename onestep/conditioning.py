@@ -1,4 +1,5 @@
-"""What a UNet is conditioned on: class labels and/or text embeddings, batched like the images they go with."""
+"""What a UNet is conditioned on: class labels, text embeddings and SDXL's added conditions, batched like the images
+they go with."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ from dataclasses import dataclass, fields
 import torch
 
 
+# SDXL's extra conditions: the UNet takes them as `added_cond_kwargs` (its "text_time" addition embedding)
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
 @dataclass(frozen=True)
 class Condition:
-    """UNet conditioning for one batch. Every field is None or a tensor whose first dimension is the batch."""
+    """UNet conditioning for one batch. Every field is None or a tensor whose first dimension is the batch.
+
+    `class_labels` (N,) class indices; `encoder_hidden_states` (N, L, D) text embeddings for cross-attention;
+    SDXL adds `text_embeds` (N, D') the pooled embedding of its second text encoder and `time_ids` (N, 6) the
+    (original height, width, crop top, left, target height, width) of the training images.
+    """
 
     class_labels: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     def _map(self, fn) -> Condition:
         return Condition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -27,6 +39,15 @@ class Condition:
     def repeat(self, times: int) -> Condition:
         return self._map(lambda v: v.repeat(times, *([1] * (v.dim() - 1))))
 
+    def expand(self, n: int) -> Condition:
+        """A batch-1 condition broadcast to n (a view: the null condition of a batch)."""
+        return self._map(lambda v: v.expand(n, *v.shape[1:]))
+
+    @property
+    def is_empty(self) -> bool:
+        """No class and no text: an unconditional model's condition (nothing to guide with)."""
+        return self.class_labels is None and self.encoder_hidden_states is None
+
     @staticmethod
     def cat(conditions: list[Condition]) -> Condition:
         first = conditions[0]
@@ -34,5 +55,12 @@ class Condition:
                             else torch.cat([getattr(c, f.name) for c in conditions])
                             for f in fields(first)})
 
-    def unet_kwargs(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+    def unet_kwargs(self, dtype: torch.dtype | None = None) -> dict:
+        """Keywords of a diffusers UNet call, floating tensors cast to `dtype` (the UNet's): SDXL's added
+        conditions go in `added_cond_kwargs`."""
+        def cast(v: torch.Tensor) -> torch.Tensor:
+            return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+        present = {f.name: cast(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+        added = {name: present.pop(name) for name in ADDED_CONDITIONS if name in present}
+        return {**present, "added_cond_kwargs": added} if added else present

@@ -27,7 +27,11 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    path: str = "builtin:digits"  # a diffusers folder, or builtin:digits for the shipped teacher
+    # a diffusers folder, builtin:digits for the shipped teacher, or a Hub id (owner/name) in the local Hugging Face
+    # cache (HF_HUB_CACHE / HF_HOME; never downloaded)
+    path: str = "builtin:digits"
+    variant: str | None = None  # weights variant, e.g. fp16: loads *.fp16.safetensors
+    revision: str | None = None  # Hub ids only: the cached branch, tag or commit (default main)
     guidance_scale: float = 1.0
     allow_pickle: bool = False
     # float16 / bfloat16 halve a large teacher's memory; generator and critics are float32 copies of those weights

@@ -93,7 +93,7 @@ def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike,
 def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike,
                      readout: str = "x0", lora: str = "merge") -> Path:
     """A trained generator as an `OneStepPipeline` folder: its UNet and read-out timesteps, the teacher's scheduler,
-    VAE (latent models), text encoder and tokenizer (text-to-image models) and classes.
+    VAE (latent models), text encoder(s) and tokenizer(s) (text-to-image models) and classes.
 
     `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`).
     A LoRA generator's adapters are merged into the exported UNet (`lora="merge"`), or the folder holds the base UNet
@@ -107,6 +107,7 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
         write_extra = functools.partial(save_lora_weights, generator.unet) if lora == "adapter" else None
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                               text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
     out_dir = export_pipeline(pipeline, out_dir, write_extra)
     from onestep.stock_export import export_stock_pipeline
@@ -122,7 +123,8 @@ def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router
     """
     pipeline = MultiStudentPipeline.from_students(list(unets), teacher.scheduler, router=router.to_config(),
                                                   vae=teacher.vae, text_encoder=teacher.text_encoder,
-                                                  tokenizer=teacher.tokenizer, timesteps=list(timesteps),
+                                                  tokenizer=teacher.tokenizer, text_encoder_2=teacher.text_encoder_2,
+                                                  tokenizer_2=teacher.tokenizer_2, timesteps=list(timesteps),
                                                   num_classes=teacher.num_classes)
     return export_pipeline(pipeline, out_dir)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -12,6 +14,9 @@ from onestep.errors import UserInputError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 BUILTIN = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+# the (text encoder, tokenizer) subfolders of a diffusers folder: SD 1.x/2.x have the first, SDXL both
+TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
 # the weight dtypes a config may name (teacher.dtype, DisBack's path_dtype)
@@ -26,9 +31,33 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype": dtype}
 
 
-def resolve_path(path: str | Path) -> Path:
+def resolve_path(path: str | os.PathLike) -> Path:
     """`builtin:digits` names the shipped digits teacher; anything else is a filesystem path."""
     return BUILTIN.get(str(path), Path(path))
+
+
+def resolve_model(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The folder of a model: `builtin:digits`, a local folder, or a Hub id (`owner/name`) already in the local
+    Hugging Face cache (`HF_HUB_CACHE`, or `HF_HOME/hub`), at `revision` (a branch, tag or commit; default main).
+
+    Nothing is downloaded (`local_files_only`), so this works offline (`HF_HUB_OFFLINE=1`) and a run never fetches
+    gigabytes behind the user's back: a Hub id not in the cache is one error naming the download command.
+    """
+    local = resolve_path(path)
+    if local.exists() or not HUB_ID.fullmatch(str(path)):
+        if revision is not None:
+            raise UserInputError(f"a revision ({revision}) applies to Hub ids, not to the local path {path}")
+        return local
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path), revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        at = f" at revision {revision}" if revision else ""
+        option = f" --revision {revision}" if revision else ""
+        raise UserInputError(f"{path} is neither a folder nor a Hub model in the local Hugging Face cache{at} "
+                             f"({constants.HF_HUB_CACHE}); download it first: hf download {path}{option}") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -52,8 +81,10 @@ def check_weights(folder: Path, allow_pickle: bool = False) -> None:
         raise UserInputError(f"{folder} holds no weights (*.safetensors)")
 
 
-def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
-    """A diffusers model (class named in its config.json) from a local folder."""
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+               variant: str | None = None):
+    """A diffusers model (class named in its config.json) from a local folder (`variant`: `*.{variant}.safetensors`
+    weights, e.g. "fp16")."""
     import diffusers
 
     if not folder.is_dir():
@@ -64,10 +95,39 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: b
         raise UserInputError(f"{folder}/config.json names an unknown diffusers model class {class_name!r}")
     check_weights(folder, allow_pickle)
     try:
-        model = model_cls.from_pretrained(folder, use_safetensors=not allow_pickle, **dtype_kwargs(dtype))
+        model = model_cls.from_pretrained(folder, use_safetensors=not allow_pickle, variant=variant,
+                                          **dtype_kwargs(dtype))
     except Exception as err:  # diffusers raises many types for truncated/corrupt files
         raise UserInputError(f"cannot load {folder}: {str(err).splitlines()[0]}") from None
     return model
+
+
+def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+                      variant: str | None = None):
+    """A transformers text encoder (the class in its config's `architectures`: CLIPTextModel, or SDXL's
+    CLIPTextModelWithProjection) from a local folder."""
+    import transformers
+
+    check_weights(folder, allow_pickle)
+    architecture = (_read_json(folder / "config.json").get("architectures") or ["CLIPTextModel"])[0]
+    encoder_cls = getattr(transformers, str(architecture), None)
+    if encoder_cls is None:
+        raise UserInputError(f"{folder}/config.json names an unknown transformers class {architecture!r}")
+    try:
+        return encoder_cls.from_pretrained(folder, use_safetensors=not allow_pickle, variant=variant, dtype=dtype)
+    except Exception as err:  # transformers raises many types for truncated/corrupt files
+        raise UserInputError(f"cannot load {folder}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(folder: Path):
+    import transformers
+
+    if not folder.is_dir():
+        raise UserInputError(f"missing tokenizer folder {folder} (the text encoder beside it needs it)")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # a missing vocab or a corrupt file
+        raise UserInputError(f"cannot load tokenizer {folder}: {str(err).splitlines()[0]}") from None
 
 
 def load_scheduler(folder: Path):
@@ -80,23 +140,26 @@ def load_scheduler(folder: Path):
     return scheduler_cls.from_config(config)
 
 
-def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> dict:
-    """unet + scheduler (+ vae, text_encoder, tokenizer when present) of a standard diffusers folder."""
+def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+                          variant: str | None = None) -> dict:
+    """unet + scheduler (+ vae, text encoders and tokenizers when present) of a standard diffusers folder, in
+    `dtype` as a diffusers pipeline loaded with it would be, and `force_zeros_for_empty_prompt` from its
+    `model_index.json` (SDXL's unconditional embedding)."""
     if not path.is_dir():
         raise UserInputError(f"teacher folder not found: {path}")
     for needed in ("unet", "scheduler"):
         if not (path / needed).is_dir():
             raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
-    parts = {"unet": load_model(path / "unet", dtype, allow_pickle), "scheduler": load_scheduler(path / "scheduler")}
+    parts = {"unet": load_model(path / "unet", dtype, allow_pickle, variant),
+             "scheduler": load_scheduler(path / "scheduler")}
     if (path / "vae").is_dir():
-        parts["vae"] = load_model(path / "vae", dtype, allow_pickle)
-    if (path / "text_encoder").is_dir():
-        import transformers
-
-        check_weights(path / "text_encoder", allow_pickle)
-        config = _read_json(path / "text_encoder" / "config.json")
-        encoder_cls = getattr(transformers, (config.get("architectures") or ["CLIPTextModel"])[0])
-        parts["text_encoder"] = encoder_cls.from_pretrained(path / "text_encoder", use_safetensors=not allow_pickle)
-        parts["tokenizer"] = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
+        parts["vae"] = load_model(path / "vae", dtype, allow_pickle, variant)
+    for encoder, tokenizer in TEXT_PARTS:
+        if (path / encoder).is_dir():
+            parts[encoder] = load_text_encoder(path / encoder, dtype, allow_pickle, variant)
+            parts[tokenizer] = load_tokenizer(path / tokenizer)
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
     return parts
 

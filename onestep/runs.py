@@ -97,8 +97,9 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
 def load_teacher(cfg: RunConfig):
     from onestep.teacher import Teacher
 
-    return Teacher.from_pretrained(resolve_path(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale,
-                                   dtype=DTYPES[cfg.teacher.dtype], allow_pickle=cfg.teacher.allow_pickle)
+    return Teacher.from_pretrained(cfg.teacher.path, guidance_scale=cfg.teacher.guidance_scale,
+                                   dtype=DTYPES[cfg.teacher.dtype], allow_pickle=cfg.teacher.allow_pickle,
+                                   variant=cfg.teacher.variant, revision=cfg.teacher.revision)
 
 
 def _check_teacher_matches_data(teacher, images: torch.Tensor) -> None:

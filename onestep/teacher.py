@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from onestep.conditioning import Condition
+from onestep.pipelines.pipeline_onestep import encode_text, image_size, sdxl_time_ids, takes_added_conditions
 from onestep.schedules import VPSchedule
 from onestep.unet import takes_text, unet_x0
 
@@ -33,41 +35,56 @@ class Teacher(nn.Module):
         num_classes: number of real classes of a class-conditional model; label `num_classes` is the null class.
         guidance_scale: default classifier-free guidance scale (1 = none).
         frozen: put the networks in eval mode without gradients (the default; a teacher is never trained).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder (`CLIPTextModelWithProjection`): prompts then also
+            give the pooled embedding and the time ids of the teacher's resolution (`encode_prompts`).
+        force_zeros_for_empty_prompt: the unconditional text condition is zeros rather than the empty prompt's, as
+            diffusers' SDXL pipeline does when its `model_index.json` says so (SDXL base does).
     """
 
     def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None, text_encoder: nn.Module | None = None,
-                 tokenizer=None, num_classes: int | None = None, guidance_scale: float = 1.0, frozen: bool = True):
+                 tokenizer=None, num_classes: int | None = None, guidance_scale: float = 1.0, frozen: bool = True,
+                 *, text_encoder_2: nn.Module | None = None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = False):
         super().__init__()
         # frozen=False only for a view on a network still in training (periodic evaluation of teacher training).
         self.unet = unet.eval().requires_grad_(False) if frozen else unet
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
+        self.tokenizer_2 = tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.scheduler = scheduler
         self.schedule = VPSchedule.from_scheduler(scheduler)
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1  # the last embedding is the null class
         self.num_classes = num_classes
         self.guidance_scale = guidance_scale
-        self._null_text: torch.Tensor | None = None
+        self._null_text: Condition | None = None
         self.execution_device: torch.device | None = None  # set by `offload`: where the UNet runs, not where it is
 
     # --- construction -----------------------------------------------------------------------------------------
     def with_unet(self, unet: nn.Module) -> Teacher:
-        """This teacher (scheduler, VAE, text encoder, classes, guidance) around another UNet, frozen."""
+        """This teacher (scheduler, VAE, text encoders, classes, guidance) around another UNet, frozen."""
         return Teacher(unet, self.scheduler, self.vae, self.text_encoder, self.tokenizer, self.num_classes,
-                       self.guidance_scale)
+                       self.guidance_scale, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                       force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, guidance_scale: float = 1.0,
-                        dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Teacher:
-        """Read a standard diffusers folder (`unet/`, `scheduler/`, optional `vae/`, `text_encoder/`, `tokenizer/`).
+                        dtype: torch.dtype = torch.float32, allow_pickle: bool = False, variant: str | None = None,
+                        revision: str | None = None) -> Teacher:
+        """Read a standard diffusers folder (`unet/`, `scheduler/`, optional `vae/`, `text_encoder/`, `tokenizer/`,
+        `text_encoder_2/`, `tokenizer_2/`): a local folder, `builtin:digits`, or a Hub id already in the local
+        Hugging Face cache (`revision` picks its snapshot; nothing is downloaded).
 
-        Weights load from safetensors only; `allow_pickle=True` accepts `.bin` files you trust.
+        Weights load from safetensors only (`variant`, e.g. "fp16", picks `*.fp16.safetensors`);
+        `allow_pickle=True` accepts `.bin` files you trust.
         """
-        from onestep.loading import load_diffusers_folder, resolve_path
+        from onestep.loading import load_diffusers_folder, resolve_model
 
-        parts = load_diffusers_folder(resolve_path(path), dtype=dtype, allow_pickle=allow_pickle)
+        parts = load_diffusers_folder(resolve_model(path, revision), dtype=dtype, allow_pickle=allow_pickle,
+                                      variant=variant)
         return cls(**parts, guidance_scale=guidance_scale)
 
     # --- shapes -----------------------------------------------------------------------------------------------
@@ -77,6 +94,11 @@ class Teacher(nn.Module):
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return cfg.in_channels, size, size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels: the training resolution (SDXL's time ids name it)."""
+        return image_size(self.unet, self.vae)
 
     @property
     def is_text(self) -> bool:
@@ -91,9 +113,9 @@ class Teacher(nn.Module):
         """Keep the UNet's weights in CPU memory and move them to `device` for each of its calls only: transfer time
         for memory, when the teacher does not fit beside the trained networks. The Trainer leaves an offloaded
         teacher where it is. A call that is differentiated (SiD's generator loss) holds the weights it used on
-        `device` until its backward pass; the VAE and text encoder stay on `device`."""
+        `device` until its backward pass; the VAE and text encoders stay on `device`."""
         self.execution_device = torch.device(device)
-        for part in (self.vae, self.text_encoder):
+        for part in (self.vae, self.text_encoder, self.text_encoder_2):
             if part is not None:
                 part.to(self.execution_device)
         self.unet.to("cpu")
@@ -102,17 +124,26 @@ class Teacher(nn.Module):
 
     # --- conditions -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP-style prompt embeddings (last hidden state), padded to the tokenizer's max length."""
-        if self.text_encoder is None or self.tokenizer is None:
+    def encode_prompts(self, prompts: list[str]) -> Condition:
+        """The Condition of each prompt, computed as diffusers' pipelines do (`encode_text`; prompts longer than
+        the tokenizer's maximum are truncated with a warning): the prompt embeddings, and for SDXL the pooled
+        embedding and the time ids of the teacher's resolution (uncropped). Float32, on the teacher's device."""
+        encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
+                                                                    (self.text_encoder_2, self.tokenizer_2))
+                    if encoder is not None]
+        if not encoders or any(tokenizer is None for _, tokenizer in encoders):
             raise ValueError("this teacher has no text encoder/tokenizer; it cannot take prompts")
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        hidden, pooled = encode_text(list(prompts), encoders, self.device)
+        if not takes_added_conditions(self.unet):
+            return Condition(encoder_hidden_states=hidden.float())
+        if pooled is None:
+            raise ValueError("this UNet takes SDXL's pooled text embedding; the teacher needs text_encoder_2")
+        return Condition(encoder_hidden_states=hidden.float(), text_embeds=pooled.float(),
+                         time_ids=sdxl_time_ids(self.image_size, len(prompts), self.device))
 
     def condition(self, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None) -> Condition:
         if prompts is not None:
-            return Condition(encoder_hidden_states=self.encode_prompts(prompts))
+            return self.encode_prompts(prompts)
         if class_labels is not None and self.num_classes is None:
             raise ValueError("class labels given to a teacher that is not class-conditional")
         return Condition(class_labels=class_labels)
@@ -122,19 +153,32 @@ class Teacher(nn.Module):
         if self.num_classes is not None:
             return Condition(class_labels=torch.full((n,), self.num_classes, device=self.device))
         if self.is_text:
-            return self.null_condition(Condition(encoder_hidden_states=torch.zeros(n, 1, 1, device=self.device)))
+            return self.null_text().expand(n)
         return Condition()
 
+    def null_text(self) -> Condition:
+        """The unconditional text condition, batch 1: the empty prompt's, or zero embeddings where the teacher
+        follows diffusers' `force_zeros_for_empty_prompt` (time ids as for any prompt)."""
+        if self._null_text is None:
+            empty = self.encode_prompts([""])
+            if self.force_zeros_for_empty_prompt:
+                empty = replace(empty, encoder_hidden_states=torch.zeros_like(empty.encoder_hidden_states),
+                                text_embeds=None if empty.text_embeds is None else torch.zeros_like(empty.text_embeds))
+            self._null_text = empty
+        return self._null_text
+
     def null_condition(self, condition: Condition) -> Condition:
-        """The unconditional counterpart: null class label (index num_classes) or the empty-prompt embedding."""
+        """The unconditional counterpart: null class label (index num_classes) and/or the unconditional text
+        embeddings (`null_text`); SDXL's time ids stay the condition's, as diffusers keeps them for the negative
+        prompt."""
         null = {}
         if condition.class_labels is not None:
             null["class_labels"] = torch.full_like(condition.class_labels, self.num_classes)
         if condition.encoder_hidden_states is not None:
-            if self._null_text is None:
-                self._null_text = self.encode_prompts([""])
-            batch = condition.encoder_hidden_states.shape[0]
-            null["encoder_hidden_states"] = self._null_text.to(condition.encoder_hidden_states).expand(batch, -1, -1)
+            text = self.null_text().to(condition.encoder_hidden_states.device)
+            text = text.expand(condition.encoder_hidden_states.shape[0])
+            null.update(encoder_hidden_states=text.encoder_hidden_states, text_embeds=text.text_embeds,
+                        time_ids=condition.time_ids)
         return Condition(**null)
 
     # --- prediction -------------------------------------------------------------------------------------------
@@ -148,8 +192,7 @@ class Teacher(nn.Module):
                      guidance_scale: float | None = None) -> torch.Tensor:
         """As `x0`, but lets gradients flow to x_t (SiD/SFD differentiate through the teacher's input)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        unconditional = condition.class_labels is None and condition.encoder_hidden_states is None
-        if scale == 1.0 or unconditional:
+        if scale == 1.0 or condition.is_empty:
             return unet_x0(self.unet, self.schedule, x_t, t, condition)
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
         both = Condition.cat([self.null_condition(condition), condition])

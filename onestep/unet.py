@@ -24,8 +24,7 @@ def unet_forward(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition:
     """The raw UNet output at (x_t, t) for a batch condition, run in the UNet's dtype."""
     dtype = next(unet.parameters()).dtype
     t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-    kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in condition.unet_kwargs().items()}
-    return unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0]
+    return unet(x_t.to(dtype), t, **condition.unet_kwargs(dtype), return_dict=False)[0]
 
 
 def unet_x0(unet: nn.Module, schedule: VPSchedule, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,

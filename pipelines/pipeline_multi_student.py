@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import warnings
 
 import torch
 from diffusers import (
@@ -70,6 +71,19 @@ def route_requests(router: dict, class_labels: torch.Tensor | None,
     raise ValueError(f"unknown router type {kind!r}")
 
 
+def tokenize(tokenizer, prompt: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length. A longer prompt is truncated, as diffusers' pipelines do, with
+    a warning naming what it loses (once per prompt: a training run draws the same prompts again and again)."""
+    max_length = tokenizer.model_max_length
+    for text, ids in zip(prompt, tokenizer(prompt).input_ids, strict=True):
+        if len(ids) > max_length:
+            lost = tokenizer.decode(ids[max_length - 1:-1])
+            warnings.warn(f"prompt truncated to {max_length} tokens (CLIP can only handle sequences up to "
+                          f"{max_length} tokens): {text!r} loses {lost!r}", stacklevel=2)
+    return tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def router_num_classes(router: dict) -> int | None:
     """Classes a class router splits (None for a text router)."""
     if router["type"] == "class_mapping":
@@ -92,25 +106,29 @@ class MultiStudentPipeline(DiffusionPipeline):
         text_encoder ([`~transformers.CLIPTextModel`], *optional*), tokenizer ([`~transformers.CLIPTokenizer`],
             *optional*): the teacher's text encoder for text-to-image students (last hidden state, padded to the
             tokenizer's max length).
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`], *optional*), tokenizer_2 (*optional*): SDXL's
+            second text encoder, as in `OneStepPipeline` (penultimate hidden states of both encoders, the pooled
+            embedding and the time ids); the router pools the concatenated hidden states.
         timesteps (`list[int]`, defaults to `[999]`): the students' read-out timesteps, decreasing.
         num_classes (`int`, *optional*): real classes; read from `unet_0.config.num_class_embeds - 1` when not given.
         router (`dict`): the router's config (`onestep.routing.Router.to_config()`); required, the default only
             satisfies diffusers (a parameter without default would count as a component).
     """
 
-    model_cpu_offload_seq = "->".join(("text_encoder", *STUDENT_SLOTS, "vae"))
-    _optional_components = ["vae", "text_encoder", "tokenizer", *STUDENT_SLOTS]
+    model_cpu_offload_seq = "->".join(("text_encoder", "text_encoder_2", *STUDENT_SLOTS, "vae"))
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", *STUDENT_SLOTS]
 
     def __init__(self, scheduler: SchedulerMixin, unet_0: Student | None = None, unet_1: Student | None = None,
                  unet_2: Student | None = None, unet_3: Student | None = None, unet_4: Student | None = None,
                  unet_5: Student | None = None, unet_6: Student | None = None, unet_7: Student | None = None,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
                  timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
-                 router: dict | None = None):
+                 router: dict | None = None, text_encoder_2=None, tokenizer_2=None):
         super().__init__()
         slots = dict(zip(STUDENT_SLOTS, (unet_0, unet_1, unet_2, unet_3, unet_4, unet_5, unet_6, unet_7),
                          strict=True))
-        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, **slots)
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, **slots)
         students = self.check_students(list(slots.values()))
         if num_classes is None and getattr(students[0].config, "num_class_embeds", None):
             num_classes = students[0].config.num_class_embeds - 1
@@ -213,17 +231,39 @@ class MultiStudentPipeline(DiffusionPipeline):
         return labels.to(self._execution_device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
-        """Prompt embeddings (the text encoder's last hidden state), as the teacher computed them in training."""
-        if self.text_encoder is None or self.tokenizer is None:
+    def encode_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, pooled embeddings or None), as the teacher computed them in training (the
+        arithmetic of `OneStepPipeline`'s `encode_text`: the last hidden state of one encoder; SDXL's two encoders'
+        penultimate hidden states concatenated and the second's pooled embedding)."""
+        encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
+                                                                    (self.text_encoder_2, self.tokenizer_2))
+                    if encoder is not None]
+        if not encoders or any(tokenizer is None for _, tokenizer in encoders):
             raise ValueError("prompt given to a pipeline without a text encoder and tokenizer")
-        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
+        device = self._execution_device
+        if len(encoders) == 1:
+            encoder, tokenizer = encoders[0]
+            return encoder(tokenize(tokenizer, prompt).to(device))[0], None
+        hidden, pooled = [], None
+        for encoder, tokenizer in encoders:
+            out = encoder(tokenize(tokenizer, prompt).to(device), output_hidden_states=True)
+            if out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def time_ids(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """SDXL's default micro-conditioning for uncropped images of the students' resolution, (batch_size, 6)."""
+        _, height, width = self.sample_shape
+        factor = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        height, width = height * factor, width * factor
+        return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device).expand(
+            batch_size, 6)
 
     def unet_kwargs(self, unet: Student, class_labels: torch.Tensor | None,
-                    prompt_embeds: torch.Tensor | None) -> dict:
-        """Conditioning keywords of one student's call: class labels and/or prompt embeddings in its dtype."""
+                    prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None = None) -> dict:
+        """Conditioning keywords of one student's call: class labels and/or prompt embeddings, and for SDXL-style
+        students the pooled embeddings and time ids (`added_cond_kwargs`), in its dtype."""
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         if "encoder_hidden_states" in inspect.signature(unet.forward).parameters:
             cfg = unet.config
@@ -231,6 +271,12 @@ class MultiStudentPipeline(DiffusionPipeline):
             if cross_attends and prompt_embeds is None:
                 raise ValueError(f"this UNet cross-attends to text; call {type(self).__name__} with a prompt")
             kwargs["encoder_hidden_states"] = None if prompt_embeds is None else prompt_embeds.to(unet.dtype)
+        if getattr(unet.config, "addition_embed_type", None) == "text_time":
+            if pooled_prompt_embeds is None:
+                raise ValueError("this UNet takes SDXL's pooled text embedding: the pipeline needs text_encoder_2")
+            time_ids = self.time_ids(len(pooled_prompt_embeds), pooled_prompt_embeds.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled_prompt_embeds.to(unet.dtype),
+                                           "time_ids": time_ids.to(unet.dtype)}
         return kwargs
 
     # --- generation -----------------------------------------------------------------------------------------------
@@ -257,7 +303,8 @@ class MultiStudentPipeline(DiffusionPipeline):
         return x0
 
     def generate(self, students: torch.Tensor, class_labels: torch.Tensor | None, prompt_embeds: torch.Tensor | None,
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """x0 in model space (float32), request by request, each from its routed student.
 
         All noise is drawn first over the whole batch, in request order and in `OneStepPipeline`'s draw order (one
@@ -271,7 +318,8 @@ class MultiStudentPipeline(DiffusionPipeline):
             rows = (students == k).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            kwargs = self.unet_kwargs(unet, take(class_labels, rows), take(prompt_embeds, rows))
+            kwargs = self.unet_kwargs(unet, take(class_labels, rows), take(prompt_embeds, rows),
+                                      take(pooled_prompt_embeds, rows))
             x0[rows] = self.student_x0(unet, [noise[rows] for noise in noises], kwargs)
         return x0
 
@@ -302,11 +350,12 @@ class MultiStudentPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         labels = self.prepare_class_labels(class_labels, batch_size)
-        prompt_embeds = None
+        prompt_embeds = pooled_prompt_embeds = None
         if prompt is not None:
-            prompt_embeds = self.encode_prompt([prompt] * batch_size if isinstance(prompt, str) else list(prompt))
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(
+                [prompt] * batch_size if isinstance(prompt, str) else list(prompt))
         students = self.route(labels, prompt_embeds)
-        x0 = self.generate(students, labels, prompt_embeds, generator)
+        x0 = self.generate(students, labels, prompt_embeds, generator, pooled_prompt_embeds)
         images = self.image_processor.postprocess(self.decode(x0), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -12,6 +12,10 @@ Two read-outs (`readout` in the config; folders without it are "x0"):
   "signal"  BOOT students g(eps, t): the UNet sees the noise eps itself at timestep t and its output is read out
             as x0 at the terminal timestep T-1 (as if eps were x_{T-1}); g(eps, t) is the signal y_t of the
             teacher's DDIM trajectory from eps, and the sample is y at the one configured timestep (0).
+
+Text conditioning is computed as diffusers' Stable Diffusion pipelines compute it (`encode_text`, `sdxl_time_ids`);
+onestep's Teacher calls these same functions in training, so a prompt conditions the exported student exactly as
+it conditioned the student in training.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +43,60 @@ from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 READOUTS = ("x0", "signal")
+
+
+def tokenize(tokenizer, prompt: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length. A longer prompt is truncated, as diffusers' pipelines do, with
+    a warning naming what it loses (once per prompt: a training run draws the same prompts again and again)."""
+    max_length = tokenizer.model_max_length
+    for text, ids in zip(prompt, tokenizer(prompt).input_ids, strict=True):
+        if len(ids) > max_length:
+            lost = tokenizer.decode(ids[max_length - 1:-1])
+            warnings.warn(f"prompt truncated to {max_length} tokens (CLIP can only handle sequences up to "
+                          f"{max_length} tokens): {text!r} loses {lost!r}", stacklevel=2)
+    return tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_text(prompt: list[str], encoders: list[tuple], device: torch.device | str) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor | None]:
+    """(prompt embeddings, pooled embeddings) from (text encoder, tokenizer) pairs, as diffusers computes them.
+
+    One encoder (SD 1.x/2.x): its last hidden state, no pooled embedding. Two (SDXL): both encoders' penultimate
+    hidden states concatenated along the features, and the pooled (projected) embedding of the last encoder that
+    gives one (`CLIPTextModelWithProjection`).
+    """
+    if len(encoders) == 1:
+        encoder, tokenizer = encoders[0]
+        return encoder(tokenize(tokenizer, prompt).to(device))[0], None
+    hidden, pooled = [], None
+    for encoder, tokenizer in encoders:
+        out = encoder(tokenize(tokenizer, prompt).to(device), output_hidden_states=True)
+        if out[0].ndim == 2:
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def image_size(unet: UNet2DModel | UNet2DConditionModel, vae: AutoencoderKL | None) -> tuple[int, int]:
+    """(height, width) in pixels of what the UNet generates: its sample size times the VAE's downsampling."""
+    size = unet.config.sample_size
+    height, width = size if isinstance(size, (list, tuple)) else (size, size)
+    factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    return height * factor, width * factor
+
+
+def sdxl_time_ids(size: tuple[int, int], batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """SDXL's micro-conditioning (original size, crop top-left, target size) for uncropped images of `size`: the
+    (batch_size, 6) float32 `time_ids` diffusers' SDXL pipeline passes by default."""
+    height, width = size
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device).expand(
+        batch_size, 6)
+
+
+def takes_added_conditions(unet: UNet2DModel | UNet2DConditionModel) -> bool:
+    """True for SDXL-style UNets: pooled text embeddings and time ids enter through `added_cond_kwargs`."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 @dataclass
@@ -62,6 +121,9 @@ class OneStepPipeline(DiffusionPipeline):
         text_encoder ([`~transformers.CLIPTextModel`], *optional*), tokenizer ([`~transformers.CLIPTokenizer`],
             *optional*): the teacher's text encoder for text-to-image generators (last hidden state, padded to the
             tokenizer's max length).
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`], *optional*), tokenizer_2 (*optional*): SDXL's
+            second text encoder: with it the prompt embeddings are both encoders' penultimate hidden states, and the
+            UNet also gets the pooled embedding and the time ids of its own resolution (see `encode_text`).
         timesteps (`list[int]`, defaults to `[999]`): the generator's read-out timesteps, decreasing; one = one step.
         num_classes (`int`, *optional*): real classes of a class-conditional generator, the class index
             `num_classes` being the null class; read from `unet.config.num_class_embeds - 1` when not given.
@@ -69,16 +131,17 @@ class OneStepPipeline(DiffusionPipeline):
             call y = G(z, t_0) read out at the terminal timestep with z itself as input (see the module docstring).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
                  timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
-                 readout: str = "x0"):
+                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1
         if readout not in READOUTS:
@@ -158,23 +221,36 @@ class OneStepPipeline(DiffusionPipeline):
         return labels.to(self._execution_device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
-        """Prompt embeddings (the text encoder's last hidden state), as the teacher computed them in training."""
-        if self.text_encoder is None or self.tokenizer is None:
+    def encode_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, pooled embeddings or None), as the teacher computed them in training."""
+        encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
+                                                                    (self.text_encoder_2, self.tokenizer_2))
+                    if encoder is not None]
+        if not encoders or any(tokenizer is None for _, tokenizer in encoders):
             raise ValueError("prompt given to a pipeline without a text encoder and tokenizer")
-        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
+        return encode_text(prompt, encoders, self._execution_device)
 
-    def unet_kwargs(self, class_labels: torch.Tensor | None, prompt_embeds: torch.Tensor | None = None) -> dict:
-        """Conditioning keywords of the UNet call: class labels and/or prompt embeddings."""
+    def unet_kwargs(self, class_labels: torch.Tensor | None, prompt_embeds: torch.Tensor | None = None,
+                    pooled_prompt_embeds: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> dict:
+        """Conditioning keywords of the UNet call: class labels and/or prompt embeddings, and for SDXL-style UNets
+        the pooled embeddings and the time ids of `size` (height, width in pixels; default the generator's own)
+        as `added_cond_kwargs`, in the UNet's dtype."""
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         if "encoder_hidden_states" in inspect.signature(self.unet.forward).parameters:
             cfg = self.unet.config
             cross_attends = any("CrossAttn" in (block or "") for block in (*cfg.down_block_types, cfg.mid_block_type))
             if cross_attends and prompt_embeds is None:
                 raise ValueError(f"this UNet cross-attends to text; call {type(self).__name__} with a prompt")
-            kwargs["encoder_hidden_states"] = prompt_embeds  # None: a UNet2DConditionModel without cross-attention
+            # None: a UNet2DConditionModel without cross-attention
+            kwargs["encoder_hidden_states"] = None if prompt_embeds is None else prompt_embeds.to(self.unet.dtype)
+        if takes_added_conditions(self.unet):
+            if pooled_prompt_embeds is None:
+                raise ValueError("this UNet takes SDXL's pooled text embedding: give a prompt (the pipeline needs "
+                                 "text_encoder_2) or pooled_prompt_embeds")
+            time_ids = sdxl_time_ids(size or image_size(self.unet, self.vae), len(pooled_prompt_embeds),
+                                     pooled_prompt_embeds.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled_prompt_embeds.to(self.unet.dtype),
+                                           "time_ids": time_ids.to(self.unet.dtype)}
         return kwargs
 
     def predict_x0(self, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
@@ -217,9 +293,12 @@ class OneStepPipeline(DiffusionPipeline):
 
     @staticmethod
     def check_conditions(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None,
-                         num_images_per_prompt: int) -> None:
-        if prompt is not None and prompt_embeds is not None:
+                         num_images_per_prompt: int, pooled_prompt_embeds: torch.Tensor | None = None) -> None:
+        if prompt is not None and (prompt_embeds is not None or pooled_prompt_embeds is not None):
             raise ValueError("give prompt or prompt_embeds, not both")
+        if pooled_prompt_embeds is not None and (prompt_embeds is None or len(pooled_prompt_embeds) != len(
+                prompt_embeds)):
+            raise ValueError("pooled_prompt_embeds go with prompt_embeds, one row per prompt")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if prompt_embeds is not None and prompt_embeds.dim() != 3:
@@ -233,6 +312,7 @@ class OneStepPipeline(DiffusionPipeline):
                  return_dict: bool = True, preview_timesteps: list[int] | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None,
                  callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",)) -> ImagePipelineOutput | tuple:
         r"""Generate images.
@@ -257,6 +337,8 @@ class OneStepPipeline(DiffusionPipeline):
                 model space; drawn with `generator` when not given. The generator's input is sigma_{t_0} z.
             prompt_embeds (`torch.Tensor`, *optional*): precomputed text-encoder hidden states (batch, tokens, dim)
                 instead of `prompt`.
+            pooled_prompt_embeds (`torch.Tensor`, *optional*): SDXL-style generators with `prompt_embeds`: the
+                pooled text embeddings (batch, dim); the time ids are those of the image size.
             height (`int`, *optional*), width (`int`, *optional*): image size in pixels; defaults to the
                 generator's sample size (times the VAE's down-scaling factor).
             callback_on_step_end (`Callable`, *optional*): called after each generator step as
@@ -273,7 +355,7 @@ class OneStepPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, "
                              f"got {sorted(unknown)}")
-        self.check_conditions(prompt, prompt_embeds, num_images_per_prompt)
+        self.check_conditions(prompt, prompt_embeds, num_images_per_prompt, pooled_prompt_embeds)
         readout = self.config.readout
         timesteps = self.config.timesteps if timesteps is None else self.check_timesteps(timesteps, readout)
         if preview_timesteps is not None:
@@ -286,7 +368,9 @@ class OneStepPipeline(DiffusionPipeline):
         num_images = batch_size if labels is None else labels.numel()
         if prompt is not None:
             prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.encode_prompt(prompts)
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts)
+        if pooled_prompt_embeds is not None:
+            pooled_prompt_embeds = pooled_prompt_embeds.to(self._execution_device, self.unet.dtype)
         if prompt_embeds is not None:
             prompt_embeds = prompt_embeds.to(self._execution_device, self.unet.dtype)
             num_images = len(prompt_embeds)
@@ -297,8 +381,11 @@ class OneStepPipeline(DiffusionPipeline):
             labels = None if labels is None else labels.repeat_interleave(num_images_per_prompt)
             if prompt_embeds is not None:
                 prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        unet_kwargs = self.unet_kwargs(labels, prompt_embeds)
+            if pooled_prompt_embeds is not None:
+                pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         shape = (num_images, *self.model_shape(height, width))
+        size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
+        unet_kwargs = self.unet_kwargs(labels, prompt_embeds, pooled_prompt_embeds, size)
         if latents is None:
             noise = randn_tensor(shape, generator, self._execution_device, torch.float32)
         elif tuple(latents.shape) != shape:

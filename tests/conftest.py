@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +20,12 @@ torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
 
 
-def save_folder(out_dir, pipeline_class: str, **components) -> None:
-    """A diffusers model folder (model_index.json + one subfolder per component) for loading tests."""
+def save_folder(out_dir, pipeline_class: str, index_config: dict | None = None, **components) -> None:
+    """A diffusers model folder (model_index.json + one subfolder per component) for loading tests;
+    `index_config` adds pipeline config keys to model_index.json (e.g. force_zeros_for_empty_prompt)."""
     import diffusers
 
-    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__, **(index_config or {})}
     for name, component in components.items():
         component.save_pretrained(out_dir / name)
         index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
@@ -59,9 +62,10 @@ def scheduler(prediction_type: str = "v_prediction", zero_snr: bool = True) -> D
                          prediction_type=prediction_type, timestep_spacing="trailing", clip_sample=False)
 
 
-def tiny_clip(tmp_path):
-    """A 1-layer CLIP text encoder and a CLIP tokenizer over a hand-made vocabulary (letters, 'cat', 'dog')."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_clip(tmp_path, projection_dim: int | None = None, seed: int = 0):
+    """A 1-layer CLIP text encoder and a CLIP tokenizer over a hand-made vocabulary (letters, 'cat', 'dog'); with
+    `projection_dim` a `CLIPTextModelWithProjection` (SDXL's second encoder, giving a pooled embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
     for token in [c + "</w>" for c in string.ascii_lowercase] + ["ca", "cat</w>", "do", "dog</w>",
@@ -70,16 +74,90 @@ def tiny_clip(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
     tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                             num_attention_heads=2, max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"],
-                            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    return CLIPTextModel(config).eval(), tokenizer
+                            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+                            projection_dim=projection_dim or 16)
+    model_cls = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model_cls(config).eval(), tokenizer
+
+
+def tiny_sdxl_unet(cross_dim: int = 32, pooled_dim: int = 8, time_dim: int = 8, seed: int = 0) -> UNet2DConditionModel:
+    """An SDXL-shaped UNet: cross-attention to both encoders' states, and the "text_time" added embedding of the
+    pooled text embedding and 6 time ids."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+                                attention_head_dim=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim)
+
+
+def sd_folder(out_dir: Path, kind: str = "sd15") -> Path:
+    """A tiny Stable Diffusion-shaped teacher folder written with `save_pretrained`: "sd15" (epsilon, PNDM, one
+    CLIP encoder), "sd2" (v-prediction, DDIM) or "sdxl" (two encoders, the second with projection, Euler,
+    force_zeros_for_empty_prompt as in SDXL base)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    (out_dir / "vocab").mkdir(parents=True)
+    encoder, tokenizer = tiny_clip(out_dir / "vocab")
+    if kind == "sdxl":
+        encoder_2, tokenizer_2 = tiny_clip(out_dir / "vocab", projection_dim=8, seed=1)
+        save_folder(out_dir, "StableDiffusionXLPipeline", {"force_zeros_for_empty_prompt": True},
+                    unet=tiny_sdxl_unet(), vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer,
+                    text_encoder_2=encoder_2, tokenizer_2=tokenizer_2,
+                    scheduler=EulerDiscreteScheduler(**sd, timestep_spacing="leading", steps_offset=1))
+    else:
+        sched = (PNDMScheduler(**sd, skip_prk_steps=True, steps_offset=1) if kind == "sd15"
+                 else DDIMScheduler(**sd, prediction_type="v_prediction", clip_sample=False, steps_offset=1))
+        save_folder(out_dir, "StableDiffusionPipeline", unet=tiny_text_unet(), vae=tiny_vae(), text_encoder=encoder,
+                    tokenizer=tokenizer, scheduler=sched)
+    shutil.rmtree(out_dir / "vocab")
+    return out_dir
+
+
+def hub_snapshot(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40, ref: str = "main") -> Path:
+    """`folder` laid out in a Hugging Face hub cache as `huggingface_hub` leaves a downloaded model
+    (models--owner--name/snapshots/COMMIT/..., refs/REF naming the commit)."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    return snapshot
 
 
 @pytest.fixture
 def class_teacher() -> Teacher:
     return Teacher(tiny_unet(num_classes=3), scheduler())
+
+
+@pytest.fixture
+def sd15_folder(tmp_path) -> Path:
+    return sd_folder(tmp_path / "sd15", "sd15")
+
+
+@pytest.fixture
+def sdxl_folder(tmp_path) -> Path:
+    return sd_folder(tmp_path / "sdxl", "sdxl")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty, offline Hugging Face hub cache for this test (HF_HUB_CACHE; fill it with `hub_snapshot`)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once at import; the env is for subprocesses
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
 @pytest.fixture

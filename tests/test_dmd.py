@@ -186,7 +186,7 @@ def test_text_to_image_generator_exports_a_prompted_pipeline(tmp_path, text_teac
     assert images.shape == (2, 3, 16, 16)
     # the pipeline's output is the generator's one-step sample decoded by the VAE, from the same noise and prompts
     z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    condition = Condition(encoder_hidden_states=text_teacher.encode_prompts(["a cat", "dog"]))
+    condition = text_teacher.encode_prompts(["a cat", "dog"])
     expected = (text_teacher.decode(dmd.generator.sample(z, condition)).clamp(-1, 1) + 1) / 2
     assert torch.allclose(images, expected, atol=1e-4)
 

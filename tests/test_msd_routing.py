@@ -282,13 +282,14 @@ def test_text_students_route_as_fitted_after_save_and_load(tmp_path):
     teacher = Teacher(tiny_text_unet(), sched, text_encoder=encoder, tokenizer=tokenizer)
     letters = "abcdefghijklmnopqrstuvwxyz"
     prompts = [f"{letters[i % 26]}{letters[(7 * i) % 26]} {'cat' if i % 2 else 'dog'}" for i in range(16)]
-    router = TextPCARouter.fit(pool(teacher.encode_prompts(prompts)), 4)
-    routed = router.route(prompt_embeds=teacher.encode_prompts(prompts))
+    embeds = teacher.encode_prompts(prompts).encoder_hidden_states
+    router = TextPCARouter.fit(pool(embeds), 4)
+    routed = router.route(prompt_embeds=embeds)
     assert sorted(set(routed.tolist())) == [0, 1, 2, 3]
 
     unets = [tiny_text_unet(seed=k).eval() for k in range(4)]
     loaded = MultiStudentPipeline.from_pretrained(export_students(unets, teacher, router, [999], tmp_path / "t"))
-    assert torch.equal(loaded.route(prompt_embeds=loaded.encode_prompt(prompts)), routed)
+    assert torch.equal(loaded.route(prompt_embeds=loaded.encode_prompt(prompts)[0]), routed)
     images = loaded(prompt=prompts, generator=per_request(range(16)), output_type="pt").images
     for k, unet in enumerate(unets):
         rows = (routed == k).nonzero().flatten()

@@ -48,7 +48,7 @@ def test_text_teacher_guidance_uses_empty_prompt(text_teacher):
     cond = text_teacher.condition(prompts=prompts)
     assert cond.encoder_hidden_states.shape == (2, 8, 16)
     null = text_teacher.null_condition(cond)
-    assert torch.allclose(null.encoder_hidden_states[0], text_teacher.encode_prompts([""])[0])
+    assert torch.allclose(null.encoder_hidden_states[0], text_teacher.encode_prompts([""]).encoder_hidden_states[0])
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([300, 300])
     c = text_teacher.x0(x_t, t, cond, guidance_scale=1.0)
     u = text_teacher.x0(x_t, t, null, guidance_scale=1.0)
@@ -82,7 +82,8 @@ def test_from_pretrained_text_folder(tmp_path, text_teacher):
                           scheduler=text_teacher.scheduler, vae=text_teacher.vae,
                           text_encoder=text_teacher.text_encoder, tokenizer=text_teacher.tokenizer)
     loaded = Teacher.from_pretrained(tmp_path / "t")
-    assert torch.allclose(loaded.encode_prompts(["a cat"]), text_teacher.encode_prompts(["a cat"]))
+    assert torch.allclose(loaded.encode_prompts(["a cat"]).encoder_hidden_states,
+                          text_teacher.encode_prompts(["a cat"]).encoder_hidden_states)
     assert loaded.is_text and loaded.vae is not None
 
 

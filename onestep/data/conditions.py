@@ -12,11 +12,12 @@ from onestep.conditioning import Condition
 class ConditionSampler:
     """Random conditions for a batch: uniform labels over `classes`, uniform prompts from a list, or none.
 
-    `classes` restricts labels to a subset (MSD gives each student its slice); prompts are embedded by `encode`.
+    `classes` restricts labels to a subset (MSD gives each student its slice); prompts become Conditions through
+    `encode` (the teacher's `encode_prompts`: text embeddings, and SDXL's pooled embeddings and time ids).
     """
 
     def __init__(self, classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
-                 encode: Callable[[list[str]], torch.Tensor] | None = None):
+                 encode: Callable[[list[str]], Condition] | None = None):
         if prompts is not None and encode is None:
             raise ValueError("prompts need an encode function (the teacher's text encoder)")
         self.classes = torch.as_tensor(list(classes)) if classes is not None else None
@@ -32,13 +33,10 @@ class ConditionSampler:
         """Uniform indices into the condition list (zeros for an unconditional model)."""
         return torch.randint(0, max(len(self), 1), (n,))
 
-    def encode_condition(self, prompts: list[str]) -> Condition:
-        return Condition(encoder_hidden_states=self.encode(prompts))
-
     def condition(self, index: torch.Tensor, device: torch.device | str) -> Condition:
         """The Condition of drawn indices (labels, or embedded prompts)."""
         if self.prompts is not None:
-            return self.encode_condition([self.prompts[i] for i in index.tolist()]).to(device)
+            return self.encode([self.prompts[i] for i in index.tolist()]).to(device)
         if self.classes is not None:
             return Condition(class_labels=self.classes[index.cpu()].to(device))
         return Condition()

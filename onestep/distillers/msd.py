@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from onestep.data.conditions import ConditionSampler
 from onestep.distillers.base import class_conditions
 from onestep.distillers.dmd import DMD, DMDOptions
@@ -52,12 +54,18 @@ class MSDOptions(DMDOptions):
             raise ValueError("lora.export must be merge: the students are assembled into one MultiStudentPipeline")
 
 
+def pooled_prompts(conditions: ConditionSampler) -> torch.Tensor:
+    """The router's view of every prompt: the token mean of its text embeddings (both encoders' for SDXL), as
+    `MultiStudentPipeline` pools them at inference."""
+    return pool(conditions.encode(conditions.prompts).encoder_hidden_states)
+
+
 def build_router(options: MSDOptions, teacher, conditions: ConditionSampler) -> Router:
     """The partition of the teacher's conditions into `num_students` slices."""
     if options.partition == "text_pca":
         if conditions.prompts is None:
             raise ValueError("partition text_pca needs a text teacher and data.prompts")
-        return TextPCARouter.fit(pool(conditions.encode(conditions.prompts)), options.num_students)
+        return TextPCARouter.fit(pooled_prompts(conditions), options.num_students)
     if teacher.num_classes is None:
         raise ValueError(f"partition {options.partition} needs a class-conditional teacher")
     if options.partition == "mapping":
@@ -71,7 +79,7 @@ def build_router(options: MSDOptions, teacher, conditions: ConditionSampler) -> 
 def student_slice(router: Router, conditions: ConditionSampler, k: int) -> ConditionSampler:
     """The conditions student k owns, as a sampler of their own."""
     if conditions.prompts is not None:
-        routed = router.route(prompt_embeds=pool(conditions.encode(conditions.prompts))).tolist()
+        routed = router.route(prompt_embeds=pooled_prompts(conditions)).tolist()
         return ConditionSampler(prompts=[p for p, s in zip(conditions.prompts, routed, strict=True) if s == k],
                                 encode=conditions.encode)
     return ConditionSampler(classes=router.classes_of(k))

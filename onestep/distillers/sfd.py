@@ -105,7 +105,7 @@ class SFD(SiD):
         """c_o for each forget sample: a fixed class, a random remaining class, a pseudo-label, or rewritten prompt."""
         o = self.options
         if o.forget_prompts:
-            return self.forget.encode_condition([self.override_prompts[i] for i in forget_index.tolist()])
+            return self.forget.encode([self.override_prompts[i] for i in forget_index.tolist()])
         labels = forget.class_labels
         if o.override == "fixed":
             return Condition(class_labels=torch.full_like(labels, o.override_class))
