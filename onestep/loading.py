@@ -150,13 +150,20 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
     for needed in ("unet", "scheduler"):
         if not (path / needed).is_dir():
             raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
-    parts = {"unet": load_model(path / "unet", dtype, allow_pickle, variant),
+    if variant is not None and not any(path.glob(f"*/*.{variant}.*")):
+        raise UserInputError(f"{path} has no weights of variant {variant!r} (files named *.{variant}.safetensors)")
+
+    def own(folder: Path) -> str | None:
+        """The variant where this component has it; its default weights where not (as DiffusionPipeline does)."""
+        return variant if variant is not None and any(folder.glob(f"*.{variant}.*")) else None
+
+    parts = {"unet": load_model(path / "unet", dtype, allow_pickle, own(path / "unet")),
              "scheduler": load_scheduler(path / "scheduler")}
     if (path / "vae").is_dir():
-        parts["vae"] = load_model(path / "vae", dtype, allow_pickle, variant)
+        parts["vae"] = load_model(path / "vae", dtype, allow_pickle, own(path / "vae"))
     for encoder, tokenizer in TEXT_PARTS:
         if (path / encoder).is_dir():
-            parts[encoder] = load_text_encoder(path / encoder, dtype, allow_pickle, variant)
+            parts[encoder] = load_text_encoder(path / encoder, dtype, allow_pickle, own(path / encoder))
             parts[tokenizer] = load_tokenizer(path / tokenizer)
     if (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
