@@ -21,7 +21,7 @@ def text_pipe(tmp_path_factory) -> OneStepPipeline:
 def test_num_images_per_prompt_and_prompt_embeds(text_pipe):
     expected = text_pipe(prompt=["cat", "cat", "dog", "dog"], generator=seeded(), output_type="pt").images
     repeated = text_pipe(prompt=["cat", "dog"], num_images_per_prompt=2, generator=seeded(), output_type="pt").images
-    embeds = text_pipe.encode_prompt(["cat", "dog"])
+    embeds, _ = text_pipe.encode_prompt(["cat", "dog"])  # (prompt embeddings, pooled: None without SDXL)
     from_embeds = text_pipe(prompt_embeds=embeds, num_images_per_prompt=2, generator=seeded(), output_type="pt")
     assert expected.shape == (4, 3, 16, 16) and not torch.equal(expected[0], expected[2])
     assert torch.equal(repeated, expected) and torch.equal(from_embeds.images, expected)

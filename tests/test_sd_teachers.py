@@ -209,3 +209,21 @@ def test_exported_sdxl_student_samples_what_the_generator_gives(tmp_path, sdxl_f
     z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     sample = dmd.generator.sample(z, teacher.encode_prompts(["a cat", "dog"]))
     assert torch.allclose(images, (teacher.decode(sample).clamp(-1, 1) + 1) / 2, atol=1e-4)
+
+
+@torch.no_grad()
+def test_sdxl_pipeline_takes_precomputed_embeddings(sdxl_folder):
+    from onestep.pipelines import OneStepPipeline
+
+    teacher = Teacher.from_pretrained(sdxl_folder)
+    pipe = OneStepPipeline(teacher.unet, teacher.scheduler, vae=teacher.vae, text_encoder=teacher.text_encoder,
+                           tokenizer=teacher.tokenizer, text_encoder_2=teacher.text_encoder_2,
+                           tokenizer_2=teacher.tokenizer_2, timesteps=[399])
+    expected = pipe(prompt=["a cat", "a cat", "dog", "dog"], generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+    embeds, pooled = pipe.encode_prompt(["a cat", "dog"])
+    given = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_images_per_prompt=2,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(given, expected)
+    with pytest.raises(ValueError, match="pooled"):
+        pipe(prompt_embeds=embeds)
