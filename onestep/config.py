@@ -111,6 +111,13 @@ def _check_values(cfg: RunConfig) -> None:
     if cfg.eval.features not in (*FEATURES, "none"):
         raise UserInputError(f"config eval.features must be one of {', '.join([*FEATURES, 'none'])}, "
                              f"got {cfg.eval.features!r}")
+    from onestep.eval.metrics import METRICS
+
+    unknown = [m for m in cfg.eval.metrics if m not in METRICS]
+    if unknown:
+        raise UserInputError(f"config eval.metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    if "clip_score" in cfg.eval.metrics and not cfg.eval.clip_model:
+        raise UserInputError("config eval.metrics has clip_score: set eval.clip_model to a local CLIP model folder")
     prompts = cfg.eval.validation_prompts
     if prompts is not None and not isinstance(prompts, str) and (
             not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts)):

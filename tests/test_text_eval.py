@@ -164,3 +164,30 @@ def test_teacher_folder_samples_with_prompts_and_bad_inputs_exit_2(folders, tmp_
     one_line(["fid", "builtin:digits", "--prompts", folders / "prompts.txt"], "does not take prompts")
     one_line(["fid", folders / "teacher", "--steps", "2", "--features", "nope"], "features must be one of")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("eval.metrics=[clip_scor]", ["clip_scor", "clip_score"]),
+    ("eval.metrics=[clip_score]", ["eval.clip_model"]),
+    ("eval.validation_prompts=[a cat, '']", ["validation_prompts"]),
+    ("eval.features=incepton", ["incepton", "inception"]),
+])
+def test_bad_eval_configs_exit_2_before_training(tmp_path, capsys, override, words):
+    from tests.test_cli import DEMO
+
+    assert main(["train", str(DEMO), f"output_dir={tmp_path / 'out'}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_judge_states_the_full_protocol():
+    from onestep.eval.judge import Judge
+
+    judge = Judge(num_samples=20, num_classes=10, batch_size=8)
+    before = judge.protocol
+    judge.metrics("cpu")
+    after = judge.protocol
+    assert before.startswith("FD-digits: features digits, reference digits") and "class-balanced" in before
+    assert "extractor digits classifier penultimate layer (64-d)" in after and "num_reference 1797" in after
+    assert after.endswith("N=20 class-balanced samples from fixed noise (seed 1234)")

@@ -122,7 +122,7 @@ def _inception_protocol(options: FeatureOptions) -> dict:
     from onestep.eval.inception import INPUT_SIZE, RESIZE
 
     return {"extractor": "Inception-v3 pool3 (2048-d), the FID network of torch-fidelity / pytorch-fid",
-            "weights": str(inception_weights(options.inception_weights)), "resize": RESIZE,
+            "weights": str(inception_weights(options.inception_weights)), "resize": RESIZE, "antialias": False,
             "input_size": INPUT_SIZE, "dtype": "float32"}
 
 

@@ -75,9 +75,14 @@ class Judge:
                 balance = f"class-balanced (classes {self.classes}) "
         else:
             balance = ""
-        scores = [f"{metric_name(self.features)}: features {self.features}, reference {self.reference}"] \
-            if self.features else []
-        scores += self.metric_names
+        if self._metrics is not None:  # once built, each metric states its own protocol
+            scores = [f"{p.get('metric', m.key)}: " + ", ".join(f"{k} {v}" for k, v in p.items()
+                                                              if k not in ("metric", "num_samples"))
+                      for m in self._metrics for p in [m.protocol()]]
+        else:
+            scores = [f"{metric_name(self.features)}: features {self.features}, reference {self.reference}"] \
+                if self.features else []
+            scores += self.metric_names
         return f"{'; '.join(scores)}; N={self.num_samples} {balance}samples from fixed noise (seed {self.seed})"
 
     # --- what is asked for --------------------------------------------------------------------------------------
