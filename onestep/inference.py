@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from onestep.errors import UserInputError
-from onestep.loading import dtype_kwargs, resolve_path
+from onestep.loading import dtype_kwargs, resolve_model
 
 
 @dataclass
@@ -71,8 +71,9 @@ class FolderSampler:
 
 def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
                  guidance_scale: float | None = None) -> FolderSampler:
-    """Open an exported OneStepPipeline folder or a teacher folder (diffusers layout) for sampling."""
-    path = resolve_path(path)
+    """Open an exported OneStepPipeline folder or a teacher folder (diffusers layout; or a Hub id in the local
+    Hugging Face cache) for sampling."""
+    path = resolve_model(path)
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise UserInputError(f"{path} is not a pipeline or teacher folder (no model_index.json)")

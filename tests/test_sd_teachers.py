@@ -12,13 +12,14 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from onestep.cli import main
 from onestep.conditioning import Condition
 from onestep.errors import UserInputError
+from onestep.inference import load_sampler
 from onestep.loading import resolve_model
 from onestep.teacher import Teacher
 from tests.conftest import hub_snapshot, sd_folder, tiny_sdxl_unet
 
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "digits" / "dmd2.yaml"
-PROMPTS = ["a cat", "dog", "a b cat", "c dog", "a dog", "b cat", "d e cat", "f dog"]
+PROMPTS = ["a cat", "dog", "a b cat", "c dog", "a dog", "b cat", "d e cat", "a b c d e f g h"]
 
 
 def diffusers_pipeline(teacher: Teacher):
@@ -109,6 +110,7 @@ def test_hub_ids_load_from_the_local_cache_only(tmp_path, hub_cache, sdxl_folder
     assert resolve_model("tiny/sdxl") == snapshot and resolve_model("tiny/sdxl", revision="v2") == other
     assert resolve_model("tiny/sdxl", revision="1" * 40) == other
     assert Teacher.from_pretrained("tiny/sdxl").text_encoder_2 is not None
+    assert load_sampler("tiny/sdxl").kind == "teacher"  # onestep sample / fid take Hub ids too
     assert Teacher.from_pretrained("tiny/sdxl", revision="v2").schedule.prediction_type == "v_prediction"
     with pytest.raises(UserInputError, match="hf download tiny/sdxl --revision v3"):
         Teacher.from_pretrained("tiny/sdxl", revision="v3")
@@ -173,7 +175,8 @@ eval:
 options:
   {METHOD_OPTIONS[method]}
 """)
-    assert main(["train", str(tmp_path / "config.yaml")]) == 0
+    with pytest.warns(UserWarning, match="'a b c d e f g h' loses 'g h'"):  # over-long: truncated, not refused
+        assert main(["train", str(tmp_path / "config.yaml")]) == 0
     assert main(["train", str(tmp_path / "config.yaml"), "train.max_steps=3"]) == 0  # resumes at step 2
     runs = [out / f"student_{k}" for k in range(2)] if method == "msd" else [out]
     for run in runs:
