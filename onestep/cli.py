@@ -103,61 +103,70 @@ def _npz_images(source: Path, limit: int | None):
 
 def _fid(args: argparse.Namespace) -> int:
     from onestep.errors import UserInputError
-    from onestep.eval.features import FeatureOptions, feature_spec
-    from onestep.eval.metrics import FrechetMetric, MetricContext, SampleBatch, build_metric, run_metrics
-    from onestep.eval.quantize import to_uint8
+    from onestep.eval.features import FeatureOptions
+    from onestep.eval.metrics import FrechetMetric, MetricContext, build_metric, run_metrics
 
     _quiet_loading()
     options = FeatureOptions(args.inception_weights, args.allow_pickle)
     ctx = MetricContext(batch_size=args.batch_size, features=options, clip_model=args.clip_model)
+    no_fd = args.features == "none"
+    if no_fd and (args.save_stats or not args.metrics):
+        raise UserInputError("--features none scores --metrics only (give at least one; no --save-stats)")
     if args.source is None:
         if not args.save_stats:
             raise UserInputError("give a SOURCE to score, or --save-stats OUT.npz to write the reference's statistics")
         _save_reference_stats(args, options)
         return 0
-    source = Path(args.source)
-    fd = FrechetMetric(args.features, args.reference, ctx)
-    protocol = {"seed": None, "source": str(source)}
+    fd = None if no_fd else FrechetMetric(args.features, args.reference, ctx)
+    protocol = {"seed": None, "source": args.source}
     if args.save_stats:
         _save_reference_stats(args, options, fd.fd.stats)
         protocol["stats"] = args.save_stats
-    metrics = [fd] + [build_metric(name, ctx) for name in args.metrics]
-    if source.suffix == ".npz":
-        if args.forget or args.prompts:
-            raise UserInputError("--forget and --prompts need a pipeline or teacher folder to sample from, "
-                                 "not an .npz")
-        images, prompts = _npz_images(source, args.num_samples)
-        batches = (SampleBatch(images[i:i + args.batch_size], None,
-                               prompts[i:i + args.batch_size] if prompts else None)
-                   for i in range(0, len(images), args.batch_size))
-    elif source.is_dir() and not (source / "model_index.json").exists():
-        if args.forget or args.prompts:
-            raise UserInputError("--forget and --prompts need a pipeline or teacher folder to sample from, "
-                                 "not an image folder")
-        from onestep.eval.image_files import iter_image_batches
-
-        batches = (SampleBatch(b) for b in iter_image_batches(source, feature_spec(args.features).channels,
-                                                              args.batch_size))
-    else:
-        from onestep.inference import load_sampler
-
-        sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
-        n = args.num_samples or 1000
-        labels, prompts = _requests(sampler, n, args.prompts)
-        batches = (SampleBatch(to_uint8(images), lab, pr)
-                   for images, lab, pr in sampler.batches(labels, n, args.seed, args.batch_size, prompts))
-        protocol.update(seed=args.seed, nfe=sampler.nfe, requests="prompts from " + args.prompts + ", cycled"
-                        if prompts else ("class-balanced labels" if labels is not None else "unconditional"))
-    batches = _remember_size(batches, protocol)
-    values, protocols = run_metrics(metrics, batches)
-    result = {"value": values[fd.key], "protocol": {**protocols[fd.key], **protocol}}
-    result.update({key: {"value": values[key], "protocol": protocols[key]} for key in values if key != fd.key})
+    metrics = ([fd] if fd else []) + [build_metric(name, ctx) for name in args.metrics]
+    batches, sampler = _fid_batches(args, protocol)
+    values, protocols = run_metrics(metrics, _remember_size(batches, protocol))
+    result = {"value": values[fd.key], "protocol": {**protocols[fd.key], **protocol}} if fd else {"protocol": protocol}
+    result.update({key: {"value": values[key], "protocol": protocols[key]} for key in values if fd is None
+                   or key != fd.key})
     if args.forget:
         from onestep.bench.compare import forgetting_metrics
 
-        result["forgetting"] = forgetting_metrics(sampler, args.forget, n, args.seed)
+        result["forgetting"] = forgetting_metrics(sampler, args.forget, args.num_samples or 1000, args.seed)
     print(json.dumps(result))
     return 0
+
+
+def _fid_batches(args: argparse.Namespace, protocol: dict):
+    """(SampleBatches of the SOURCE, the folder sampler or None): an .npz, an image folder, or samples drawn from a
+    pipeline / teacher folder (whose seed, NFE and requests go into `protocol`)."""
+    from onestep.errors import UserInputError
+    from onestep.eval.features import FEATURES
+    from onestep.eval.metrics import SampleBatch
+    from onestep.eval.quantize import to_uint8
+
+    source = Path(args.source)
+    folder = source.is_dir() and not (source / "model_index.json").exists()
+    if (source.suffix == ".npz" or folder) and (args.forget or args.prompts):
+        raise UserInputError("--forget and --prompts need a pipeline or teacher folder to sample from, "
+                             f"not {'an image folder' if folder else 'an .npz'}")
+    if source.suffix == ".npz":
+        images, prompts = _npz_images(source, args.num_samples)
+        return (SampleBatch(images[i:i + args.batch_size], None, prompts[i:i + args.batch_size] if prompts else None)
+                for i in range(0, len(images), args.batch_size)), None
+    if folder:
+        from onestep.eval.image_files import iter_image_batches
+
+        channels = FEATURES[args.features].channels if args.features in FEATURES else 3
+        return (SampleBatch(b) for b in iter_image_batches(source, channels, args.batch_size)), None
+    from onestep.inference import load_sampler
+
+    sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
+    n = args.num_samples or 1000
+    labels, prompts = _requests(sampler, n, args.prompts)
+    protocol.update(seed=args.seed, nfe=sampler.nfe, requests=f"prompts from {args.prompts}, cycled" if prompts
+                    else ("class-balanced labels" if labels is not None else "unconditional"))
+    return (SampleBatch(to_uint8(images), lab, pr)
+            for images, lab, pr in sampler.batches(labels, n, args.seed, args.batch_size, prompts)), sampler
 
 
 def _remember_size(batches, protocol: dict):
@@ -175,7 +184,7 @@ def _save_reference_stats(args: argparse.Namespace, options, stats=None) -> None
         fd = FrechetDistance(args.features, args.reference, options, batch_size=args.batch_size)
         stats = fd.stats
         print(json.dumps({"stats": args.save_stats, "num_reference": stats.num_samples or None,
-                          "protocol": {k: v for k, v in fd.base_protocol.items()}}))
+                          "protocol": fd.base_protocol}))
     stats.features = stats.features or args.features
     save_stats(stats, args.save_stats)
 
@@ -276,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PIPELINE_DIR, teacher folder, SAMPLES.npz or IMAGE_DIR (omit with --save-stats)")
     fid.add_argument("--reference", default="digits",
                      help="digits | STATS.npz (ours, pytorch-fid or clean-fid {mu, sigma}) | IMAGE_DIR")
-    fid.add_argument("--features", default="digits", help="digits | inception | a registered feature network")
+    fid.add_argument("--features", default="digits",
+                     help="digits | inception | a registered feature network | none (--metrics only)")
     fid.add_argument("--inception-weights", default=None,
                      help="FID Inception weights (.safetensors; a .pth needs --allow-pickle)")
     fid.add_argument("--allow-pickle", action="store_true", help="allow reading pickled (.pth) Inception weights")

@@ -144,12 +144,18 @@ options: {{gan: false, generator_every: 1}}
     assert result["prompt_length"]["value"] == pytest.approx(sum(map(len, PROMPTS + PROMPTS[:1])) / 4)
 
 
-def test_teacher_folder_samples_with_prompts_and_bad_inputs_exit_2(folders, tmp_path, capsys):
+def test_teacher_folder_samples_with_prompts_and_bad_inputs_exit_2(folders, registered, tmp_path, capsys):
     out = tmp_path / "t.png"
     assert main(["sample", str(folders / "teacher"), "--prompts", str(folders / "prompts.txt"), "--steps", "2",
                  "--num-images", "3", "--out", str(out)]) == 0
     assert out.is_file()
     capsys.readouterr()
+    # --features none: the listed metrics only, on a teacher's K-step samples
+    assert main(["fid", str(folders / "teacher"), "--prompts", str(folders / "prompts.txt"), "--steps", "2",
+                 "--num-samples", "4", "--features", "none", "--metrics", "prompt_length"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "value" not in result and result["protocol"]["nfe"] == 2 and registered == PROMPTS + PROMPTS[:1]
+    assert result["prompt_length"]["value"] == pytest.approx(sum(map(len, PROMPTS + PROMPTS[:1])) / 4)
 
     def one_line(argv, *words):
         assert main([str(a) for a in argv]) == 2
@@ -163,6 +169,7 @@ def test_teacher_folder_samples_with_prompts_and_bad_inputs_exit_2(folders, tmp_
              "does not take prompts")
     one_line(["fid", "builtin:digits", "--prompts", folders / "prompts.txt"], "does not take prompts")
     one_line(["fid", folders / "teacher", "--steps", "2", "--features", "nope"], "features must be one of")
+    one_line(["fid", folders / "teacher", "--features", "none"], "--metrics")
     assert not (tmp_path / "x.png").exists()
 
 

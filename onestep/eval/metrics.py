@@ -13,6 +13,8 @@ Adding the metrics of another evaluator (e.g. the miniature text-to-image teache
     were asked for, so a classifier can check that an image shows what its prompt says; the metric reports the
     mean. List it in `eval.metrics` / `onestep fid --metrics shape_accuracy`. `ctx.extra` carries `eval.metric_options`
     (e.g. the folder of the evaluator's weights); `ctx.device` is where to put networks.
+Register at import time of a module that `onestep.eval.features` / this module import (configs are validated
+against the registries before training starts); keep heavy imports inside the build functions.
 Every metric states its protocol (what it measured and how), which is stored next to its number.
 """
 
