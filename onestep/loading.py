@@ -81,6 +81,16 @@ def check_weights(folder: Path, allow_pickle: bool = False) -> None:
         raise UserInputError(f"{folder} holds no weights (*.safetensors)")
 
 
+def weight_variants(folder: Path) -> set[str | None]:
+    """The variants of a folder's safetensors weights: "fp16" for `model.fp16.safetensors` (or its shards
+    `model.fp16-00001-of-00002.safetensors`), None for the default `model.safetensors`."""
+    found = set()
+    for file in folder.glob("*.safetensors"):
+        parts = file.name.removesuffix(".safetensors").split(".")
+        found.add(re.sub(r"-\d+-of-\d+$", "", parts[1]) if len(parts) > 1 else None)
+    return found
+
+
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                variant: str | None = None):
     """A diffusers model (class named in its config.json) from a local folder (`variant`: `*.{variant}.safetensors`
@@ -150,12 +160,16 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
     for needed in ("unet", "scheduler"):
         if not (path / needed).is_dir():
             raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
-    if variant is not None and not any(path.glob(f"*/*.{variant}.*")):
+    if variant is not None and not any(variant in weight_variants(sub) for sub in path.iterdir() if sub.is_dir()):
         raise UserInputError(f"{path} has no weights of variant {variant!r} (files named *.{variant}.safetensors)")
 
     def own(folder: Path) -> str | None:
         """The variant where this component has it; its default weights where not (as DiffusionPipeline does)."""
-        return variant if variant is not None and any(folder.glob(f"*.{variant}.*")) else None
+        found = weight_variants(folder)
+        if variant is None and found and None not in found:
+            raise UserInputError(f"{folder} holds only variant weights ({', '.join(sorted(found))}): set "
+                                 f"teacher.variant to one of them")
+        return variant if variant in found else None
 
     parts = {"unet": load_model(path / "unet", dtype, allow_pickle, own(path / "unet")),
              "scheduler": load_scheduler(path / "scheduler")}

@@ -131,6 +131,9 @@ def test_variant_weights_are_the_ones_loaded(sdxl_folder):
     assert not torch.equal(default.unet.state_dict()[weight], variant.unet.state_dict()[weight])
     with pytest.raises(UserInputError, match="no weights of variant 'int8'"):
         Teacher.from_pretrained(sdxl_folder, variant="int8")
+    (sdxl_folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # as `hf download --include *.fp16.*`
+    with pytest.raises(UserInputError, match="only variant weights .fp16.: set teacher.variant"):
+        Teacher.from_pretrained(sdxl_folder)
 
 
 def test_pickle_only_text_encoder_is_refused(sdxl_folder):
