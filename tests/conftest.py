@@ -136,14 +136,23 @@ def class_teacher() -> Teacher:
     return Teacher(tiny_unet(num_classes=3), scheduler())
 
 
-@pytest.fixture
-def sd15_folder(tmp_path) -> Path:
-    return sd_folder(tmp_path / "sd15", "sd15")
+@pytest.fixture(scope="session")
+def _sd_folders(tmp_path_factory) -> dict[str, Path]:
+    """Each tiny SD-shaped folder written once per session (the fixtures below hand out copies)."""
+    root = tmp_path_factory.mktemp("sd_folders")
+    return {kind: sd_folder(root / kind, kind) for kind in ("sd15", "sdxl")}
 
 
 @pytest.fixture
-def sdxl_folder(tmp_path) -> Path:
-    return sd_folder(tmp_path / "sdxl", "sdxl")
+def sd15_folder(tmp_path, _sd_folders) -> Path:
+    """A tiny SD1.5-shaped teacher folder of this test's own (free to modify)."""
+    return Path(shutil.copytree(_sd_folders["sd15"], tmp_path / "sd15"))
+
+
+@pytest.fixture
+def sdxl_folder(tmp_path, _sd_folders) -> Path:
+    """A tiny SDXL-shaped teacher folder of this test's own (free to modify)."""
+    return Path(shutil.copytree(_sd_folders["sdxl"], tmp_path / "sdxl"))
 
 
 @pytest.fixture
