@@ -105,7 +105,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: b
         raise UserInputError(f"{folder}/config.json names an unknown diffusers model class {class_name!r}")
     check_weights(folder, allow_pickle)
     try:
-        model = model_cls.from_pretrained(folder, use_safetensors=not allow_pickle, variant=variant,
+        model = model_cls.from_pretrained(folder, use_safetensors=None if allow_pickle else True, variant=variant,
                                           **dtype_kwargs(dtype))
     except Exception as err:  # diffusers raises many types for truncated/corrupt files
         raise UserInputError(f"cannot load {folder}: {str(err).splitlines()[0]}") from None
@@ -124,7 +124,8 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32, allow_pi
     if encoder_cls is None:
         raise UserInputError(f"{folder}/config.json names an unknown transformers class {architecture!r}")
     try:
-        return encoder_cls.from_pretrained(folder, use_safetensors=not allow_pickle, variant=variant, dtype=dtype)
+        return encoder_cls.from_pretrained(folder, use_safetensors=None if allow_pickle else True, variant=variant,
+                                           dtype=dtype)
     except Exception as err:  # transformers raises many types for truncated/corrupt files
         raise UserInputError(f"cannot load {folder}: {str(err).splitlines()[0]}") from None
 

@@ -136,11 +136,18 @@ def test_variant_weights_are_the_ones_loaded(sdxl_folder):
         Teacher.from_pretrained(sdxl_folder)
 
 
-def test_pickle_only_text_encoder_is_refused(sdxl_folder):
+def test_pickle_only_text_encoder_is_refused_unless_allowed(sdxl_folder):
+    from safetensors.torch import load_file
+
+    assert Teacher.from_pretrained(sdxl_folder, allow_pickle=True).text_encoder_2 is not None  # safetensors still
     folder = sdxl_folder / "text_encoder_2"
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(UserInputError, match="pickle"):
         Teacher.from_pretrained(sdxl_folder)
+    loaded = Teacher.from_pretrained(sdxl_folder, allow_pickle=True).text_encoder_2.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 METHOD_OPTIONS = {
