@@ -151,6 +151,22 @@ def load_scheduler(folder: Path):
     return scheduler_cls.from_config(config)
 
 
+def check_added_conditions(parts: dict, path: Path) -> None:
+    """An SDXL-style UNet ("text_time" added embedding) needs a second, projecting text encoder for the pooled
+    embedding, and the 6 time ids of SDXL base (a refiner's aesthetic-score ids are not supported)."""
+    cfg = parts["unet"].config
+    if getattr(cfg, "addition_embed_type", None) != "text_time":
+        return
+    encoder = parts.get("text_encoder_2")
+    if encoder is None or parts.get("text_encoder") is None:
+        raise UserInputError(f"{path}: its UNet takes SDXL's pooled text embedding; the folder needs text_encoder/ "
+                             "and text_encoder_2/ (SDXL base layout)")
+    num_ids = (cfg.projection_class_embeddings_input_dim - encoder.config.projection_dim) / cfg.addition_time_embed_dim
+    if num_ids != 6:
+        raise UserInputError(f"{path}: its UNet takes {num_ids:g} time ids; onestep conditions on SDXL base's 6 "
+                             "(original size, crop, target size), not a refiner's aesthetic score")
+
+
 def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                           variant: str | None = None) -> dict:
     """unet + scheduler (+ vae, text encoders and tokenizers when present) of a standard diffusers folder, in
@@ -180,6 +196,7 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
         if (path / encoder).is_dir():
             parts[encoder] = load_text_encoder(path / encoder, dtype, allow_pickle, own(path / encoder))
             parts[tokenizer] = load_tokenizer(path / tokenizer)
+    check_added_conditions(parts, path)
     if (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
         parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))

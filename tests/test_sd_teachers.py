@@ -3,6 +3,7 @@ folder and by Hub id from the local cache, conditioned exactly as diffusers' pip
 distilled, resumed and exported by every distiller."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,16 @@ def test_sdxl_pipeline_takes_precomputed_embeddings(sdxl_folder):
     assert torch.equal(given, expected)
     with pytest.raises(ValueError, match="pooled"):
         pipe(prompt_embeds=embeds)
+
+
+def test_sdxl_folders_that_cannot_be_conditioned_are_refused(sdxl_folder):
+    torch.manual_seed(0)
+    refiner = UNet2DConditionModel.from_config({**tiny_sdxl_unet().config,  # 5 time ids: an aesthetic score
+                                                "projection_class_embeddings_input_dim": 8 + 5 * 8})
+    refiner.save_pretrained(sdxl_folder / "unet")
+    with pytest.raises(UserInputError, match="takes 5 time ids"):
+        Teacher.from_pretrained(sdxl_folder)
+    for name in ("text_encoder_2", "tokenizer_2"):
+        shutil.rmtree(sdxl_folder / name)
+    with pytest.raises(UserInputError, match="needs text_encoder/ and text_encoder_2/"):
+        Teacher.from_pretrained(sdxl_folder)
