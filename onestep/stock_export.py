@@ -104,7 +104,9 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
                    **{name: index[name] for name in components},
                    "scheduler": ["diffusers", type(scheduler).__name__],
                    "feature_extractor": [None, None], "image_encoder": [None, None]}
-    if not sdxl:
+    if sdxl:  # an invisible watermark, where its package is installed, would change the student's images
+        stock_index["add_watermarker"] = False
+    else:
         stock_index.update(safety_checker=[None, None], requires_safety_checker=False)
     out_dir = Path(out_dir) if out_dir is not None else stock_folder(pipeline_dir)
     with atomic_folder(out_dir) as tmp:

@@ -5,14 +5,20 @@ import os
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from onestep.export import export_generator, export_pipeline
 from onestep.generator import Generator
 from onestep.pipelines import OneStepPipeline
 from onestep.stock_export import export_stock_pipeline, stock_folder
 from onestep.teacher import Teacher
-from tests.conftest import scheduler, tiny_clip, tiny_text_unet, tiny_unet, tiny_vae
+from tests.conftest import scheduler, sd_folder, tiny_clip, tiny_text_unet, tiny_unet, tiny_vae
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -60,6 +66,32 @@ def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_s
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert os.path.samefile(folder / weights, stock_dir / weights) or \
         (folder / weights).read_bytes() == (stock_dir / weights).read_bytes()
+
+
+# teachers as diffusers folders: SD1.5-shaped (scaled_linear epsilon, PNDM) and SDXL-shaped (two text encoders, pooled
+# embedding and time ids; DMD2's one-step SDXL reads out at 399), at the default and at another image size
+@pytest.mark.parametrize(("kind", "t0", "stock_cls"), [("sd15", 999, StableDiffusionPipeline),
+                                                       ("sdxl", 399, StableDiffusionXLPipeline)])
+@torch.no_grad()
+def test_stock_export_of_sd_family_teacher_folders(tmp_path, monkeypatch, kind, t0, stock_cls):
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl as sdxl
+
+    teacher = Teacher.from_pretrained(sd_folder(tmp_path / kind, kind))
+    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(t0,)).eval()
+    folder = export_generator(generator, teacher, tmp_path / "pipeline")
+    student = OneStepPipeline.from_pretrained(folder)
+    # SDXL would add an invisible watermark where its package is installed: the folder turns it off
+    monkeypatch.setattr(sdxl, "is_invisible_watermark_available", lambda: True)
+    stock = DiffusionPipeline.from_pretrained(stock_folder(folder))
+    assert type(stock) is stock_cls and type(stock.scheduler) is EulerDiscreteScheduler
+    assert getattr(stock, "watermark", None) is None
+    prompts = ["a cat", "dog"]
+    for size in ({}, {"height": 24, "width": 32}):  # SDXL's time ids hold the image size
+        expected = student(prompt=prompts, generator=seeded(), output_type="pt", **size).images
+        images = stock(prompts, num_inference_steps=1, guidance_scale=0.0, generator=seeded(), output_type="pt",
+                       **size).images
+        assert stock.scheduler.timesteps.tolist() == [t0]
+        assert images.shape == expected.shape and torch.allclose(images, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["class_conditional", "multi_step", "signal"])
