@@ -21,11 +21,15 @@ from `alphas_cumprod`). A stock pipeline starts from `latents = z * scheduler.in
 LCM and DDIM feed z unscaled, so they are the student only where sigma_t0 = 1; Euler is used everywhere else.
 
 The stock folder shares the exported weights (hard links where the file system allows, else copies): only
-`model_index.json` and `scheduler/` are its own.
+`model_index.json` and `scheduler/` are its own, and float32 copies of the components a half-precision teacher
+(`teacher.dtype`) left in float16 / bfloat16: a stock pipeline runs every component in the text encoder's dtype, so
+a bfloat16 text encoder beside the float32 generator would fail at its first call. The folder is float32 throughout;
+`from_pretrained(..., torch_dtype=torch.bfloat16)` loads it in half precision.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -74,6 +78,25 @@ def stock_scheduler(teacher_config: dict, t0: int) -> SchedulerMixin | None:
     return scheduler if same_schedule and one_step else None
 
 
+def _half_precision(component_dir: Path) -> bool:
+    """Whether a component folder's safetensors hold float16 / bfloat16 weights (read from the file headers)."""
+    from safetensors import safe_open
+
+    for file in component_dir.glob("*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            if any(weights.get_slice(key).get_dtype() in ("F16", "BF16") for key in weights.keys()):
+                return True
+    return False
+
+
+def _save_float32(src: Path, dst: Path, library: str, class_name: str) -> None:
+    """A float32 copy of a diffusers / transformers component folder."""
+    model = getattr(importlib.import_module(library), class_name).from_pretrained(src)
+    if model.dtype != torch.float32:  # diffusers models load in float32 already; transformers keep the saved dtype
+        model.to(torch.float32)
+    model.save_pretrained(dst)
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -111,7 +134,10 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
     out_dir = Path(out_dir) if out_dir is not None else stock_folder(pipeline_dir)
     with atomic_folder(out_dir) as tmp:
         for name in components:
-            shutil.copytree(pipeline_dir / name, tmp / name, copy_function=_link_or_copy)
+            if name.startswith("tokenizer") or not _half_precision(pipeline_dir / name):
+                shutil.copytree(pipeline_dir / name, tmp / name, copy_function=_link_or_copy)
+            else:  # a half-precision teacher's VAE / text encoder beside the float32 generator (see above)
+                _save_float32(pipeline_dir / name, tmp / name, *index[name])
         scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(stock_index, indent=2) + "\n")
     return out_dir

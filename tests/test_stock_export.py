@@ -70,21 +70,26 @@ def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_s
 
 # teachers as diffusers folders: SD1.5-shaped (scaled_linear epsilon, PNDM) and SDXL-shaped (two text encoders, pooled
 # embedding and time ids; DMD2's one-step SDXL reads out at 399), at the default and at another image size
-@pytest.mark.parametrize(("kind", "t0", "stock_cls"), [("sd15", 999, StableDiffusionPipeline),
-                                                       ("sdxl", 399, StableDiffusionXLPipeline)])
+# (a bfloat16 teacher leaves its VAE and text encoders in bfloat16 beside the float32 generator: the stock folder holds
+# float32 copies, and equals the student loaded in float32)
+@pytest.mark.parametrize(("kind", "t0", "stock_cls", "dtype"),
+                         [("sd15", 999, StableDiffusionPipeline, torch.float32),
+                          ("sdxl", 399, StableDiffusionXLPipeline, torch.bfloat16)])
 @torch.no_grad()
-def test_stock_export_of_sd_family_teacher_folders(tmp_path, monkeypatch, kind, t0, stock_cls):
+def test_stock_export_of_sd_family_teacher_folders(tmp_path, monkeypatch, kind, t0, stock_cls, dtype):
     import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl as sdxl
 
-    teacher = Teacher.from_pretrained(sd_folder(tmp_path / kind, kind))
+    teacher = Teacher.from_pretrained(sd_folder(tmp_path / kind, kind), dtype=dtype)
     generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(t0,)).eval()
     folder = export_generator(generator, teacher, tmp_path / "pipeline")
-    student = OneStepPipeline.from_pretrained(folder)
+    student = OneStepPipeline.from_pretrained(folder, dtype=torch.float32)
     # SDXL would add an invisible watermark where its package is installed: the folder turns it off
     monkeypatch.setattr(sdxl, "is_invisible_watermark_available", lambda: True)
     stock = DiffusionPipeline.from_pretrained(stock_folder(folder))
     assert type(stock) is stock_cls and type(stock.scheduler) is EulerDiscreteScheduler
     assert getattr(stock, "watermark", None) is None
+    assert all(p.dtype == torch.float32 for name in ("unet", "vae", "text_encoder")
+               for p in getattr(stock, name).parameters())
     prompts = ["a cat", "dog"]
     for size in ({}, {"height": 24, "width": 32}):  # SDXL's time ids hold the image size
         expected = student(prompt=prompts, generator=seeded(), output_type="pt", **size).images
