@@ -14,7 +14,7 @@ from onestep.cli import main
 from onestep.eval import features as feature_registry
 from onestep.eval import metrics as metric_registry
 from onestep.eval.metrics import CLIPScoreMetric, PerSampleMetric, SampleBatch
-from tests.conftest import save_folder, scheduler, tiny_clip, tiny_text_unet, tiny_vae
+from tests.conftest import save_folder, scheduler, sd_folder, tiny_clip, tiny_text_unet, tiny_vae
 
 
 PROMPTS = ["a cat", "dog", "cat dog"]
@@ -92,12 +92,13 @@ def test_clip_score_equals_the_direct_formula(folders):
         metric.update(SampleBatch(images))
 
 
-def test_text_teacher_run_is_judged_with_a_validation_grid(folders, registered, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_text_teacher_run_is_judged_with_a_validation_grid(folders, registered, tmp_path, capsys, kind):
     config = tmp_path / "text.yaml"
     config.write_text(f"""
 method: dmd2
 output_dir: {tmp_path / 'run'}
-teacher: {{path: {folders / 'teacher'}}}
+teacher: {{path: {sd_folder(tmp_path / 'teacher', kind)}}}
 data: {{name: prompts, prompts: {folders / 'prompts.txt'}, batch_size: 2}}
 train: {{max_steps: 2, log_every: 1}}
 eval:
@@ -186,6 +187,26 @@ def test_bad_eval_configs_exit_2_before_training(tmp_path, capsys, override, wor
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_judge_without_metrics_draws_no_samples(text_teacher):
+    from onestep.eval.judge import Judge
+
+    judge = Judge(num_samples=1000, features=None, prompts=PROMPTS)
+
+    class Refuses:
+        def sample(self, *args, **kwargs):
+            raise AssertionError("sampled with nothing to score")
+
+    assert judge.generator_metrics(Refuses(), text_teacher) == {}
+    assert judge.generator_grid(_OneStep(), text_teacher).shape == (9, 3, 16, 16)  # the grid still comes
+
+
+class _OneStep:
+    """Stands in for a generator: its 'sample' is the noise itself."""
+
+    def sample(self, noise, condition, generator=None):
+        return noise
 
 
 def test_class_judge_states_the_full_protocol():

@@ -151,6 +151,8 @@ class Judge:
 
     def teacher_metrics(self, teacher: Teacher, steps: list[int], sampler: str = "ddim",
                         guidance_scale: float | None = None) -> dict[str, float]:
+        if not self.metrics(teacher.device):
+            return {}  # nothing to score (a text teacher without eval metrics): no samples drawn for nothing
         out = {}
         for k in steps:
             start = time.perf_counter()
@@ -182,6 +184,8 @@ class Judge:
         return torch.cat([batch.images for batch in self._stream(self._generator_draw(generator, teacher), n, labels)])
 
     def generator_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
+        if not self.metrics(teacher.device) and not self.forget_classes:
+            return {}  # nothing to score (a text teacher without eval metrics): no samples drawn for nothing
         start = time.perf_counter()
         values = self.score_batches(self._stream(self._generator_draw(generator, teacher), self.num_samples),
                                     teacher.device)
