@@ -44,8 +44,10 @@ def teacher_license(teacher_path: str | None) -> str | None:
             return None
         card = Path(cached)
     try:
+        if not card.read_text().startswith("---"):  # no front matter (huggingface_hub would log that it has none)
+            return None
         return ModelCard.load(card).data.license
-    except (ValueError, OSError, yaml.YAMLError):  # a card without or with broken front matter
+    except (ValueError, OSError, UnicodeDecodeError, yaml.YAMLError):  # broken front matter, unreadable
         return None
 
 
