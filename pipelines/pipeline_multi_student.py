@@ -39,7 +39,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_STUDENTS = 8
 STUDENT_SLOTS = tuple(f"unet_{k}" for k in range(MAX_STUDENTS))
 Student = UNet2DModel | UNet2DConditionModel
@@ -304,15 +304,21 @@ class MultiStudentPipeline(DiffusionPipeline):
 
     def generate(self, students: torch.Tensor, class_labels: torch.Tensor | None, prompt_embeds: torch.Tensor | None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
-                 pooled_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                 pooled_prompt_embeds: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None) -> torch.Tensor:
         """x0 in model space (float32), request by request, each from its routed student.
 
         All noise is drawn first over the whole batch, in request order and in `OneStepPipeline`'s draw order (one
-        draw per read-out step), so a sample does not depend on how the batch splits among the students.
+        draw per read-out step; `latents`, when given, is the first), so a sample does not depend on how the batch
+        splits among the students.
         """
         device = self._execution_device
         shape = (students.numel(), *self.sample_shape)
-        noises = [randn_tensor(shape, generator, device, torch.float32) for _ in self.config.timesteps]
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        first = [] if latents is None else [latents.to(device, torch.float32)]
+        noises = first + [randn_tensor(shape, generator, device, torch.float32)
+                          for _ in self.config.timesteps[len(first):]]
         x0 = torch.empty(shape, device=device, dtype=torch.float32)
         for k, unet in enumerate(self.students):
             rows = (students == k).nonzero().flatten()
@@ -334,7 +340,9 @@ class MultiStudentPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, class_labels: list[int] | torch.Tensor | None = None,
                  prompt: str | list[str] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+                 return_dict: bool = True, num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None) -> ImagePipelineOutput | tuple:
         r"""Generate images, each by the student its condition is routed to.
 
         Args:
@@ -344,19 +352,31 @@ class MultiStudentPipeline(DiffusionPipeline):
             prompt (`str` or `list[str]`, *optional*): text-to-image students; one image per prompt (a single
                 string is repeated `batch_size` times).
             generator (`torch.Generator`, *optional*): makes generation deterministic.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]) or `"pt"` (NCHW in [0, 1]).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC in [0, 1]), `"pt"` (NCHW in [0, 1]) or
+                `"latent"` (the students' float32 output in model space, before any VAE decoding).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt, prompt embedding or class label.
+            latents (`torch.Tensor`, *optional*): the standard-normal noise z of the first read-out step,
+                (images, C, H, W) in model space; drawn with `generator` when not given.
+            prompt_embeds (`torch.Tensor`, *optional*), pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                precomputed text embeddings (and SDXL's pooled ones) instead of `prompt`; routed like a prompt's.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         labels = self.prepare_class_labels(class_labels, batch_size)
-        prompt_embeds = pooled_prompt_embeds = None
         if prompt is not None:
             prompt_embeds, pooled_prompt_embeds = self.encode_prompt(
                 [prompt] * batch_size if isinstance(prompt, str) else list(prompt))
+        labels, prompt_embeds, pooled_prompt_embeds = (
+            None if v is None else v.to(self._execution_device).repeat_interleave(num_images_per_prompt, dim=0)
+            for v in (labels, prompt_embeds, pooled_prompt_embeds))
         students = self.route(labels, prompt_embeds)
-        x0 = self.generate(students, labels, prompt_embeds, generator, pooled_prompt_embeds)
-        images = self.image_processor.postprocess(self.decode(x0), output_type)
+        x0 = self.generate(students, labels, prompt_embeds, generator, pooled_prompt_embeds, latents)
+        images = x0 if output_type == "latent" else self.image_processor.postprocess(self.decode(x0), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -80,3 +80,32 @@ def test_class_labels_repeat_per_image():
     expected = pipe(class_labels=[0, 0, 2, 2], generator=seeded(), output_type="pt").images
     assert torch.equal(pipe(class_labels=[0, 2], num_images_per_prompt=2, generator=seeded(),
                             output_type="pt").images, expected)
+
+
+# --- MultiStudentPipeline takes the same arguments (no per-step callback: each student runs its own requests) --------
+def test_multi_student_call_arguments(tmp_path):
+    from onestep.pipelines import MultiStudentPipeline
+    from onestep.routing import ClassRangeRouter, TextPCARouter, pool
+
+    sched = scheduler(zero_snr=False)
+    unets = [tiny_unet(num_classes=4, seed=k).eval() for k in range(2)]
+    pipe = MultiStudentPipeline.from_students(unets, sched, router=ClassRangeRouter(4, 2).to_config(),
+                                              timesteps=[999, 500])
+    expected = pipe(class_labels=[3, 3, 0, 0], generator=seeded(3), output_type="pt").images
+    assert torch.equal(pipe(class_labels=[3, 0], num_images_per_prompt=2, generator=seeded(3),
+                            output_type="pt").images, expected)
+    g = seeded(3)
+    z = torch.randn((4, 1, 8, 8), generator=g)  # the first step's noise; g goes on to draw the second's
+    latent = pipe(class_labels=[3, 3, 0, 0], latents=z, generator=g, output_type="latent").images
+    assert torch.equal((latent / 2 + 0.5).clamp(0, 1), expected)
+
+    encoder, tokenizer = tiny_clip(tmp_path)
+    prompts = ["cat", "dog", "ab cat", "zz dog"]
+    embeds = encoder(tokenizer(prompts, padding="max_length", max_length=8, return_tensors="pt").input_ids)[0]
+    router = TextPCARouter.fit(pool(embeds), 2).to_config()
+    text = MultiStudentPipeline.from_students([tiny_text_unet(seed=k).eval() for k in range(2)],
+                                              scheduler("epsilon", zero_snr=False), text_encoder=encoder,
+                                              tokenizer=tokenizer, router=router)
+    from_prompt = text(prompt=prompts, generator=seeded(), output_type="latent").images
+    from_embeds = text(prompt_embeds=text.encode_prompt(prompts)[0], generator=seeded(), output_type="latent").images
+    assert torch.equal(from_embeds, from_prompt)
