@@ -141,6 +141,9 @@ def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, 
     from onestep.eval.metrics import MetricContext
 
     e = cfg.eval
+    if not is_text and (e.prompts or e.validation_prompts):
+        raise UserInputError("eval.prompts / eval.validation_prompts apply to text-to-image teachers; this one is "
+                             f"{'class-conditional' if num_classes else 'unconditional'}")
     features = None if e.features == "none" or (is_text and e.features == "digits") else e.features
     prompts = validation = None
     if is_text:

@@ -179,6 +179,7 @@ def test_teacher_folder_samples_with_prompts_and_bad_inputs_exit_2(folders, regi
     ("eval.metrics=[clip_score]", ["eval.clip_model"]),
     ("eval.validation_prompts=[a cat, '']", ["validation_prompts"]),
     ("eval.features=incepton", ["incepton", "inception"]),
+    ("eval.validation_prompts=[a cat]", ["text-to-image", "class-conditional"]),  # the digits teacher takes none
 ])
 def test_bad_eval_configs_exit_2_before_training(tmp_path, capsys, override, words):
     from tests.test_cli import DEMO
