@@ -65,10 +65,25 @@ class RunConfig:
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attention: str = "auto"  # auto | sdpa | xformers | eager: the attention kernel of all networks (onestep.attention)
-    # Two-stage runs: an exported OneStepPipeline of an earlier stage whose generator starts this one (teacher and
-    # critics still start from teacher.path, never from the earlier stage's critic)
+    # Two-stage runs: an exported OneStepPipeline of an earlier stage whose generator starts this one ...
     init_generator: str | None = None
+    # ... and an earlier run folder whose fake score (and GAN head, if it had one) continues as this run's critic, as
+    # DMD2's GAN stage does; unset, the critics start from teacher.path
+    init_critic: str | None = None
     options: Any = field(default_factory=dict)  # the method's own options, validated against its dataclass
+
+
+def method_options(method: str) -> type:
+    """The options dataclass of a method name (`teacher` or a registered distiller)."""
+    if method == "teacher":
+        from onestep.training.denoiser_task import DenoiserOptions
+
+        return DenoiserOptions
+    from onestep.distillers import DISTILLERS
+
+    if method not in DISTILLERS:
+        raise UserInputError(f"unknown method {method!r}; choose from teacher, {', '.join(sorted(DISTILLERS))}")
+    return DISTILLERS[method].options_cls
 
 
 def _one_line(err: Exception) -> str:
@@ -127,8 +142,8 @@ def _check_values(cfg: RunConfig) -> None:
 def load_config(path: str | Path, overrides: list[str] = (), options_schema: type | None = None) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides, validate types and values.
 
-    `options_schema` is the method's options dataclass (by default looked up from `method`, see
-    `onestep.runs.options_schema`); unknown or mistyped keys anywhere raise UserInputError.
+    `options_schema` is the method's options dataclass (by default `method_options(method)`); unknown or mistyped
+    keys anywhere raise UserInputError.
     """
     path = Path(path)
     if not path.is_file():
@@ -146,9 +161,7 @@ def config_from(source: Any, overrides: list[str] = (), options_schema: type | N
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), source, OmegaConf.from_dotlist(list(overrides)))
         if options_schema is None:
-            from onestep.runs import options_schema as lookup
-
-            options_schema = lookup(merged.method)
+            options_schema = method_options(merged.method)
         merged.options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -13,19 +13,8 @@ from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.loading import DTYPES, resolve_path
 from onestep.model_card import write_model_card
-from onestep.training.denoiser_task import DenoiserOptions, DenoiserTraining
+from onestep.training.denoiser_task import DenoiserTraining
 from onestep.training.trainer import Trainer, process_state
-
-
-def options_schema(method: str) -> type:
-    """The options dataclass of a method name (`teacher` or a registered distiller)."""
-    if method == "teacher":
-        return DenoiserOptions
-    from onestep.distillers import DISTILLERS
-
-    if method not in DISTILLERS:
-        raise UserInputError(f"unknown method {method!r}; choose from teacher, {', '.join(sorted(DISTILLERS))}")
-    return DISTILLERS[method].options_cls
 
 
 def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
@@ -45,7 +34,7 @@ def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, i
 
 
 # what makes two configs the same run (not its length)
-IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "options")
+IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "init_critic", "options")
 RUN_CONFIG = "config.json"
 
 
@@ -170,7 +159,7 @@ def _check_writes_inside(cfg: RunConfig, folder: str | None) -> None:
 
 def build_distiller_task(cfg: RunConfig):
     from onestep.data.conditions import RealImages
-    from onestep.distillers import DISTILLERS, Distiller
+    from onestep.distillers import DISTILLERS, build_distiller
     from onestep.distillers.disback import Backtracking
 
     teacher = load_teacher(cfg)
@@ -194,20 +183,13 @@ def build_distiller_task(cfg: RunConfig):
         extra["path_dir"] = Path(cfg.output_dir) / "path"  # DisBack's stage-1 path, unless options.path_dir is set
         _check_writes_inside(cfg, cfg.options.path_dir)
     try:
-        distiller = distiller_cls(teacher, cfg.options, conditions=conditions, judge=judge,
-                                  batch_size=cfg.data.batch_size, real=real,
-                                  regression_cache=Path(cfg.output_dir) / "cache", **extra)
+        distiller = build_distiller(cfg.method, teacher, cfg.options, conditions=conditions, judge=judge,
+                                    batch_size=cfg.data.batch_size, real=real,
+                                    regression_cache=Path(cfg.output_dir) / "cache",
+                                    init_generator=resolve_path(cfg.init_generator) if cfg.init_generator else None,
+                                    init_critic=resolve_path(cfg.init_critic) if cfg.init_critic else None, **extra)
     except ValueError as err:
         raise UserInputError(str(err)) from None
-    if cfg.init_generator:
-        if not hasattr(distiller, "generator"):
-            raise UserInputError(f"init_generator applies to distillers, not to method {cfg.method}")
-        init_generator(distiller.generator, resolve_path(cfg.init_generator))
-    if isinstance(distiller, Distiller):  # last: LoRA adapters rename the parameters init_generator loads
-        try:
-            distiller.use_lora()
-        except ValueError as err:
-            raise UserInputError(str(err)) from None
     use_attention(distiller, cfg.attention)
     return distiller
 
@@ -220,29 +202,6 @@ def use_attention(task, backend: str) -> None:
     task.attention_backend = set_task_attention_backend(task, backend, process_state().device.type)
 
 
-def init_generator(generator, pipeline_dir: Path) -> None:
-    """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
-    from onestep.loading import load_model
-    from onestep.lora import merged_folder_adapter
-
-    index = pipeline_dir / "model_index.json"
-    if not index.is_file():
-        raise UserInputError(f"init_generator {pipeline_dir} is not an exported pipeline folder (no model_index.json)")
-    try:
-        timesteps = json.loads(index.read_text()).get("timesteps")
-    except json.JSONDecodeError:
-        raise UserInputError(f"corrupt {index}") from None
-    if timesteps != generator.timesteps:
-        raise UserInputError(f"init_generator {pipeline_dir} reads out at timesteps {timesteps} but this run's "
-                             f"generator at {generator.timesteps}")
-    unet = merged_folder_adapter(load_model(pipeline_dir / "unet"), pipeline_dir)
-    try:
-        generator.unet.load_state_dict(unet.state_dict(), strict=True)
-    except RuntimeError:
-        raise UserInputError(f"init_generator {pipeline_dir}: its UNet does not match the teacher's "
-                             "architecture") from None
-
-
 def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     """Train a run to its end; an msd config without `options.student` trains every student, one after another."""
     if cfg.method == "msd" and cfg.options.student is None:
@@ -253,8 +212,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
 def student_config(cfg: RunConfig, k: int) -> RunConfig:
     """Student k's own run: OUTPUT_DIR/student_k, the same options with `student` = k.
 
-    An `init_generator` of an all-students run is an earlier msd run (stage 1 before the GAN stage): student k
-    starts from that run's student k.
+    An `init_generator` / `init_critic` of an all-students run is an earlier msd run (stage 1 before the GAN
+    stage): student k starts from that run's student k.
     """
     import copy
 
@@ -263,6 +222,8 @@ def student_config(cfg: RunConfig, k: int) -> RunConfig:
     sub.options.student = k
     if cfg.init_generator:
         sub.init_generator = str(Path(cfg.init_generator) / f"student_{k}" / "pipeline")
+    if cfg.init_critic:
+        sub.init_critic = str(Path(cfg.init_critic) / f"student_{k}")
     return sub
 
 

@@ -182,3 +182,43 @@ def _stats_cache(tmp_path_factory):
     import os
 
     os.environ["ONESTEP_CACHE"] = str(tmp_path_factory.mktemp("onestep_cache"))
+
+
+def teacher_input_grads(unet, run) -> list[torch.Tensor | None]:
+    """The gradient reaching each call's input x_t *through `unet` alone* while `run()` computes a loss and calls
+    backward: one entry per call, None where the input carries no gradient (the teacher ran without one)."""
+    grads: list[torch.Tensor | None] = []
+
+    def pre_hook(module, args, kwargs):
+        x = args[0]
+        if not x.requires_grad:
+            grads.append(None)
+            return None
+        slot = len(grads)
+        grads.append(torch.zeros_like(x))
+        own = x.view_as(x)  # a node of the teacher's own: its gradient excludes the other networks' paths
+        own.register_hook(lambda g: grads.__setitem__(slot, g))
+        return (own, *args[1:]), kwargs
+
+    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return grads
+
+
+def train_steps_keep_teacher(distiller, out_dir, steps: int = 1) -> None:
+    """Run `steps` Trainer steps of every update: the teacher's weights stay bit-identical while the trained
+    networks (generator, critics) move."""
+    from onestep.training.trainer import Trainer, TrainerConfig
+
+    def snapshot(module):
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    teacher = snapshot(distiller.teacher.unet)
+    trained = {u.name: (u.module, snapshot(u.module)) for u in distiller.updates()}
+    Trainer(distiller, out_dir, TrainerConfig(max_steps=steps, checkpoint_every=0, log_every=1)).train()
+    assert all(torch.equal(v, teacher[k]) for k, v in distiller.teacher.unet.state_dict().items())
+    for name, (module, before) in trained.items():
+        assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items()), f"{name} did not train"

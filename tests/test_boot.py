@@ -15,7 +15,7 @@ from onestep.distillers.boot import bootstrap_weight, ddim_signal_step, signal_s
 from onestep.pipelines import OneStepPipeline
 from onestep.teacher import Teacher
 from onestep.unet import unet_forward
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits" / "boot.yaml"
@@ -165,7 +165,13 @@ def test_loss_and_gradient_equal_the_formula_with_a_detached_noisier_branch(weig
     (with_grad, t_grad), (no_grad, t_nograd) = spy.calls
     assert t_grad and torch.equal(with_grad, torch.cat([GRID_S, torch.full((3,), T_LAST)]))
     assert not t_nograd and torch.equal(no_grad, GRID_T)
-    assert all(p.grad is None for p in boot.teacher.parameters())
+
+
+def test_no_gradient_passes_through_the_teacher_and_a_training_step_leaves_it_bit_identical(tmp_path):
+    boot = boot_distiller()
+    grads = teacher_input_grads(boot.teacher.unet, lambda: boot.generator_loss(boot.generator).loss.backward())
+    assert grads and all(g is None for g in grads)  # the teacher gives targets: the bootstrap target is sg(...)
+    train_steps_keep_teacher(boot, tmp_path)
 
 
 def test_generator_loss_trains_only_the_student_and_boundary_starts_at_zero():

@@ -1,5 +1,7 @@
 """DisBack: the recorded path is ordered, loads strictly and ends on the teacher; the target really moves."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -8,7 +10,7 @@ from onestep.distillers import build_distiller
 from onestep.distillers.disback import DisBackOptions, DisBackSiDOptions, load_strict
 from onestep.teacher import Teacher
 from onestep.training.updates import OptimizerConfig
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet
 
 
 def _options(cls=DisBackOptions, **overrides):
@@ -85,11 +87,18 @@ def test_strict_loading_refuses_a_mismatched_checkpoint(tmp_path):
 
 
 def test_sid_base(tmp_path):
+    from onestep.training.trainer import Trainer, TrainerConfig
+
     disback = _disback(tmp_path, "disback_sid", DisBackSiDOptions)
-    disback.begin_step(0)
-    disback.generator_loss(disback.generator).loss.backward()
-    assert all(p.grad is None for p in disback.teacher.unet.parameters())
     assert _equal(disback.fake.unet, load_file(disback.path[-1]))
+    true_teacher = {k: v.clone() for k, v in disback.true_teacher.unet.state_dict().items()}
+    disback.begin_step(0)
+    grads = teacher_input_grads(disback.teacher.unet,
+                                lambda: disback.generator_loss(disback.generator).loss.backward())
+    assert len(grads) == 1 and grads[0].abs().sum() > 0  # SiD differentiates through the path target
+    Trainer(disback, tmp_path / "run", TrainerConfig(max_steps=2, checkpoint_every=0)).train()
+    assert _equal(disback.true_teacher.unet, true_teacher)  # training never writes into the teacher ...
+    assert _equal(disback.teacher.unet, load_file(disback.path[2]))  # ... nor into the path target it reads
 
 
 def _fake_run(folder, method, fds, path_steps=None):
@@ -122,3 +131,32 @@ def test_convergence_counts_stage_one_and_finds_the_first_step_at_target(tmp_pat
     _fake_run(tmp_path / "odd", "dmd2", [9, 6])
     with pytest.raises(UserInputError, match="different steps"):
         convergence_report([*runs, tmp_path / "odd"], "dmd2")
+
+
+def test_path_is_recorded_from_the_generator_that_init_generator_loaded(tmp_path):
+    from onestep.distillers.disback import PATH_INDEX, weights_digest
+    from onestep.export import export_generator
+    from onestep.generator import Generator
+
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    stage1 = Generator.from_teacher(teacher.unet, teacher.schedule, [400])
+    with torch.no_grad():
+        for p in stage1.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # stand-in for an earlier stage's training
+    export_generator(stage1, teacher, tmp_path / "stage1")
+
+    def build(path_dir, **kwargs):
+        torch.manual_seed(0)  # the same noise for both paths: only the starting generator differs
+        return build_distiller("disback", teacher, _options(), batch_size=4, path_dir=path_dir, **kwargs)
+
+    loaded = build(tmp_path / "loaded", init_generator=tmp_path / "stage1")
+    plain = build(tmp_path / "plain")
+    settings = json.loads((tmp_path / "loaded" / PATH_INDEX).read_text())["settings"]
+    assert settings["generator_sha256"] == weights_digest(stage1.unet) != weights_digest(plain.generator.unet)
+    # every recorded checkpoint fitted samples of the loaded generator, not of the teacher copy
+    for mine, other in zip(loaded.path[1:], plain.path[1:], strict=True):
+        mine, other = load_file(mine), load_file(other)
+        assert any(not torch.equal(mine[k], other[k]) for k in mine)
+    assert not _equal(loaded.fake.unet, load_file(plain.path[-1]))
+    with pytest.raises(ValueError, match="other settings"):  # a path of another starting generator is never reused
+        build(tmp_path / "loaded")

@@ -8,7 +8,8 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMD1Options, DMDOptions, distribution_matching_loss
 from onestep.teacher import Teacher
-from tests.conftest import scheduler, tiny_unet
+from onestep.unet import unet_x0
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 
 def test_dm_gradient_matches_formula():
@@ -46,8 +47,14 @@ def test_generator_loss_updates_only_the_generator():
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dmd.generator.parameters())
     assert all(p.grad is None for p in dmd.fake.parameters())  # fake score and GAN head untouched
-    assert all(p.grad is None for p in dmd.teacher.parameters())
     assert {"dm", "gan"} <= set(out.logs)
+
+
+def test_no_gradient_passes_through_the_teacher_and_a_training_step_leaves_it_bit_identical(tmp_path):
+    dmd = _dmd()
+    grads = teacher_input_grads(dmd.teacher.unet, lambda: dmd.generator_loss(dmd.generator).loss.backward())
+    assert grads and all(g is None for g in grads)  # DMD's gradient is (mu_fake - mu_real) / norm: no teacher Jacobian
+    train_steps_keep_teacher(dmd, tmp_path)
 
 
 def test_critic_loss_updates_only_the_critic():
@@ -55,7 +62,6 @@ def test_critic_loss_updates_only_the_critic():
     out = dmd.critic_loss(dmd.fake)
     out.loss.backward()
     assert all(p.grad is None for p in dmd.generator.parameters())
-    assert all(p.grad is None for p in dmd.teacher.parameters())
     assert any(p.grad is not None for p in dmd.fake.head.parameters())  # the discriminator trains with the critic
     assert any(p.grad is not None for p in dmd.fake.unet.parameters())
 
@@ -78,8 +84,9 @@ def test_dm_timesteps_range_guidance_on_teacher_only():
     teacher_x0, fake_forward = dmd.teacher.x0, dmd.fake.forward
 
     def record_teacher(x_t, t, condition, guidance_scale=None):
-        seen_teacher.append((t.clone(), guidance_scale))
-        return teacher_x0(x_t, t, condition, guidance_scale)
+        out = teacher_x0(x_t, t, condition, guidance_scale)
+        seen_teacher.append((x_t.clone(), t.clone(), condition.class_labels.clone(), out))
+        return out
 
     def record_fake(x_t, t, condition, output="x0"):
         seen_fake.append(condition.class_labels.clone())
@@ -87,10 +94,29 @@ def test_dm_timesteps_range_guidance_on_teacher_only():
 
     dmd.teacher.x0, dmd.fake.forward = record_teacher, record_fake
     dmd.generator_loss(dmd.generator)
-    t, scale = seen_teacher[0]
-    assert t.min() >= 20 and t.max() < 980 and t.max() > 900 and t.min() < 100
-    assert scale is None and dmd.teacher.guidance_scale == 3.0  # the teacher's own guidance applies
+    x_t, t, labels, mu_real = seen_teacher[0]
+    assert dmd.dm_range == (20, 981)  # DMD2: t ~ U[20, 980], both ends included
+    assert t.min() >= 20 and t.max() <= 980 and t.max() > 900 and t.min() < 100
+    # mu_real is the guided x0: x0_u + 3 (x0_c - x0_u), the unconditional pass at the null class (label 3)
+    with torch.no_grad():
+        x0_c = unet_x0(dmd.teacher.unet, dmd.teacher.schedule, x_t, t, Condition(class_labels=labels))
+        null = Condition(class_labels=torch.full_like(labels, 3))
+        x0_u = unet_x0(dmd.teacher.unet, dmd.teacher.schedule, x_t, t, null)
+    assert torch.allclose(mu_real, x0_u + 3.0 * (x0_c - x0_u), atol=1e-5)
+    assert not torch.allclose(mu_real, x0_c, atol=1e-3)  # guidance changed the prediction
     assert all((labels < 3).all() for labels in seen_fake)  # the fake score never sees the null class
+
+
+def test_critic_denoising_timesteps_cover_all_training_timesteps():
+    dmd = _dmd(DMDOptions(gan=False), batch=600)
+    seen = []
+    forward = dmd.fake.forward
+    dmd.fake.forward = lambda x_t, t, condition, output="x0": seen.append(t.clone()) or forward(x_t, t, condition,
+                                                                                                output)
+    dmd.critic_loss(dmd.fake)
+    (t,) = seen
+    # DMD2's fake score: t ~ U[0, T), wider than the DM range [20, 980] (P(miss) < 1e-5 at 600 draws)
+    assert t.min() >= 0 and t.max() <= 999 and t.min() < 20 and t.max() > 980
 
 
 def test_generator_reads_x0_at_t_init_from_pure_noise():
@@ -130,14 +156,23 @@ def test_dmd_and_dmd2_are_presets_of_one_distiller():
 
 def test_regression_pairs_come_from_teacher_ddim_and_are_cached(tmp_path):
     from onestep.distillers.regression import PairedRegression, RegressionOptions
-    from onestep.sampling import sample_teacher
 
     teacher = Teacher(tiny_unet(num_classes=3), scheduler())
     dmd = _dmd()
     options = RegressionOptions(weight=1.0, num_pairs=6, teacher_steps=3, batch_size=4)
     reg = PairedRegression(teacher, dmd.conditions, options, tmp_path)
-    expected = sample_teacher(teacher, dmd.conditions.condition(reg.index, "cpu"), 6, 3, noise=reg.noise)
-    assert torch.allclose(reg.targets, expected, atol=1e-6)
+    # 3 DDIM steps (eta 0) written out: trailing timesteps 999, 666, 332; the step from t lands on t - T // 3 (the
+    # last one on alpha = 1); x0 = alpha x_t - sigma v of the v-prediction UNet, eps = (x_t - alpha x0) / sigma
+    abar = teacher.scheduler.alphas_cumprod.double()
+    x = reg.noise.double()
+    with torch.no_grad():
+        for t, prev in ((999, 666), (666, 333), (332, -1)):
+            v = teacher.unet(x.float(), torch.full((6,), t), class_labels=reg.index).sample.double()
+            x0 = abar[t].sqrt() * x - (1 - abar[t]).sqrt() * v
+            eps = (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
+            a_prev = abar[prev] if prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    assert torch.allclose(reg.targets.double(), x, atol=1e-4)
     cached = list(tmp_path.glob("regression-pairs-*.safetensors"))
     assert len(cached) == 1
     again = PairedRegression(teacher, dmd.conditions, options, tmp_path)
@@ -145,14 +180,27 @@ def test_regression_pairs_come_from_teacher_ddim_and_are_cached(tmp_path):
 
 
 @pytest.mark.parametrize("distance", ["mse", "pseudo_huber"])
-def test_regression_distances(distance):
-    from onestep.distillers.regression import pseudo_huber
+def test_regression_distances(distance, tmp_path):
+    from onestep.distillers.regression import PairedRegression, RegressionOptions
 
-    a, b = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
-    if distance == "pseudo_huber":
-        c = 0.00054 * 4
-        assert torch.allclose(pseudo_huber(a, b), ((a - b).square().sum((1, 2, 3)) + c**2).sqrt() - c)
-        assert torch.allclose(pseudo_huber(a, a), torch.zeros(2), atol=1e-6)
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    dmd = _dmd()
+    options = RegressionOptions(weight=1.0, distance=distance, num_pairs=5, teacher_steps=2, batch_size=7)
+    reg = PairedRegression(teacher, dmd.conditions, options, tmp_path)
+    inputs = []
+    forward = dmd.generator.forward
+    dmd.generator.forward = lambda z, c, *a: inputs.append(z) or forward(z, c, *a)
+    loss = reg.loss(dmd.generator)
+    (z,) = inputs
+    pick = [next(i for i in range(5) if torch.equal(reg.noise[i], row)) for row in z]  # the pairs it drew
+    with torch.no_grad():
+        x, y = forward(z, Condition(class_labels=reg.index[pick])), reg.targets[pick]
+    if distance == "mse":
+        expected = torch.stack([((a - b) ** 2).sum() / a.numel() for a, b in zip(x, y, strict=True)]).mean()
+    else:  # iCT's pseudo-Huber: sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(d)
+        c = 0.00054 * 64**0.5
+        expected = torch.stack([(((a - b) ** 2).sum() + c**2).sqrt() - c for a, b in zip(x, y, strict=True)]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
 
 
 def test_latent_text_teacher_runs_through_the_same_distiller(text_teacher):

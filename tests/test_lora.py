@@ -10,11 +10,11 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.distillers.sid import SiDOptions
+from onestep.distillers.stages import init_generator
 from onestep.inference import load_sampler
 from onestep.loading import load_model
 from onestep.lora import LORA_WEIGHTS, LoRAConfig, load_lora_weights, lora_layers
 from onestep.pipelines import OneStepPipeline
-from onestep.runs import init_generator
 from onestep.teacher import Teacher
 from onestep.training.trainer import Trainer, TrainerConfig
 from tests.conftest import scheduler, tiny_unet

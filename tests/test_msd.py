@@ -10,8 +10,8 @@ from onestep.distillers.regression import RegressionOptions
 from onestep.distillers.tsm import TSMOptions
 from onestep.eval.judge import Judge
 from onestep.teacher import Teacher
-from onestep.unet import num_parameters, unet_x0
-from tests.conftest import scheduler, tiny_unet
+from onestep.unet import num_parameters
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet
 
 
 def _teacher(num_classes: int = 4) -> Teacher:
@@ -94,19 +94,24 @@ def test_tsm_loss_is_the_x0_gap_to_the_teacher_and_trains_only_the_small_unet():
     teacher = _teacher()
     tsm = build_distiller("tsm", teacher, TSMOptions(block_out_channels=[4, 8]), real=_real(), batch_size=5)
     torch.manual_seed(3)
-    loss = tsm.loss(tsm.unet).loss
-    loss.backward()
-    assert all(p.grad is None for p in teacher.unet.parameters())
+    grads = teacher_input_grads(teacher.unet, lambda: tsm.loss(tsm.unet).loss.backward())
+    assert grads == [None]  # the teacher's x0 is the target: no gradient through it
     assert all(p.grad is not None for p in tsm.unet.parameters() if p.requires_grad)
 
-    torch.manual_seed(3)  # the same draws, recomputed by hand
-    x, condition = tsm.real.sample(5, "cpu")
+    torch.manual_seed(3)  # the same draws, the loss written out: x0 = a x_t - s v of the v-prediction UNets
+    loss = tsm.loss(tsm.unet).loss
+    torch.manual_seed(3)
+    index = torch.randint(0, 40, (5,))
+    x, labels = tsm.real.images[index], tsm.real.labels[index]
     t = torch.randint(0, 1000, (5,))
-    x_t = teacher.schedule.add_noise(x, torch.randn_like(x), t)
+    eps = torch.randn_like(x)
+    abar = teacher.scheduler.alphas_cumprod[t].reshape(5, 1, 1, 1)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps
     with torch.no_grad():
-        expected = (unet_x0(tsm.unet, teacher.schedule, x_t, t, condition)
-                    - unet_x0(teacher.unet, teacher.schedule, x_t, t, condition)).square().mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        x0_student = abar.sqrt() * x_t - (1 - abar).sqrt() * tsm.unet(x_t, t, class_labels=labels).sample
+        x0_teacher = abar.sqrt() * x_t - (1 - abar).sqrt() * teacher.unet(x_t, t, class_labels=labels).sample
+    expected = ((x0_student - x0_teacher) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and expected > 0
 
 
 def test_train_all_students_then_assemble_the_routed_pipeline(tmp_path):

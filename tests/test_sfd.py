@@ -6,7 +6,7 @@ import torch
 from onestep.distillers import build_distiller
 from onestep.distillers.sfd import SFDOptions
 from onestep.teacher import Teacher
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 
 def _sfd(**options):
@@ -34,13 +34,17 @@ def _record(sfd):
 def test_forget_term_queries_teacher_with_override_and_fake_with_forget():
     sfd = _sfd(forget=[0], override="fixed", override_class=2)
     seen = _record(sfd)
-    sfd.generator_loss(sfd.generator).loss.backward()
+    grads = teacher_input_grads(sfd.teacher.unet, lambda: sfd.generator_loss(sfd.generator).loss.backward())
     (teacher_remain, teacher_forget), (fake_remain, fake_forget) = seen["teacher"], seen["fake"]
     assert (teacher_remain != 0).all() and torch.equal(teacher_remain, fake_remain)  # remain: same concept
     assert (teacher_forget == 2).all()  # the teacher is asked for the override concept ...
     assert (fake_forget == 0).all()  # ... while the fake score tracks the generator at the forgotten one
-    assert all(p.grad is None for p in sfd.teacher.parameters())
+    assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)  # SiD: through the teacher
     assert all(p.grad is None for p in sfd.fake.parameters())
+
+
+def test_a_training_step_leaves_the_teacher_bit_identical(tmp_path):
+    train_steps_keep_teacher(_sfd(forget=[0], override="random"), tmp_path)
 
 
 def test_random_override_never_picks_a_forgotten_class():
@@ -82,10 +86,10 @@ def test_bad_forget_settings_are_clear_errors(options, message):
 
 
 def test_two_stage_starts_the_generator_from_stage_one_and_the_fake_score_from_the_teacher(tmp_path):
+    from onestep.distillers.stages import init_generator
     from onestep.errors import UserInputError
     from onestep.export import export_generator
     from onestep.generator import Generator
-    from onestep.runs import init_generator
 
     teacher = Teacher(tiny_unet(num_classes=4), scheduler())
     stage1 = build_distiller("sid", teacher, batch_size=2)
@@ -117,3 +121,52 @@ def test_forget_batch_fraction_sizes_the_forget_batch():
     sfd.generator_loss(sfd.generator).loss.backward()
     (teacher_remain, teacher_forget), _ = seen["teacher"], seen["fake"]
     assert len(teacher_remain) == 6 and len(teacher_forget) == 3
+
+
+def test_critic_loss_weights_the_two_denoising_losses_as_configured():
+    sfd = _sfd(forget=[1], override="random", critic_remain_weight=0.7, critic_forget_weight=0.2,
+               forget_batch_fraction=0.5)
+    samples, calls = [], []
+    generator_forward, fake_forward = sfd.generator.forward, sfd.fake.forward
+    sfd.generator.forward = lambda *a: samples.append(generator_forward(*a)) or samples[-1]
+
+    def fake_spy(x_t, t, condition, output="x0"):
+        calls.append((x_t, t, condition.class_labels))
+        return fake_forward(x_t, t, condition, output)
+
+    sfd.fake.forward = fake_spy
+    loss = sfd.critic_loss(sfd.fake).loss
+    abar = sfd.teacher.scheduler.alphas_cumprod
+    terms = []
+    for x0, (x_t, t, labels) in zip(samples, calls, strict=True):  # v-loss written out: v = a eps - s x0
+        a, s = abar[t].sqrt().reshape(-1, 1, 1, 1), (1 - abar[t]).sqrt().reshape(-1, 1, 1, 1)
+        eps = (x_t - a * x0) / s
+        with torch.no_grad():
+            v = sfd.fake.unet(x_t, t, class_labels=labels).sample
+        terms.append(((v - (a * eps - s * x0)) ** 2).mean(dim=(1, 2, 3)).mean())
+    (remain_labels, forget_labels) = calls[0][2], calls[1][2]
+    assert len(remain_labels) == 6 and (remain_labels != 1).all() and len(forget_labels) == 3
+    assert (forget_labels == 1).all()
+    assert loss.item() == pytest.approx(0.7 * terms[0].item() + 0.2 * terms[1].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("classifier_input", ["fake_x0", "sample"])
+def test_classifier_override_labels_the_fake_scores_x0_at_x_t_or_the_sample(classifier_input):
+    teacher = Teacher(tiny_unet(num_classes=4), scheduler())
+    seen = []
+
+    def classifier(images):
+        seen.append(images.clone())
+        return torch.tensor([[9.0, 1.0, 2.0, 0.0]]).expand(images.shape[0], -1)
+
+    sfd = build_distiller("sfd", teacher, SFDOptions(forget=[0], override="classifier",
+                                                     classifier_input=classifier_input), batch_size=3,
+                          classifier=classifier)
+    outputs = {"fake": [], "generator": []}
+    fake_forward, generator_forward = sfd.fake.forward, sfd.generator.forward
+    sfd.fake.forward = lambda *a, **k: outputs["fake"].append(fake_forward(*a, **k)) or outputs["fake"][-1]
+    sfd.generator.forward = lambda *a: outputs["generator"].append(generator_forward(*a)) or outputs["generator"][-1]
+    sfd.generator_loss(sfd.generator)
+    (labelled,) = seen
+    expected = outputs["fake"][1] if classifier_input == "fake_x0" else outputs["generator"][1]  # the forget batch's
+    assert torch.equal(labelled, expected.detach())

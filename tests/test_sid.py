@@ -1,24 +1,78 @@
-"""SiD: the loss against both algebraic forms of its formula, gradient paths, the generator's init noise level."""
+"""SiD: the gradient against its score-identity form on analytic Gaussian scores, gradient paths, timestep ranges,
+the generator's init noise level."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
+from torch import nn
 
 from onestep.conditioning import Condition
 from onestep.distillers import build_distiller
 from onestep.distillers.sid import SiDOptions, sid_loss
+from onestep.schedules import VPSchedule
 from onestep.teacher import Teacher
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 
-def test_sid_loss_matches_both_forms():
-    torch.manual_seed(0)
-    x, r, f = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    alpha = 1.2
-    omega = 1 / (x - r).abs().mean(dim=(1, 2, 3), keepdim=True)
-    form_a = (omega * (r - f) * ((r - x) - alpha * (r - f))).sum(dim=(1, 2, 3))
-    # (r-f).(r-x) - a|r-f|^2 = (1-a)|r-f|^2 + (r-f).(f-x)
-    form_b = (omega * ((1 - alpha) * (r - f) ** 2 + (r - f) * (f - x))).sum(dim=(1, 2, 3))
-    assert torch.allclose(sid_loss(x, r, f, alpha), form_a, atol=1e-5)
-    assert torch.allclose(form_a, form_b, atol=1e-5)
+class GaussianDenoiser(nn.Module):
+    """E[x0 | x_t] for x0 ~ N(m, s^2 I), x_t = a x0 + b eps: m + a s^2 / (a^2 s^2 + b^2) (x_t - a m), called like a
+    diffusers UNet that predicts `sample` (x0)."""
+
+    def __init__(self, schedule, m: float, s: float):
+        super().__init__()
+        self.schedule = schedule
+        self.m, self.s = nn.Parameter(torch.tensor(m)), nn.Parameter(torch.tensor(s))
+        self.config = SimpleNamespace(sample_size=4, in_channels=1, num_class_embeds=None)
+
+    def forward(self, x_t, t, return_dict=False):
+        a, b = self.schedule.alpha(t, x_t.dim()), self.schedule.sigma(t, x_t.dim())
+        return (self.m + a * self.s**2 / (a**2 * self.s**2 + b**2) * (x_t - a * self.m),)
+
+
+class AffineGenerator(GaussianDenoiser):
+    """A toy generator G(x) = m + s x: its samples are Gaussian."""
+
+    def forward(self, x, t, return_dict=False):
+        return (self.m + self.s * x,)
+
+
+def test_sid_gradient_matches_its_score_identity_form_on_gaussian_scores():
+    """SiD eq. (22) in score form: with S = grad log p_t, delta = S_real - S_fake and the score identity
+    E[S_theta(x_t)] = E[-eps / b], L = omega (b^2 / a)^2 [delta . (S_real + eps / b) - alpha |delta|^2]. Here the data
+    N(0.5, 0.8^2), the fake score's fit N(-0.3, 1.3^2) and the generator's output are Gaussian, so the scores are the
+    closed-form Gaussian marginal scores -(x - a m) / (a^2 s^2 + b^2): no network, no x0 read-out involved."""
+    sched = scheduler("sample")
+    teacher_net = GaussianDenoiser(VPSchedule.from_scheduler(sched), 0.5, 0.8)
+    sid = build_distiller("sid", Teacher(teacher_net, sched), SiDOptions(alpha=1.2), batch_size=16)
+    schedule = sid.teacher.schedule
+    sid.generator.unet, sid.fake.unet = AffineGenerator(schedule, 0.2, 1.1), GaussianDenoiser(schedule, -0.3, 1.3)
+    seen = {}
+    generator_forward, teacher_x0 = sid.generator.forward, sid.teacher.x0_with_grad
+    sid.generator.forward = lambda z, *a: seen.setdefault("z", z) is None or generator_forward(z, *a)
+    sid.teacher.x0_with_grad = lambda x_t, t, c: seen.update(x_t=x_t.detach(), t=t) or teacher_x0(x_t, t, c)
+    loss = sid.generator_loss(sid.generator).loss
+    loss.backward()
+
+    m, s = (p.detach().clone().requires_grad_(True) for p in (sid.generator.unet.m, sid.generator.unet.s))
+    t, z = seen["t"], seen["z"]
+    a, b = schedule.alpha(t), schedule.sigma(t)
+    x_g = m + s * schedule.sigma(sid.generator.timesteps[0]) * z
+    eps = (seen["x_t"] - a * x_g.detach()) / b  # the noise the code drew
+    x_t = a * x_g + b * eps
+
+    def score(mean, std):
+        return -(x_t - a * mean) / (a**2 * std**2 + b**2)
+
+    s_real, s_fake = score(0.5, 0.8), score(-0.3, 1.3)
+    delta = s_real - s_fake
+    omega = 1 / (x_g - (x_t + b**2 * s_real) / a).detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (omega * (b**2 / a) ** 2 * (delta * (s_real + eps / b) - 1.2 * delta**2)).sum(dim=(1, 2, 3)).mean()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert sid.generator.unet.m.grad.item() == pytest.approx(m.grad.item(), rel=1e-4)
+    assert sid.generator.unet.s.grad.item() == pytest.approx(s.grad.item(), rel=1e-4)
+    assert abs(m.grad.item()) > 1e-3
 
 
 def test_sid_omega_is_stop_gradient():
@@ -58,7 +112,6 @@ def test_generator_gradient_flows_through_both_score_inputs_only_to_the_generato
     assert mu_real.requires_grad and mu_fake.requires_grad  # both depend on x_g through x_t
     (mu_real.sum() + mu_fake.sum()).backward()
     assert x_g.grad is not None and x_g.grad.abs().sum() > 0
-    assert all(p.grad is None for p in sid.teacher.parameters())
     assert all(p.grad is None for p in sid.fake.parameters())
     assert all(p.requires_grad for p in sid.fake.parameters())  # unfrozen again afterwards
 
@@ -92,3 +145,65 @@ def test_sid_uses_adam_beta1_zero_and_one_to_one_alternation():
     updates = {u.name: u for u in sid.updates()}
     assert updates["generator"].every == updates["critic"].every == 1
     assert updates["generator"].optimizer.betas[0] == 0.0 and updates["generator"].ema_decay is not None
+
+
+def test_gradient_reaches_x_through_the_teacher_and_a_training_step_leaves_it_bit_identical(tmp_path):
+    sid = _sid()
+    grads = teacher_input_grads(sid.teacher.unet, lambda: sid.generator_loss(sid.generator).loss.backward())
+    assert len(grads) == 1 and grads[0] is not None and grads[0].abs().sum() > 0  # SiD differentiates mu_real
+    train_steps_keep_teacher(sid, tmp_path)
+
+
+@pytest.mark.parametrize("critic_timesteps", ["generator", "all"])
+def test_critic_timesteps(critic_timesteps):
+    sid = _sid(critic_timesteps=critic_timesteps)
+    sid.batch_size = 600
+    seen = []
+    forward = sid.fake.forward
+    sid.fake.forward = lambda x_t, t, condition, output="x0": seen.append(t.clone()) or forward(x_t, t, condition,
+                                                                                                output)
+    sid.critic_loss(sid.fake)
+    (t,) = seen
+    assert sid.t_range[0] > 30 and sid.t_range[1] < 970  # VE sigma 0.14 .. 13: narrower than all of 0..T-1
+    lo, hi = sid.t_range if critic_timesteps == "generator" else (0, 1000)  # the generator loss's range, or all
+    assert t.min() >= lo and t.max() < hi and t.min() < lo + 30 and t.max() >= hi - 30  # P(miss) < 1e-4
+
+
+def test_lsg_guides_the_fake_score_in_both_losses():
+    sid = _sid(fake_guidance=2.0, fake_train_guidance=3.0)
+    calls = []
+    forward = sid.fake.forward
+
+    def spy(x_t, t, condition, output="x0"):
+        out = forward(x_t, t, condition, output)
+        calls.append((x_t, t, condition.class_labels, output, out))
+        return out
+
+    sid.fake.forward = spy
+
+    def by_hand(x_t, t, labels, output, scale):  # one batched pass: [null class 3 | labels], then x_u + s (x_c - x_u)
+        n = labels.shape[0]
+        assert torch.equal(labels[:n // 2], torch.full((n // 2,), 3)) and torch.equal(x_t[:n // 2], x_t[n // 2:])
+        with torch.no_grad():
+            raw = sid.fake.unet(x_t, t, class_labels=labels).sample
+            if output == "x0":
+                abar = sid.teacher.scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+                raw = abar.sqrt() * x_t - (1 - abar).sqrt() * raw
+        uncond, cond = raw.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    condition = Condition(class_labels=torch.tensor([0, 1, 2, 0]))
+    mu_fake = sid.score_pair(sid.generator(torch.randn(4, 1, 8, 8), condition), condition, condition)[1]
+    assert torch.allclose(mu_fake, by_hand(*calls[0][:4], 2.0), atol=1e-5)
+    calls.clear()
+    samples = []
+    generator_forward = sid.generator.forward
+    sid.generator.forward = lambda *a: samples.append(generator_forward(*a)) or samples[-1]
+    loss = sid.critic_loss(sid.fake).loss
+    (x_t, t, _, output, _), (x0,) = calls[0], samples
+    x_t, t = x_t[4:], t[4:]
+    abar = sid.teacher.scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    target = a * (x_t - a * x0) / s - s * x0  # v = a eps - s x0
+    expected = ((by_hand(*calls[0][:4], 3.0) - target) ** 2).mean()
+    assert output == "raw" and loss.item() == pytest.approx(expected.item(), rel=1e-4)

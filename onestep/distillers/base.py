@@ -40,12 +40,19 @@ class Distiller:
     def updates(self) -> list[Update]:
         raise NotImplementedError
 
+    def finalize(self) -> None:
+        """The last step of building, once the networks hold their starting weights (`init_generator`,
+        `init_critic`): what depends on the starting generator (DisBack's path), then the LoRA adapters.
+
+        `build_distiller` and the run builder call it; a distiller built by hand must call it before training.
+        """
+        self.use_lora()
+
     def use_lora(self) -> None:
         """Train LoRA adapters instead of all weights as `options.lora` says (nothing at rank 0): on the generator's
         UNet and, with `lora.critic`, on each critic's UNet (a GAN head trains fully).
 
-        `build_distiller` and the run builder call it last, once the networks hold their starting weights
-        (`init_generator`, DisBack's path): the adapters rename the UNets' parameters (onestep.lora).
+        Called last by `finalize`: the adapters rename the UNets' parameters (onestep.lora).
         """
         config = self.options.lora
         if not config.enabled:

@@ -2,8 +2,8 @@
 
 Algorithm (a schedule over a base distiller's "real" score; the base's losses are unchanged):
   stage 1, degradation recording:  theta_0 = teacher; fine-tune a teacher copy with the denoising loss on samples
-           sg(G_0(z)) of the *initial* generator, saving theta_1 .. theta_N every `steps_per_checkpoint` steps
-           (the path teacher -> p_G0);
+           sg(G_0(z)) of the *initial* generator (after `init_generator` has loaded it, as the official code
+           does), saving theta_1 .. theta_N every `steps_per_checkpoint` steps (the path teacher -> p_G0);
   stage 2, backtracking:           fake score <- theta_N (it already fits G_0); the real score starts at
            theta_{N-1} and moves one checkpoint toward the teacher every `switch_every` steps, ending on theta_0 =
            the teacher's exact weights; from then on it is ordinary distillation.
@@ -14,6 +14,7 @@ Checkpoints load strictly (the public code's strict=False silently loaded nothin
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -79,14 +80,25 @@ def _save_state(unet: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
         f.write(save(state))
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes): which starting generator a path belongs to."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        value = value.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def record_degradation_path(distiller, options: BacktrackOptions, out_dir: Path) -> list[Path]:
     """Stage 1: [theta_0 = teacher, theta_1, ..., theta_N] as safetensors files (reused when already complete).
 
-    theta_0 is saved in the teacher's own dtype so that the path ends on its exact weights.
+    theta_0 is saved in the teacher's own dtype so that the path ends on its exact weights. The path belongs to the
+    starting generator: a folder recorded from other generator weights is refused, never reused.
     """
     settings = {"num_checkpoints": options.num_checkpoints, "steps_per_checkpoint": options.steps_per_checkpoint,
                 "lr": options.path_optimizer.lr, "generator_timesteps": distiller.generator.timesteps,
-                "batch_size": distiller.batch_size}
+                "batch_size": distiller.batch_size, "generator_sha256": weights_digest(distiller.generator.unet)}
     index = out_dir / PATH_INDEX
     if index.is_file():
         recorded = json.loads(index.read_text())
@@ -129,11 +141,17 @@ class Backtracking:
 
     def __init__(self, teacher, options, *args, path_dir: Path | None = None, **kwargs):
         super().__init__(teacher, options, *args, **kwargs)  # generator and fake score start from the true teacher
-        self.path = record_degradation_path(self, options, Path(options.path_dir or path_dir or "path"))
-        load_strict(self.fake.unet, self.path[-1])
+        self.path_dir = Path(options.path_dir or path_dir or "path")
+        self.path: list[Path] = []  # recorded by finalize(), once the generator holds its starting weights
         self.true_teacher = teacher
-        self.teacher = teacher.with_unet(copy.deepcopy(teacher.unet))  # the base's losses read this moving target
         self.target_index: int | None = None
+
+    def finalize(self) -> None:
+        """Record (or reuse) the path of the starting generator, start the fake score at its end, then LoRA."""
+        self.path = record_degradation_path(self, self.options, self.path_dir)
+        load_strict(self.fake.unet, self.path[-1])
+        self.teacher = self.true_teacher.with_unet(copy.deepcopy(self.true_teacher.unet))  # the moving target
+        super().finalize()
 
     def target_at(self, step: int) -> int:
         """Path index of the real score at `step`: N-1, N-2, ..., 0, one move every `switch_every` steps."""

@@ -104,7 +104,8 @@ class DMD(Distiller):
         self.regression = (PairedRegression(teacher, self.conditions, options.regression, regression_cache)
                            if options.regression.weight > 0 else None)
         T = teacher.schedule.num_train_timesteps
-        self.dm_range = (int(options.dm_t_min * T), int(options.dm_t_max * T))
+        # [dm_t_min T, dm_t_max T] inclusive: DMD2 samples t in [20, 980]
+        self.dm_range = (round(options.dm_t_min * T), min(round(options.dm_t_max * T), T - 1) + 1)
         self._fresh: tuple[torch.Tensor, Condition] | None = None  # the generator step's sample, reused by the critic
 
     def updates(self) -> list[Update]:

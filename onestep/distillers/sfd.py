@@ -19,7 +19,6 @@ import torch
 
 from onestep.conditioning import Condition
 from onestep.data.conditions import ConditionSampler
-from onestep.denoising import denoising_loss
 from onestep.distillers.sid import SiD, SiDOptions, sid_loss
 from onestep.training.updates import LossOutput
 
@@ -34,6 +33,9 @@ class SFDOptions(SiDOptions):
     forget: list[int] = field(default_factory=lambda: [0])  # class labels to forget
     override: str = "random"  # fixed (override_class) | random (another remaining class) | classifier (pseudo-label)
     override_class: int | None = None
+    # what the classifier labels: fake_x0 = the fake score's x0-prediction at the SiD loss's x_t, per t (the official
+    # code), sample = the generator's sample itself
+    classifier_input: str = "fake_x0"
     forget_prompts: list[str] = field(default_factory=list)  # text teachers: prompts to forget ...
     prompt_rewrites: dict[str, str] = field(default_factory=dict)  # ... and regex -> replacement giving c_o
     critic_remain_weight: float = 1.0
@@ -50,6 +52,8 @@ class SFDOptions(SiDOptions):
             raise ValueError(f"forget_batch_fraction must be in (0, 1], got {self.forget_batch_fraction}")
         if self.override not in OVERRIDES:
             raise ValueError(f"override must be one of {', '.join(OVERRIDES)}, got {self.override!r}")
+        if self.classifier_input not in ("fake_x0", "sample"):
+            raise ValueError(f"classifier_input must be fake_x0 or sample, got {self.classifier_input!r}")
         if self.override == "fixed" and self.override_class is None and not self.forget_prompts:
             raise ValueError("override fixed needs override_class")
         for pattern in self.prompt_rewrites:
@@ -102,7 +106,8 @@ class SFD(SiD):
 
     # --- concepts ----------------------------------------------------------------------------------------------
     def override_condition(self, forget_index: torch.Tensor, forget: Condition, x0_fake: torch.Tensor) -> Condition:
-        """c_o for each forget sample: a fixed class, a random remaining class, a pseudo-label, or rewritten prompt."""
+        """c_o for each forget sample: a fixed class, a random remaining class, the classifier's label of x0_fake
+        (never a forgotten class), or the rewritten prompt."""
         o = self.options
         if o.forget_prompts:
             return self.forget.encode([self.override_prompts[i] for i in forget_index.tolist()])
@@ -123,7 +128,10 @@ class SFD(SiD):
         mu_real, mu_fake = self.score_pair(x_r, c_r, c_r)
         remain = sid_loss(x_r, mu_real, mu_fake, o.alpha).mean()
         x_f, index, c_f = self.draw(generator, self.forget, batch_size=self.forget_batch_size)
-        c_o = self.override_condition(index, c_f, x_f.detach())
+        if o.override == "classifier" and o.classifier_input == "fake_x0":
+            c_o = functools.partial(self.override_condition, index, c_f)  # labels sg(mu_fake) at the loss's x_t
+        else:
+            c_o = self.override_condition(index, c_f, x_f.detach())
         mu_real, mu_fake = self.score_pair(x_f, c_o, c_f)  # teacher at the override, fake score at the forget concept
         forget = sid_loss(x_f, mu_real, mu_fake, o.alpha).mean()
         loss = o.generator_remain_weight * remain + o.generator_forget_weight * forget
@@ -131,11 +139,10 @@ class SFD(SiD):
 
     def critic_loss(self, fake) -> LossOutput:
         o = self.options
-        raw = functools.partial(fake, output="raw")
         with torch.no_grad():
             x_r, _, c_r = self.draw(self.generator, self.remain)
             x_f, _, c_f = self.draw(self.generator, self.forget, batch_size=self.forget_batch_size)
-        remain = denoising_loss(raw, self.teacher.schedule, x_r, c_r).mean()
-        forget = denoising_loss(raw, self.teacher.schedule, x_f, c_f).mean()
+        remain = self.critic_denoising_loss(fake, x_r, c_r).mean()
+        forget = self.critic_denoising_loss(fake, x_f, c_f).mean()
         loss = o.critic_remain_weight * remain + o.critic_forget_weight * forget
         return LossOutput(loss, {"remain": remain.item(), "forget": forget.item()})

@@ -1,7 +1,8 @@
 """Score identity Distillation (Zhou et al., ICML 2024): SiD, the base of Score Forgetting Distillation.
 
 Algorithm (1:1 alternation):
-  critic:    L_psi = denoising loss of the fake score on sg(G(z))
+  critic:    L_psi = denoising loss of the fake score on sg(G(z)), t on the generator loss's range (critic_timesteps)
+  SiD-LSG (text teachers): the fake score is guided too, at kappa_1 in L_psi and kappa_2 in L_theta (fake_*guidance)
   generator: x_g = G(sigma_init z), x_t = alpha_t x_g + sigma_t eps (gradient flows through x_t),
              omega = sg(1 / mean_CHW |x_g - mu_real|),
              L_theta = mean_batch sum_CHW omega (mu_real - mu_fake) * [(mu_real - x_g) - alpha (mu_real - mu_fake)]
@@ -11,6 +12,7 @@ Algorithm (1:1 alternation):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,7 @@ from onestep.critics import FakeScore
 from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
 from onestep.lora import LoRAConfig
+from onestep.teacher import classifier_free_guidance
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 from onestep.unet import call_frozen
 
@@ -44,6 +47,14 @@ class SiDOptions:
     init_ve_sigma: float = 2.5  # generator input noise level, as a VE sigma mapped onto the teacher's VP schedule
     sigma_min: float = 0.14  # range of the generator loss's noise levels (VE sigma)
     sigma_max: float = 13.0
+    # the fake score's denoising-loss timesteps: "generator" = the generator loss's range (as the official VP codes of
+    # SFD and SiD-LSG train it), "all" = every training timestep 0..T-1
+    critic_timesteps: str = "generator"
+    # SiD-LSG's guidance of the fake score (the teacher's is teacher.guidance_scale, LSG's kappa_4): classifier-free
+    # guidance with the teacher's null condition in its denoising loss (kappa_1) and in the generator loss
+    # (kappa_2 = kappa_3); 1 = none. The official SD runs set all four to 2.
+    fake_train_guidance: float = 1.0
+    fake_guidance: float = 1.0
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=10.0))
     critic_optimizer: OptimizerConfig = field(
@@ -59,6 +70,10 @@ class SiDOptions:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.init_ve_sigma <= 0:
             raise ValueError(f"init_ve_sigma must be > 0, got {self.init_ve_sigma}")
+        if self.fake_train_guidance < 0 or self.fake_guidance < 0:
+            raise ValueError("fake_train_guidance and fake_guidance must be >= 0")
+        if self.critic_timesteps not in ("generator", "all"):
+            raise ValueError(f"critic_timesteps must be generator or all, got {self.critic_timesteps!r}")
         for name in ("generator_optimizer", "critic_optimizer"):
             if getattr(self, name).lr <= 0:
                 raise ValueError(f"{name}.lr must be > 0, got {getattr(self, name).lr}")
@@ -86,17 +101,49 @@ class SiD(Distiller):
                        ema_decay=o.generator_ema),
                 Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
 
-    def score_pair(self, x_g: torch.Tensor, teacher_condition: Condition,
+    def guided(self, call: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], x_t: torch.Tensor,
+               t: torch.Tensor, condition: Condition, scale: float) -> torch.Tensor:
+        """`call` (a fake-score output) with classifier-free guidance at `scale` (SiD-LSG); the unconditional pass
+        uses the teacher's null condition (null class, empty prompt). Outputs are linear in x0, so this guides raw
+        outputs (the denoising loss) and x0 alike."""
+        if scale == 1.0 or (condition.class_labels is None and condition.encoder_hidden_states is None):
+            return call(x_t, t, condition)
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        both = Condition.cat([self.teacher.null_condition(condition), condition])
+        uncond, cond = call(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        return classifier_free_guidance(uncond, cond, scale)
+
+    def score_pair(self, x_g: torch.Tensor, teacher_condition: Condition | Callable[[torch.Tensor], Condition],
                    fake_condition: Condition) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu_real, mu_fake) at a random noisy x_t of x_g, differentiable w.r.t. x_g, parameters frozen.
 
-        SFD queries the teacher and the fake score with different conditions; SiD passes the same one twice.
+        SFD queries the teacher and the fake score with different conditions; SiD passes the same one twice. A
+        callable teacher_condition is given sg(mu_fake) first (SFD's classifier override labels it per x_t).
         """
         t = sample_timesteps(x_g.shape[0], *self.t_range, self.device)
         x_t = self.teacher.schedule.add_noise(x_g, torch.randn_like(x_g), t)
+        frozen = functools.partial(call_frozen, self.fake, checkpoint=self.options.gradient_checkpointing)
+        mu_fake = self.guided(frozen, x_t, t, fake_condition, self.options.fake_guidance)
+        if callable(teacher_condition):
+            teacher_condition = teacher_condition(mu_fake.detach())
         mu_real = self.teacher.x0_with_grad(x_t, t, teacher_condition)
-        mu_fake = call_frozen(self.fake, x_t, t, fake_condition, checkpoint=self.options.gradient_checkpointing)
         return mu_real, mu_fake
+
+    def critic_timesteps(self, batch: int) -> torch.Tensor | None:
+        """The fake score's denoising timesteps: the generator loss's range, or None (0..T-1) with `all`."""
+        if self.options.critic_timesteps == "all":
+            return None
+        return sample_timesteps(batch, *self.t_range, self.device)
+
+    def critic_denoising_loss(self, fake, x: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """Per-sample denoising loss of the fake score on generator samples x, at `critic_timesteps`, its output
+        guided at `fake_train_guidance`."""
+        raw = functools.partial(fake, output="raw")
+
+        def guided_raw(x_t, t, c):
+            return self.guided(raw, x_t, t, c, self.options.fake_train_guidance)
+
+        return denoising_loss(guided_raw, self.teacher.schedule, x, condition, self.critic_timesteps(x.shape[0]))
 
     def generator_loss(self, generator) -> LossOutput:
         x_g, _, condition = self.draw(generator)
@@ -107,5 +154,4 @@ class SiD(Distiller):
     def critic_loss(self, fake) -> LossOutput:
         with torch.no_grad():
             x_g, _, condition = self.draw(self.generator)
-        loss = denoising_loss(functools.partial(fake, output="raw"), self.teacher.schedule, x_g, condition).mean()
-        return LossOutput(loss)
+        return LossOutput(self.critic_denoising_loss(fake, x_g, condition).mean())

@@ -1,0 +1,82 @@
+"""Two-stage training: a later stage starts from an earlier stage's generator and, optionally, its critic.
+
+DMD2's GAN stage reloads both the generator and the fake score of its first stage (tianweiy/DMD2,
+`--ckpt_only_path`); `init_generator` takes the generator from an exported pipeline, `init_critic` the fake score
+(and GAN head, if the earlier stage had one) from a run folder's newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from onestep.errors import UserInputError
+
+
+def init_generator(generator, pipeline_dir: Path) -> None:
+    """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
+    from onestep.loading import load_model
+    from onestep.lora import merged_folder_adapter
+
+    index = pipeline_dir / "model_index.json"
+    if not index.is_file():
+        raise UserInputError(f"init_generator {pipeline_dir} is not an exported pipeline folder (no model_index.json)")
+    try:
+        timesteps = json.loads(index.read_text()).get("timesteps")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserInputError(f"corrupt {index}") from None
+    if timesteps != generator.timesteps:
+        raise UserInputError(f"init_generator {pipeline_dir} reads out at timesteps {timesteps} but this run's "
+                             f"generator at {generator.timesteps}")
+    unet = merged_folder_adapter(load_model(pipeline_dir / "unet"), pipeline_dir)
+    try:
+        generator.unet.load_state_dict(unet.state_dict(), strict=True)
+    except RuntimeError:
+        raise UserInputError(f"init_generator {pipeline_dir}: its UNet does not match the teacher's "
+                             "architecture") from None
+
+
+def critic_file(run_dir: Path) -> Path:
+    """The fake score's weights in a run folder's newest complete checkpoint.
+
+    The trainer saves its updates' modules in order (accelerate's model.safetensors, model_1.safetensors, ...);
+    every distiller with a fake score (DMD/DMD2, MSD, SiD, SFD, DisBack) lists the generator first, the critic second.
+    """
+    from onestep.distillers import DISTILLERS
+    from onestep.distillers.dmd import DMD
+    from onestep.distillers.sid import SiD
+    from onestep.training.checkpoints import latest_checkpoint
+
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise UserInputError(f"init_critic {run_dir} is not a onestep run folder (no config.json)")
+    try:
+        method = json.loads(saved.read_text()).get("method")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserInputError(f"corrupt {saved}") from None
+    if method not in DISTILLERS or not issubclass(DISTILLERS[method].distiller_cls, (DMD, SiD)):
+        raise UserInputError(f"init_critic {run_dir}: a {method} run has no fake score to continue")
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None or not (checkpoint / "model_1.safetensors").is_file():
+        raise UserInputError(f"init_critic {run_dir} has no complete checkpoint")
+    return checkpoint / "model_1.safetensors"
+
+
+def init_critic(fake, run_dir: Path) -> None:
+    """Load an earlier run's fake score into `fake` (a FakeScore): its UNet strictly; a GAN head the earlier stage
+    did not train (stage 1 without the GAN term) keeps its fresh initialisation."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = critic_file(run_dir)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserInputError(f"init_critic {path}: {str(err).splitlines()[0]}") from None
+    try:
+        missing, unexpected = fake.load_state_dict(state, strict=False)
+    except RuntimeError:  # a shape mismatch
+        missing, unexpected = ["(shapes)"], []
+    if unexpected or any(not key.startswith("head.") for key in missing):
+        raise UserInputError(f"init_critic {run_dir}: its fake score does not match this run's (another teacher "
+                             "architecture, or LoRA adapters)")
