@@ -222,3 +222,19 @@ def train_steps_keep_teacher(distiller, out_dir, steps: int = 1) -> None:
     assert all(torch.equal(v, teacher[k]) for k, v in distiller.teacher.unet.state_dict().items())
     for name, (module, before) in trained.items():
         assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items()), f"{name} did not train"
+
+
+def critic_timesteps(distiller) -> torch.Tensor:
+    """The timesteps of the fake score's one call in a critic loss (its denoising loss)."""
+    seen = []
+    forward = distiller.fake.forward
+
+    def spy(x_t, t, condition, output="x0"):
+        seen.append(t.clone())
+        return forward(x_t, t, condition, output)
+
+    distiller.fake.forward = spy
+    distiller.critic_loss(distiller.fake)
+    distiller.fake.forward = forward
+    (t,) = seen
+    return t
