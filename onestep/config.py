@@ -19,7 +19,7 @@ from onestep.training.trainer import TrainerConfig
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | image_folder | prompts
+    name: str = "digits"  # digits | digits_t2i (coloured captioned digits) | image_folder
     image_dir: str | None = None  # real images for GAN / paired losses (image_folder)
     prompts: str | None = None  # text file, one prompt per line (text teachers)
     batch_size: int = 64
@@ -79,10 +79,14 @@ def method_options(method: str) -> type:
         from onestep.training.denoiser_task import DenoiserOptions
 
         return DenoiserOptions
+    if method == "vae":
+        from onestep.training.vae_task import VaeOptions
+
+        return VaeOptions
     from onestep.distillers import DISTILLERS
 
     if method not in DISTILLERS:
-        raise UserInputError(f"unknown method {method!r}; choose from teacher, {', '.join(sorted(DISTILLERS))}")
+        raise UserInputError(f"unknown method {method!r}; choose from teacher, vae, {', '.join(sorted(DISTILLERS))}")
     return DISTILLERS[method].options_cls
 
 

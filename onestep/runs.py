@@ -30,7 +30,12 @@ def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, i
         if not cfg.data.image_dir:
             raise UserInputError("data.name is image_folder but data.image_dir is not set")
         return load_image_folder(Path(cfg.data.image_dir)), None, None
-    raise UserInputError(f"data.name must be digits or image_folder, got {cfg.data.name!r}")
+    if cfg.data.name == "digits_t2i":
+        from onestep.data.digits_t2i import coloured_digits
+
+        images, digits, _ = coloured_digits()
+        return images, digits, None
+    raise UserInputError(f"data.name must be digits, digits_t2i or image_folder, got {cfg.data.name!r}")
 
 
 # what makes two configs the same run (not its length)
@@ -103,10 +108,14 @@ def build_conditions(cfg: RunConfig, teacher):
     """The conditions a run draws: the teacher's classes, the prompt file's prompts, or none."""
     from onestep.data.conditions import ConditionSampler
 
-    if teacher.is_text and not cfg.data.prompts:
+    if teacher.is_text and not cfg.data.prompts and cfg.data.name != "digits_t2i":
         raise UserInputError("this teacher is text-conditional: set data.prompts to a prompt file (one per line)")
     prompts = None
-    if cfg.data.prompts:
+    if teacher.is_text and not cfg.data.prompts:  # the captions of digits_t2i, with their frequencies
+        from onestep.data.digits_t2i import load_digits_t2i
+
+        prompts = load_digits_t2i().captions
+    elif cfg.data.prompts:
         from onestep.data.prompts import read_prompts
 
         prompts = read_prompts(Path(cfg.data.prompts))
@@ -172,7 +181,12 @@ def build_distiller_task(cfg: RunConfig):
                           encode=teacher.encode if teacher.vae is not None else None,
                           unlabeled=teacher.unconditional)
     forget = list(getattr(cfg.options, "forget", [])) if not getattr(cfg.options, "forget_prompts", None) else []
-    judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget)
+    if cfg.data.name == "digits_t2i":
+        from onestep.eval.t2i import T2IJudge
+
+        judge = T2IJudge(cfg.eval.num_samples, batch_size=cfg.eval.sampling_batch)
+    else:
+        judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget)
     extra = {}
     if getattr(cfg.options, "override", None) == "classifier":
         from onestep.eval.classifier import load_digits_classifier
@@ -278,7 +292,24 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
     # what a task writes while it is built (DisBack's path, the regression pairs) is written once: the main process
     # builds first, the others then find the files complete and read them
     with process_state().main_process_first():
-        if cfg.method == "teacher":
+        if cfg.method == "vae":
+            from onestep.training.vae_task import VaeTraining
+
+            task = VaeTraining(cfg.options, load_real_data(cfg)[0], cfg.data.batch_size)
+        elif cfg.method == "teacher" and cfg.data.name == "digits_t2i":
+            from onestep.data.digits_t2i import digits_t2i_tokenizer, load_digits_t2i
+            from onestep.eval.t2i import T2IJudge
+            from onestep.training.text_denoiser_task import TextDenoiserTraining
+
+            data = load_digits_t2i()
+            try:
+                task = TextDenoiserTraining(cfg.options, data.images, data.captions, cfg.data.batch_size,
+                                            digits_t2i_tokenizer(), T2IJudge(cfg.eval.num_samples,
+                                                                             batch_size=cfg.eval.sampling_batch))
+            except ValueError as err:
+                raise UserInputError(str(err)) from None
+            use_attention(task, cfg.attention)
+        elif cfg.method == "teacher":
             images, labels, num_classes = load_real_data(cfg)
             judge = build_judge(cfg, num_classes)
             task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)

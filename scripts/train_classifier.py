@@ -17,19 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from onestep.data.augment import shift
 from onestep.data.digits import load_digits_tensors, split_halves
 from onestep.eval.classifier import DEFAULT_CLASSIFIER_DIR, DigitsClassifier
 from onestep.eval.fd import real_vs_real_floor
-
-
-def shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Move each image by a random whole number of pixels in [-max_shift, max_shift] per axis, padding with -1."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, [max_shift] * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator)
-    rows = (dy + torch.arange(h))[:, :, None]
-    cols = (dx + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
 
 
 @torch.no_grad()

@@ -24,9 +24,14 @@ class DenoiserOptions:
     scheduler: dict[str, Any] = field(default_factory=dict)  # DDPMScheduler kwargs
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema_decay: float | None = 0.999
-    label_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    label_dropout: float = 0.1  # share of labels (captions) replaced by the null class (empty prompt) for CFG
     eval_steps: int = 10  # DDIM steps of the periodic FD evaluation
     export_dtype: str = "float32"  # float16 halves the shipped size
+    # latent text-to-image teachers (captioned data): the UNet is a UNet2DConditionModel then
+    vae: str | None = None  # a trained AutoencoderKL folder (`method: vae`'s exported pipeline/): train in its latents
+    text_encoder: dict[str, Any] = field(default_factory=dict)  # CLIPTextConfig kwargs: random, frozen
+    text_encoder_seed: int = 0  # its initialisation
+    eval_guidance: float = 4.0  # guidance scale of the periodic sample grid
 
     def validate(self) -> None:
         if not 0.0 <= self.label_dropout < 1.0:

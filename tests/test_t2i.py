@@ -1,0 +1,178 @@
+"""The miniature text-to-image teacher: its data as issue 16 fixes it, its tokenizer, and its recipe end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onestep.cli import main
+from onestep.data.digits_t2i import (
+    COLOUR_NAMES,
+    WORDS,
+    coloured_digits,
+    digits_t2i_tokenizer,
+    load_digits_t2i,
+    parse_caption,
+)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_digits_t2i()
+
+
+def test_data_matches_the_spec(data):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    assert data.images.shape == (7188, 3, 32, 32) and len(data.captions) == 7188
+    # recompute one image by hand: bilinear (align_corners=False) upsampling of pixel/16, times yellow (1, 1, 0)
+    k = 5
+    v = torch.nn.functional.interpolate(torch.tensor(bunch.images[k] / 16.0, dtype=torch.float32)[None, None],
+                                        size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
+    yellow = 3 * 1797 + k
+    expected = torch.stack([v, v, torch.zeros_like(v)]) * 2 - 1
+    assert torch.allclose(data.images[yellow], expected, atol=1e-6)
+    assert data.digits[yellow] == bunch.target[k] and COLOUR_NAMES[data.colours[yellow]] == "yellow"
+    # every digit image appears once per colour; black background stays -1 in every channel
+    assert torch.equal(data.digits.view(4, -1)[0], data.digits.view(4, -1)[3])
+    assert (data.images[:, 1][data.colours == 0] == -1).all()  # red has no green
+
+
+def test_captions_follow_templates_and_are_deterministic(data):
+    again = load_digits_t2i().captions
+    assert data.captions == again
+    uncoloured = 0
+    for caption, digit, colour in zip(data.captions, data.digits.tolist(), data.colours.tolist(), strict=True):
+        d, c = parse_caption(caption)
+        assert d == digit
+        uncoloured += c is None
+        assert c is None or c == colour
+        word, name = WORDS[digit], COLOUR_NAMES[colour]
+        assert caption in (f"a {name} {word}", f"the number {word} in {name}", f"{word}, {name}", f"a {word}",
+                           f"the number {word}")
+    assert abs(uncoloured / 7188 - 0.2) < 0.02  # one caption in five names no colour
+    assert len(set(data.captions)) == 10 * 4 * 3 + 10 * 2
+
+
+def test_tokenizer_keeps_every_caption_word_whole(data):
+    tokenizer = digits_t2i_tokenizer()
+    for caption in sorted(set(data.captions)):
+        ids = tokenizer(caption).input_ids
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.unk_token_id not in ids[1:-1] or tokenizer.unk_token_id == tokenizer.eos_token_id
+        assert len(ids) == len(caption.replace(",", " ,").split()) + 2  # one token per word / comma
+    assert len(tokenizer("the number seven in yellow", padding="max_length").input_ids) == tokenizer.model_max_length
+
+
+def test_coloured_digits_range():
+    images, digits, colours = coloured_digits()
+    assert images.min() == -1 and images.max() == 1 and np.bincount(colours.numpy()).tolist() == [1797] * 4
+
+
+def test_prompt_metrics_against_hand_counts():
+    from onestep.eval.t2i_classifier import prompt_metrics
+
+    digits = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    colours = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1])
+    pred_digits = torch.tensor([1, 2, 0, 4, 5, 6, 7, 0])  # 6 of 8 right
+    pred_colours = torch.tensor([0, 3, 2, 1, 1, 1, 0, 2])  # coloured: 2 of 3 right; uncoloured shares 1/5,3/5,1/5,0
+    out = prompt_metrics(pred_digits, pred_colours, digits, colours)
+    assert out["digit_acc"] == pytest.approx(6 / 8)
+    assert out["colour_acc"] == pytest.approx(2 / 3)
+    assert out["colour_balance"] == pytest.approx(3 / 5 - 1 / 4)
+
+
+def test_eval_prompts_are_uniform_and_parse_back():
+    from onestep.data.digits_t2i import eval_prompts
+
+    prompts, digits, colours = eval_prompts(400)
+    assert (colours == -1).sum() == 200 and np.bincount(colours[colours >= 0].numpy()).tolist() == [50] * 4
+    assert np.bincount(digits.numpy()).tolist() == [40] * 10
+    for prompt, d, c in zip(prompts, digits.tolist(), colours.tolist(), strict=True):
+        assert parse_caption(prompt) == (d, None if c < 0 else c)
+
+
+TINY_VAE = ["train.max_steps=2", "train.max_minutes=null", "data.batch_size=4", "options.vae.norm_num_groups=4",
+            "options.vae.block_out_channels=[8,8,8]", "options.export_dtype=float32"]
+TINY_UNET = ["train.max_steps=2", "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8",
+             "options.unet.block_out_channels=[16,16]", "options.text_encoder.hidden_size=16",
+             "options.text_encoder.intermediate_size=32", "options.unet.cross_attention_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i_teacher(tmp_path_factory):
+    """The shipped recipe (configs/t2i/vae.yaml, then teacher.yaml) at toy size, through `onestep train`."""
+    out = tmp_path_factory.mktemp("t2i")
+    assert main(["train", str(ROOT / "configs/t2i/vae.yaml"), f"output_dir={out / 'vae'}", *TINY_VAE]) == 0
+    assert main(["train", str(ROOT / "configs/t2i/teacher.yaml"), f"output_dir={out / 'teacher'}",
+                 f"options.vae={out / 'vae' / 'pipeline'}", *TINY_UNET]) == 0
+    return out
+
+
+def test_vae_export_measures_the_scaling_factor(tiny_t2i_teacher):
+    import json
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_t2i_teacher / "vae" / "pipeline")
+    metrics = json.loads((tiny_t2i_teacher / "vae" / "metrics.json").read_text())["final"]
+    assert {"rec_mse", "psnr_db", "scaling_factor"} <= set(metrics)
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-5)
+    assert vae.config.scaling_factor != 0.18215 and vae.config.latent_channels == 4
+
+
+def test_latent_scaling_factor_is_one_over_std():
+    from diffusers import AutoencoderKL
+
+    from onestep.training.vae_task import latent_scaling_factor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    generator = torch.Generator().manual_seed(3)
+    direct = vae.encode(images).latent_dist.sample(generator)
+    assert latent_scaling_factor(vae, images, seed=3) == pytest.approx(1 / direct.std().item(), rel=1e-5)
+
+
+def test_teacher_folder_is_stock_stable_diffusion(tiny_t2i_teacher):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = tiny_t2i_teacher / "teacher" / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["_class_name"], sched["beta_schedule"], sched["beta_start"], sched["beta_end"],
+            sched["prediction_type"], sched["num_train_timesteps"], sched["steps_offset"]) == (
+        "DDPMScheduler", "scaled_linear", 0.00085, 0.012, "epsilon", 1000, 1)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    images = pipe(["a red seven", "the number two"], num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_text_encoder_is_frozen_and_null_text_is_the_empty_prompt(tiny_t2i_teacher):
+    from onestep.teacher import Teacher
+
+    teacher = Teacher.from_pretrained(tiny_t2i_teacher / "teacher" / "pipeline")
+    cond = teacher.condition(prompts=["a red seven", "a seven"])
+    assert not torch.allclose(cond.encoder_hidden_states[0], cond.encoder_hidden_states[1])
+    null = teacher.null_condition(cond)
+    assert torch.allclose(null.encoder_hidden_states[0], teacher.encode_prompts([""])[0])
+
+
+def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
+    import json
+
+    out = tiny_t2i_teacher / "dmd2"
+    assert main(["train", str(ROOT / "configs/t2i/dmd2.yaml"), f"output_dir={out}",
+                 f"teacher.path={tiny_t2i_teacher / 'teacher' / 'pipeline'}", "train.max_steps=2",
+                 "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8", "train.eval_every=0"]) == 0
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert {"fd_t2i/student", "digit_acc/student", "colour_acc/student", "colour_balance/student"} <= set(final)
