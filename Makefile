@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_CPU ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint install clean
+.PHONY: demo demo-t2i test lint install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/onestep train configs/digits/dmd2.yaml output_dir=$(DEMO_DIR)
 	$(VENV)/bin/onestep bench $(DEMO_DIR) --out $(DEMO_DIR)/bench
+
+# DMD2 on the miniature Stable Diffusion (builtin:digits-t2i), 15 minutes, then its table against the teacher.
+demo-t2i: $(STAMP)
+	$(VENV)/bin/onestep train configs/t2i/dmd2.yaml output_dir=$(DEMO_DIR)-t2i
+	$(PY) scripts/t2i_table.py $(DEMO_DIR)-t2i --out $(DEMO_DIR)-t2i/table.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check onestep pipelines scripts tests

@@ -164,7 +164,7 @@ def test_text_encoder_is_frozen_and_null_text_is_the_empty_prompt(tiny_t2i_teach
     cond = teacher.condition(prompts=["a red seven", "a seven"])
     assert not torch.allclose(cond.encoder_hidden_states[0], cond.encoder_hidden_states[1])
     null = teacher.null_condition(cond)
-    assert torch.allclose(null.encoder_hidden_states[0], teacher.encode_prompts([""])[0])
+    assert torch.allclose(null.encoder_hidden_states[0], teacher.encode_prompts([""]).encoder_hidden_states[0])
 
 
 def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
