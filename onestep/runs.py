@@ -149,9 +149,11 @@ def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, 
         validation = read_prompt_list(e.validation_prompts)
     context = MetricContext(batch_size=e.sampling_batch, clip_model=e.clip_model, extra=dict(e.metric_options),
                             features=FeatureOptions(e.inception_weights, e.allow_pickle, dict(e.metric_options)))
-    return Judge(e.num_samples, features, e.reference, num_classes, batch_size=e.sampling_batch,
-                 forget_classes=list(forget), prompts=prompts, validation_prompts=validation, metrics=e.metrics,
-                 context=context)
+    judge = Judge(e.num_samples, features, e.reference, num_classes, batch_size=e.sampling_batch,
+                  forget_classes=list(forget), prompts=prompts, validation_prompts=validation, metrics=e.metrics,
+                  context=context)
+    judge.check()
+    return judge
 
 
 def _check_writes_inside(cfg: RunConfig, folder: str | None) -> None:

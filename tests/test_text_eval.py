@@ -180,11 +180,17 @@ def test_teacher_folder_samples_with_prompts_and_bad_inputs_exit_2(folders, regi
     ("eval.validation_prompts=[a cat, '']", ["validation_prompts"]),
     ("eval.features=incepton", ["incepton", "inception"]),
     ("eval.validation_prompts=[a cat]", ["text-to-image", "class-conditional"]),  # the digits teacher takes none
+    # what would only fail at the first evaluation (the end of a run) is caught before training
+    ("eval.features=inception", ["Inception weights not found"]),
+    ("eval.reference=/nonexistent/ref.npz", ["not found"]),
+    ("eval.reference=/nonexistent/images", ["not found"]),
+    ("eval.metrics=[clip_score]|eval.clip_model=/nonexistent/clip", ["CLIP model folder"]),
 ])
-def test_bad_eval_configs_exit_2_before_training(tmp_path, capsys, override, words):
+def test_bad_eval_configs_exit_2_before_training(tmp_path, capsys, monkeypatch, override, words):
     from tests.test_cli import DEMO
 
-    assert main(["train", str(DEMO), f"output_dir={tmp_path / 'out'}", override]) == 2
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights in the default place
+    assert main(["train", str(DEMO), f"output_dir={tmp_path / 'out'}", *override.split("|")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
     assert not (tmp_path / "out").exists()

@@ -207,6 +207,23 @@ def is_digits_reference(reference: str | Path) -> bool:
     return str(reference) == "digits" or str(reference).startswith("digits:")
 
 
+def check_reference(reference: str | Path, features: str, options: FeatureOptions | None = None) -> None:
+    """Cheap checks, before a long run, that a Fréchet distance can be computed as asked: the feature network's
+    files (Inception weights), the reference (digits, a readable STATS.npz of these features, an image folder)."""
+    from onestep.eval.features import inception_weights
+    from onestep.eval.image_files import image_files
+
+    feature_spec(features)
+    if features == "inception":
+        inception_weights((options or FeatureOptions()).inception_weights)
+    if is_digits_reference(reference):
+        _digits_reference(str(reference))
+    elif Path(reference).suffix == ".npz":
+        load_stats(reference, features)
+    else:
+        image_files(Path(reference))
+
+
 def _reference_batches(reference: str | Path, features: str, batch_size: int) -> tuple[str, Iterator[torch.Tensor]]:
     """(content digest, uint8 batches) of an image reference: the digits data or an IMAGE_DIR."""
     from onestep.eval.image_files import folder_digest, iter_image_batches

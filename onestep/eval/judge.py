@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -106,6 +107,22 @@ class Judge:
         return torch.Generator(device).manual_seed(self.seed)
 
     # --- metrics ------------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail now, not at the end of a run, on what would stop the metrics being built: a missing Inception weights
+        file, reference or CLIP model folder (reference statistics themselves are computed at the first evaluation,
+        on the training device)."""
+        from onestep.eval.fd import check_reference
+        from onestep.eval.metrics import METRICS, EvalError
+
+        if self.features:
+            check_reference(self.reference, self.features, self.context.features)
+        unknown = [m for m in self.metric_names if m not in METRICS]
+        if unknown:
+            raise EvalError(f"unknown metric {unknown[0]!r}; choose from {', '.join(sorted(METRICS))}")
+        if "clip_score" in self.metric_names and not (Path(self.context.clip_model or "") / "config.json").is_file():
+            raise EvalError("clip_score needs a local CLIP model folder with config.json, got "
+                            f"{self.context.clip_model}")
+
     def metrics(self, device: torch.device | str) -> list[SampleMetric]:
         """The metric objects, built once (reference statistics are read or computed then, never again)."""
         if self._metrics is None:
