@@ -122,6 +122,10 @@ def test_hub_ids_load_from_the_local_cache_only(tmp_path, hub_cache, sdxl_folder
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "hf download tiny/missing" in err, err
     assert not (tmp_path / "out").exists()
+    code = main(["train", str(DEMO), f"output_dir={tmp_path / 'out'}", "teacher.path=tiny/sdxl",
+                 "teacher.revision=v3", "teacher.variant=fp16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("hf download tiny/sdxl --revision v3"), err
 
 
 def test_variant_weights_are_the_ones_loaded(sdxl_folder):
