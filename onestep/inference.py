@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from onestep.errors import UserInputError
+from onestep.files import read_json
 from onestep.loading import dtype_kwargs, resolve_model
 
 
@@ -77,10 +77,7 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise UserInputError(f"{path} is not a pipeline or teacher folder (no model_index.json)")
-    try:
-        class_name = json.loads(index_file.read_text()).get("_class_name")
-    except json.JSONDecodeError:
-        raise UserInputError(f"corrupt {index_file}") from None
+    class_name = read_json(index_file).get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
     if class_name in ("OneStepPipeline", "MultiStudentPipeline"):
         from diffusers.utils import logging as diffusers_logging

@@ -10,7 +10,7 @@ from accelerate.utils import set_seed
 
 from onestep.config import RunConfig, config_from, to_dict
 from onestep.errors import UserInputError
-from onestep.files import write_json_atomic
+from onestep.files import read_json, write_json_atomic
 from onestep.loading import DTYPES, resolve_path
 from onestep.model_card import write_model_card
 from onestep.training.denoiser_task import DenoiserTraining
@@ -79,7 +79,7 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
         return
     try:
         previous = json.loads(saved.read_text())
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, not UTF-8
         raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to replace it") from None
     previous, current = with_current_defaults(previous), to_dict(cfg)
     changed = [k for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
@@ -331,7 +331,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     saved = run_dir / RUN_CONFIG
     if not saved.is_file():
         raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")
-    cfg = config_from(json.loads(saved.read_text()), label=str(saved))
+    cfg = config_from(read_json(saved), label=str(saved))
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):  # none yet (an interrupted run), or unreadable: a card without metrics

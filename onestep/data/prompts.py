@@ -15,6 +15,8 @@ def read_prompts(path: Path) -> list[str]:
         raise UserInputError(f"prompt file not found: {path}") from None
     except UnicodeDecodeError:
         raise UserInputError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as err:  # a folder, unreadable
+        raise UserInputError(f"cannot read prompt file {path}: {err.strerror or err}") from None
     prompts = [line.strip() for line in lines]
     empty = [i + 1 for i, p in enumerate(prompts) if not p]
     if empty:

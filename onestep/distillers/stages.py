@@ -7,10 +7,10 @@ DMD2's GAN stage reloads both the generator and the fake score of its first stag
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from onestep.errors import UserInputError
+from onestep.files import read_json
 
 
 def init_generator(generator, pipeline_dir: Path) -> None:
@@ -21,10 +21,7 @@ def init_generator(generator, pipeline_dir: Path) -> None:
     index = pipeline_dir / "model_index.json"
     if not index.is_file():
         raise UserInputError(f"init_generator {pipeline_dir} is not an exported pipeline folder (no model_index.json)")
-    try:
-        timesteps = json.loads(index.read_text()).get("timesteps")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise UserInputError(f"corrupt {index}") from None
+    timesteps = read_json(index).get("timesteps")
     if timesteps != generator.timesteps:
         raise UserInputError(f"init_generator {pipeline_dir} reads out at timesteps {timesteps} but this run's "
                              f"generator at {generator.timesteps}")
@@ -50,10 +47,7 @@ def critic_file(run_dir: Path) -> Path:
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise UserInputError(f"init_critic {run_dir} is not a onestep run folder (no config.json)")
-    try:
-        method = json.loads(saved.read_text()).get("method")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise UserInputError(f"corrupt {saved}") from None
+    method = read_json(saved).get("method")
     if method not in DISTILLERS or not issubclass(DISTILLERS[method].distiller_cls, (DMD, SiD)):
         raise UserInputError(f"init_critic {run_dir}: a {method} run has no fake score to continue")
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
