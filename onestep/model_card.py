@@ -57,7 +57,7 @@ def _metrics_section(metrics: dict | None) -> str:
     lines = [f"Measured by onestep at the end of training (step {metrics.get('step')}, "
              f"{metrics.get('train_seconds')} s of training), on the EMA weights where EMA is on:", "",
              "| metric | value |", "|---|---|"]
-    final = metrics.get("final") or {}
+    final = metrics.get("final") if isinstance(metrics.get("final"), dict) else {}
     lines += [f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |"
               for key, value in final.items() if key not in ("step", "elapsed_s")]
     if not final:

@@ -334,8 +334,9 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     cfg = config_from(read_json(saved), label=str(saved))
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):  # none yet (an interrupted run), or unreadable: a card without metrics
+    except (OSError, ValueError):  # none yet (an interrupted run), or unreadable: a card without metrics
         metrics = None
+    metrics = metrics if isinstance(metrics, dict) else None
     if cfg.method == "msd" and cfg.options.student is None:
         out = assemble_students(cfg, out)
     else:

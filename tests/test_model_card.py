@@ -66,3 +66,9 @@ def test_training_and_export_write_the_card(tmp_path, capsys):
     assert main(["export", str(out)]) == 0
     capsys.readouterr()
     assert f"| fd_digits/student | {value:.6g} |" in (out / "pipeline" / "README.md").read_text()
+    for garbage in (b"\xff\xfe not json", b"[1, 2]"):  # an unreadable metrics.json: a card without metrics
+        (out / "metrics.json").write_bytes(garbage)
+        assert main(["export", str(out)]) == 0
+        assert "No metrics were recorded" in (out / "pipeline" / "README.md").read_text()
+    capsys.readouterr()
+
