@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="scaling: process counts")
     bench.add_argument("--train-steps", type=int, default=30, help="scaling: training steps per process count")
     bench.add_argument("--batch-size", type=int, default=None, help="memory: data.batch_size (default: the config's)")
-    bench.add_argument("--shape", choices=["sd15", "sdxl"], default=None,
+    bench.add_argument("--shape", choices=["sd15", "sdxl", "tiny"], default=None,
                        help="memory: real-size random-weight models in configs/SHAPE/METHOD.yaml at batch 1")
     bench.add_argument("--methods", nargs="+", default=None, help="memory --shape: methods (default: all six)")
     bench.add_argument("--variants", nargs="+", default=None, help="memory --shape: variants (default: all)")

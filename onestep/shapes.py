@@ -16,12 +16,12 @@ from onestep.errors import UserInputError
 
 
 SHAPES_DIR = Path(__file__).parent / "assets" / "shapes"
-SHAPES = ("sd15", "sdxl")
+SHAPES = ("sd15", "sdxl", "tiny")  # tiny: the SD1.5 layout at test size (dry runs, CI)
 # component name -> (library, class) as a diffusers model_index.json names it
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
             "text_encoder": ("transformers", "CLIPTextModel"),
             "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "tiny": "StableDiffusionPipeline"}
 
 
 def component_configs(shape: str) -> dict[str, dict]:

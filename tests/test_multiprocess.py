@@ -68,8 +68,25 @@ def test_only_rank_zero_writes_and_every_rank_resumes(two_process_runs):
     run = two_process_runs / "dmd2"
     log = read_log(run)
     assert [r["event"] for r in log if "event" in r and r["event"] != "eval"] == ["started", "resumed"]
+    assert {(r["num_processes"], r["distributed_type"]) for r in log if "event" in r} >= {(2, "MULTI_CPU")}
     assert [r["step"] for r in log if "critic/loss" in r] == [1, 2, 3, 4]  # one record per step, not one per rank
     assert {"generator/dm", "generator/gan", "critic/gan_d"} <= set(log[-2])
     assert json.loads((run / "metrics.json").read_text())["step"] == 4
     assert (run / "pipeline" / "model_index.json").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-0000002", "checkpoint-0000004"]
+
+
+def test_documented_cpu_command_starts_two_processes(tmp_path):
+    """docs/multi_gpu.md's CPU command as a user types it: `ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`
+    gives 2 MULTI_CPU processes, and the started record says so (`accelerate launch --cpu --num_processes 2` would
+    take accelerate's single-process path: 1 process, type NO)."""
+    config = ROOT / "configs" / "digits" / "dmd2.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "onestep.cli", "train", str(config), f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+           "data.batch_size=4", "eval.num_samples=20", "train.checkpoint_every=0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=250,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                               "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    started = [r for r in read_log(tmp_path / "run") if r.get("event") == "started"]
+    assert [(r["num_processes"], r["distributed_type"]) for r in started] == [(2, "MULTI_CPU")]

@@ -20,6 +20,7 @@ activations, autograd's saved tensors and allocator slack).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -57,6 +58,7 @@ SHAPE_VARIANTS: dict[str, list[str]] = {
     "bf16_ckpt_8bit": [*_CKPT, *_8BIT],
     "bf16_ckpt_lora_offload": [*_LORA, "teacher.offload=true"],
 }
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's (benchmarks run from a checkout)
 # per method: the run the others are estimated from (it fits in ~14 GB at SD1.5 size)
 REFERENCE = "bf16_ckpt_lora"
 
@@ -117,6 +119,8 @@ def split(trainer) -> dict:
             "optimizer_mib": _tensor_mib(state),
             "trainable_parameters": {name: sum(p.numel() for p in ps) for name, ps in trainable.items()},
             "update_parameters": {u.name: sum(p.numel() for p in u.module.parameters()) for u in trainer.updates},
+            "lora_parameters": {u.name: sum(p.numel() for n, p in u.module.named_parameters() if "lora_" in n)
+                                for u in trainer.updates},
             "half_parameters": sum(p.numel() for net in networks for p in net.parameters()
                                    if p.dtype in (torch.bfloat16, torch.float16))}
 
@@ -211,9 +215,9 @@ def estimate(reference: dict, overrides: list[str], latent_scale: float = 1.0) -
     fp32_teacher = "teacher.dtype=float32" in overrides
     ckpt = "train.gradient_checkpointing=true" in overrides
     eight_bit = any("use_8bit=true" in o for o in overrides)
-    adapters = {n: reference["trainable_parameters"][n] for n in reference["trainable_parameters"]}
+    adapters = reference.get("lora_parameters", reference["trainable_parameters"])  # a GAN head trains either way
     full = {n: reference["update_parameters"][n] - adapters[n] for n in adapters}
-    trainable = adapters if lora else full
+    trainable = reference["trainable_parameters"] if lora else full
     weights = reference["weights_mib"] - reference["ema_mib"]
     if fp32_teacher:
         weights += reference["half_parameters"] * 2 / MIB
@@ -259,7 +263,8 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
     size = 8 * (latent_size or json.loads((teacher / "unet" / "config.json").read_text())["sample_size"])
     prompts = out / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car on a street\n")
-    overrides = [f"teacher.path={teacher}", f"data.prompts={prompts}", "data.batch_size=1", "eval.num_samples=1"]
+    overrides = [f"teacher.path={teacher}", f"data.prompts={prompts}", "data.batch_size=1", "eval.num_samples=1",
+                 f"eval.prompts={prompts}", "eval.features=none", "eval.metrics=[]"]  # no judge: it is not trained
     if method in ("dmd2", "msd", "disback"):
         images = write_random_images(out / f"images_{size}", size)
         overrides.append(f"data.image_dir={images}")
@@ -269,16 +274,17 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
 
 
 def run_shape_suite(shape: str, out: Path, methods: list[str], variants: list[str], steps: int = 2,
-                    latent_size: int | None = None, max_gb: float = 14.0, configs: Path = Path("configs")) -> dict:
+                    latent_size: int | None = None, max_gb: float = 14.0, configs: Path = CONFIGS) -> dict:
     """Each method at `shape`: the reference variant first (measured when it fits), then the others, each measured
     in a fresh process when its estimate fits in min(free memory - 2 GiB, max_gb), estimated otherwise."""
-    from onestep.shapes import component_configs
+    from onestep.shapes import component_configs, parameter_counts
 
     full_size = component_configs(shape)["unet"]["sample_size"]
+    unet_parameters = parameter_counts(shape)["unet"]  # the reference's guard: 16 bytes each (DMD2 LoRA measured ~16)
     scale = (full_size / latent_size) ** 2 if latent_size else 1.0
     rows = []
     for method in methods:
-        config = configs / shape / f"{method}.yaml"
+        config = configs / ("sd15" if shape == "tiny" else shape) / f"{method}.yaml"  # tiny: SD1.5's recipes
         if not config.is_file():
             raise UserInputError(f"no config {config} for method {method}")
         base = shape_overrides(shape, method, out, latent_size)
@@ -288,14 +294,20 @@ def run_shape_suite(shape: str, out: Path, methods: list[str], variants: list[st
             row = {"method": method, "variant": name, "overrides": SHAPE_VARIANTS[name]}
             if method == "boot":  # no critic
                 overrides = [o for o in overrides if "critic" not in o]
-            # the reference needs the whole budget free; another variant its estimate (plus the process baseline)
-            need = max_gb * 1024 if reference is None else \
+            # the reference needs ~16 bytes per UNet parameter free; another variant its estimate (plus the baseline)
+            need = min(max_gb * 1024, 16 * unet_parameters / MIB) if reference is None else \
                 estimate(reference, overrides)["accelerator_peak_mib"] + reference["baseline_mib"]
-            if need <= max_gb * 1024 and _wait_for_free(need + 2048):
+            missing = any("use_8bit=true" in o for o in overrides) and importlib.util.find_spec("bitsandbytes") is None
+            if missing and reference is not None:
+                rows.append({**row, "status": "estimated (bitsandbytes not installed)",
+                             **estimate(reference, overrides)})
+            elif need <= max_gb * 1024 and _wait_for_free(need + 2048):
                 try:
                     measured = _run_variant(config, out / method / name, overrides, steps)
                 except RuntimeError as err:
                     rows.append({**row, "status": "failed", "error": str(err).splitlines()[-1]})
+                    if reference is None:
+                        break  # nothing to estimate the other variants from
                     continue
                 measured["baseline_mib"] = measured["built_mib"] - measured["weights_mib"]
                 measured["accelerator_peak_mib"] = measured["peak_mib"] - measured["baseline_mib"]
