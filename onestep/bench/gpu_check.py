@@ -89,7 +89,9 @@ def digits_demo(out: Path, minutes: float, dry_run: bool) -> list[str]:
     if done.returncode != 0:
         return [f"digits demo failed: `{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}`"]
     metrics = json.loads((run / "metrics.json").read_text())
-    fd = {k: v for k, v in metrics.items() if "fd" in k.lower() and isinstance(v, (int, float))}
+    final = metrics.get("final", metrics)
+    fd = {k: v for k, v in final.items() if k.lower().startswith("fd") and isinstance(v, (int, float))}
+    fd["protocol"] = final.get("protocol")
     return [f"- `{' '.join(cmd[1:])}`: {metrics.get('step')} steps, {time.perf_counter() - start:.0f} s wall "
             f"(including start, evaluation, export)", f"- {json.dumps(fd)}"]
 
