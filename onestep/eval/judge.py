@@ -112,13 +112,10 @@ class Judge:
         file, reference or CLIP model folder (reference statistics themselves are computed at the first evaluation,
         on the training device)."""
         from onestep.eval.fd import check_reference
-        from onestep.eval.metrics import METRICS, EvalError
+        from onestep.eval.metrics import EvalError
 
         if self.features:
             check_reference(self.reference, self.features, self.context.features)
-        unknown = [m for m in self.metric_names if m not in METRICS]
-        if unknown:
-            raise EvalError(f"unknown metric {unknown[0]!r}; choose from {', '.join(sorted(METRICS))}")
         if "clip_score" in self.metric_names and not (Path(self.context.clip_model or "") / "config.json").is_file():
             raise EvalError("clip_score needs a local CLIP model folder with config.json, got "
                             f"{self.context.clip_model}")

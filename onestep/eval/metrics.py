@@ -201,7 +201,7 @@ def _clip_score(ctx: MetricContext) -> SampleMetric:
 register_metric("clip_score", _clip_score)
 
 
-def run_metrics(metrics: list[SampleMetric], batches) -> dict:
+def run_metrics(metrics: list[SampleMetric], batches) -> tuple[dict[str, float], dict[str, dict]]:
     """Reset `metrics`, feed them every SampleBatch of `batches`, and return {key: value} and {key: protocol}."""
     for metric in metrics:
         metric.reset()
