@@ -19,10 +19,25 @@ from onestep.training.trainer import TrainerConfig
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | digits_t2i (coloured captioned digits) | image_folder
-    image_dir: str | None = None  # real images for GAN / paired losses (image_folder)
-    prompts: str | None = None  # text file, one prompt per line (text teachers)
-    batch_size: int = 64
+    """Where real images, their captions/labels and the prompts to draw come from (onestep.data.real)."""
+
+    # digits | digits_t2i (coloured captioned digits) | image_folder | dataset | prompts (no images: data-free methods)
+    name: str = "digits"
+    image_dir: str | None = None  # image_folder: image files + metadata.jsonl ({"file_name": ..., "text": ...})
+    dataset: str | None = None  # dataset: a `save_to_disk` folder, or a dataset name in the local HF cache
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"  # each image's caption (text teachers); also the prompts, without data.prompts
+    label_column: str = "label"  # each image's class (class-conditional teachers), if the dataset has one
+    prompts: str | None = None  # text file, one prompt per line (text teachers): the prompts generators draw
+    center_crop: bool = True  # resize the short side to the teacher's resolution, then center (else random) crop
+    random_flip: bool = True
+    num_workers: int = 2  # DataLoader worker processes decoding images (0: in the training process)
+    # encode every image once with the teacher's VAE and train from the stored latents (onestep.data.latent_cache);
+    # a folder inside output_dir, or one that already holds a complete cache of this dataset
+    latent_cache: str | None = None
+    latent_cache_dtype: str = "float16"
+    batch_size: int = 64  # per process and per micro-batch (train.gradient_accumulation_steps)
 
 
 @dataclass
@@ -115,6 +130,14 @@ def _check_values(cfg: RunConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise UserInputError(f"config {key} must be >= 0, got {value}")
+    from onestep.data.real import check_data_name
+
+    check_data_name(cfg.data.name)
+    if cfg.data.num_workers < 0:
+        raise UserInputError(f"config data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.latent_cache_dtype not in DTYPES:
+        raise UserInputError(f"config data.latent_cache_dtype must be one of {', '.join(DTYPES)}, got "
+                             f"{cfg.data.latent_cache_dtype!r}")
     if cfg.train.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise UserInputError(f"config train.mixed_precision must be no, fp16 or bf16 (or unset: the launcher's), "
                              f"got {cfg.train.mixed_precision}")

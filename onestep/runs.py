@@ -18,7 +18,8 @@ from onestep.training.trainer import Trainer, process_state
 
 
 def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-    """Images in [-1, 1] (N, C, H, W), labels (or None) and the number of classes."""
+    """Images in [-1, 1] (N, C, H, W) held in memory, labels (or None) and the number of classes: the VAE and the
+    digits_t2i teacher train on these; distillation and the denoiser's training stream them (`build_real`)."""
     if cfg.data.name == "digits":
         from onestep.data.digits import NUM_CLASSES, load_digits_tensors
 
@@ -96,29 +97,25 @@ def load_teacher(cfg: RunConfig):
                                    variant=cfg.teacher.variant, revision=cfg.teacher.revision)
 
 
-def _check_teacher_matches_data(teacher, images: torch.Tensor) -> None:
-    expected = tuple(images.shape[1:])
-    got = teacher.sample_shape if teacher.vae is None else None
-    if got is not None and tuple(got) != expected:
-        raise UserInputError(f"teacher works on {got[0]}x{got[1]}x{got[2]} (C x H x W) but the data is "
-                             f"{expected[0]}x{expected[1]}x{expected[2]}")
-
-
-def build_conditions(cfg: RunConfig, teacher):
-    """The conditions a run draws: the teacher's classes, the prompt file's prompts, or none."""
+def build_conditions(cfg: RunConfig, teacher, source=None):
+    """The conditions a run draws: the teacher's classes, the prompt file's prompts (else the dataset's captions),
+    or none."""
     from onestep.data.conditions import ConditionSampler
 
-    if teacher.is_text and not cfg.data.prompts and cfg.data.name != "digits_t2i":
-        raise UserInputError("this teacher is text-conditional: set data.prompts to a prompt file (one per line)")
     prompts = None
-    if teacher.is_text and not cfg.data.prompts:  # the captions of digits_t2i, with their frequencies
-        from onestep.data.digits_t2i import load_digits_t2i
-
-        prompts = load_digits_t2i().captions
-    elif cfg.data.prompts:
+    if cfg.data.prompts:
         from onestep.data.prompts import read_prompts
 
         prompts = read_prompts(Path(cfg.data.prompts))
+    elif teacher.is_text and cfg.data.name == "digits_t2i":  # its captions, with their frequencies
+        from onestep.data.digits_t2i import load_digits_t2i
+
+        prompts = load_digits_t2i().captions
+    elif teacher.is_text:
+        if source is None:
+            raise UserInputError("this teacher is text-conditional: set data.prompts to a prompt file (one per line) "
+                                 "or use a captioned dataset (data.name image_folder or dataset)")
+        prompts = source.captions()
     return ConditionSampler(classes=range(teacher.num_classes) if teacher.num_classes else None,
                             prompts=prompts, encode=teacher.encode_prompts if prompts else None)
 
@@ -156,32 +153,48 @@ def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, 
     return judge
 
 
-def _check_writes_inside(cfg: RunConfig, folder: str | None) -> None:
+def data_source(cfg: RunConfig, teacher):
+    """The run's captioned dataset (None for digits / prompts)."""
+    if cfg.data.name not in ("image_folder", "dataset"):
+        return None
+    from onestep.data.real import DataSource
+
+    return DataSource(cfg.data, teacher)
+
+
+def build_real(cfg: RunConfig, teacher, conditions, source):
+    """The real images a run reads (the GAN's real branch, TSM), each with its own caption or label."""
+    from onestep.data.real import real_images
+
+    cache = cfg.data.latent_cache
+    _check_writes_inside(cfg, cache, "data.latent_cache")
+    caption_condition = conditions.encode if conditions is not None and teacher.is_text else None
+    return real_images(cfg.data, teacher, caption_condition,
+                       seed=cfg.train.seed, cache_dir=Path(cache) if cache else None, source=source)
+
+
+def _check_writes_inside(cfg: RunConfig, folder: str | None, key: str = "options.path_dir") -> None:
     """A config value may name a folder onestep would write to: only inside output_dir, unless it already holds a
-    complete DisBack path (read, never written)."""
+    complete DisBack path or latent cache (read, never written)."""
+    from onestep.data.latent_cache import INDEX
     from onestep.distillers.disback import PATH_INDEX
 
-    if folder is None or (Path(folder) / PATH_INDEX).is_file():
+    if folder is None or (Path(folder) / PATH_INDEX).is_file() or (Path(folder) / INDEX).is_file():
         return
     if not Path(folder).resolve().is_relative_to(Path(cfg.output_dir).resolve()):
-        raise UserInputError(f"options.path_dir {folder} is outside output_dir {cfg.output_dir} and holds no recorded "
-                             "path; onestep writes only inside output_dir (point it at an existing path to reuse it)")
+        raise UserInputError(f"{key} {folder} is outside output_dir {cfg.output_dir} and holds no complete "
+                             "recorded data; onestep writes only inside output_dir (point it at an existing one to "
+                             "reuse it)")
 
 
 def build_distiller_task(cfg: RunConfig):
-    from onestep.data.conditions import RealImages
     from onestep.distillers import DISTILLERS, build_distiller
     from onestep.distillers.disback import Backtracking
 
     teacher = load_teacher(cfg)
-    conditions = build_conditions(cfg, teacher)
-    real = None
-    if cfg.data.name in ("digits", "image_folder"):
-        images, labels, _ = load_real_data(cfg)
-        _check_teacher_matches_data(teacher, images)
-        real = RealImages(images, labels if teacher.num_classes else None,
-                          encode=teacher.encode if teacher.vae is not None else None,
-                          unlabeled=teacher.unconditional)
+    source = data_source(cfg, teacher)
+    conditions = build_conditions(cfg, teacher, source)
+    real = build_real(cfg, teacher, conditions, source)
     forget = list(getattr(cfg.options, "forget", [])) if not getattr(cfg.options, "forget_prompts", None) else []
     if cfg.data.name == "digits_t2i":
         from onestep.eval.t2i import T2IJudge
@@ -278,7 +291,7 @@ def assemble_students(cfg: RunConfig, out: Path | None = None) -> Path:
     from onestep.loading import load_model
 
     teacher = load_teacher(cfg)
-    router = build_router(cfg.options, teacher, build_conditions(cfg, teacher))
+    router = build_router(cfg.options, teacher, build_conditions(cfg, teacher, data_source(cfg, teacher)))
     folders = [Path(student_config(cfg, k).output_dir) / "pipeline" for k in range(cfg.options.num_students)]
     missing = [str(f) for f in folders if not (f / "model_index.json").is_file()]
     if missing:
@@ -312,9 +325,11 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
                 raise UserInputError(str(err)) from None
             use_attention(task, cfg.attention)
         elif cfg.method == "teacher":
-            images, labels, num_classes = load_real_data(cfg)
-            judge = build_judge(cfg, num_classes)
-            task = DenoiserTraining(cfg.options, images, labels, num_classes, cfg.data.batch_size, judge)
+            from onestep.data.digits import NUM_CLASSES
+
+            num_classes = NUM_CLASSES if cfg.data.name == "digits" else None
+            task = DenoiserTraining(cfg.options, num_classes, cfg.data.batch_size, build_judge(cfg, num_classes))
+            task.real = build_real(cfg, task.teacher_view, None, data_source(cfg, task.teacher_view))
             use_attention(task, cfg.attention)
         else:
             task = build_distiller_task(cfg)

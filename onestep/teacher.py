@@ -205,7 +205,19 @@ class Teacher(nn.Module):
         """Images in [-1, 1] to model space (VAE latents times the scaling factor; identity for pixel models)."""
         if self.vae is None:
             return images
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return self.sample_latents(self.encode_moments(images))
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior of images in [-1, 1]: mean and log-variance stacked on channels (2C, what a latent cache
+        stores)."""
+        return self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        """One draw from the VAE posterior with these moments, in model space (times the scaling factor)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents = DiagonalGaussianDistribution(moments.to(self.device, self.vae.dtype)).sample()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 

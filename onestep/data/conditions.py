@@ -46,7 +46,8 @@ class ConditionSampler:
 
 
 class RealImages:
-    """Real training images in model space (VAE latents for latent teachers) with their labels, sampled uniformly.
+    """Real training images held in memory (the embedded digits), with their labels, sampled uniformly; returned in
+    model space (VAE latents for latent teachers). Datasets stream instead: onestep.data.streaming.
 
     Images without labels get `unlabeled(n)` as their condition (the teacher's null class or empty prompt).
     """
@@ -61,8 +62,16 @@ class RealImages:
             raise ValueError("no real images left for these classes")
         self.images, self.labels, self.encode, self.unlabeled = images, labels, encode, unlabeled
 
-    def subset(self, classes: Sequence[int]) -> RealImages:
-        """Only the images of `classes` (MSD's GAN sees real images of the student's own slice)."""
+    @property
+    def conditioned(self) -> bool:
+        """Whether each image carries its own condition (a label)."""
+        return self.labels is not None
+
+    def subset(self, classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None) -> RealImages:
+        """Only the images of `classes` (MSD's GAN sees real images of the student's own slice); unlabeled images
+        (and a prompt slice: these images have no captions) stay as they are."""
+        if classes is None or self.labels is None:
+            return self
         return RealImages(self.images, self.labels, self.encode, classes, self.unlabeled)
 
     def sample(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, Condition]:

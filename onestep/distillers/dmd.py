@@ -99,7 +99,7 @@ class DMD(Distiller):
         super().__init__(teacher, options, conditions, judge, options.generator_timesteps, batch_size)
         self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule, gan_head=options.gan)
         if options.gan and real is None:
-            raise ValueError("the GAN term needs real images (data.name digits or image_folder)")
+            raise ValueError("the GAN term needs real images (data.name digits, image_folder or dataset)")
         self.real = real
         self.regression = (PairedRegression(teacher, self.conditions, options.regression, regression_cache)
                            if options.regression.weight > 0 else None)

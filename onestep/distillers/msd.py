@@ -100,7 +100,9 @@ class MSD(DMD):
         if own.classes is not None:
             own_classes = own.classes.tolist()
             judge = judge.for_classes(own_classes) if judge is not None else None
-            real = real.subset(own_classes) if real is not None and real.labels is not None else real
+            real = real.subset(classes=own_classes) if real is not None else None
+        elif real is not None:  # the GAN sees the real images captioned with the student's own prompts
+            real = real.subset(prompts=own.prompts)
         # the regression pairs (if any) are built from all conditions: MSD regresses over every slice by design
         super().__init__(teacher, options, conditions, judge, batch_size, real, regression_cache)
         self.conditions = own

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from onestep.data.conditions import ConditionSampler, RealImages
+from onestep.data.conditions import ConditionSampler
 from onestep.denoising import sample_timesteps
 from onestep.teacher import Teacher
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
@@ -41,10 +41,10 @@ class TeacherScoreMatching:
     options_cls = TSMOptions
 
     def __init__(self, teacher: Teacher, options: TSMOptions, conditions: ConditionSampler | None = None,
-                 judge=None, batch_size: int = 64, real: RealImages | None = None, **_unused):
+                 judge=None, batch_size: int = 64, real=None, **_unused):
         if real is None:
-            raise ValueError("teacher score matching needs real images for its noisy inputs (data.name digits or "
-                             "image_folder)")
+            raise ValueError("teacher score matching needs real images for its noisy inputs (data.name digits, "
+                             "image_folder or dataset)")
         self.teacher, self.options, self.judge, self.batch_size, self.real = teacher, options, judge, batch_size, real
         self.conditions = conditions or ConditionSampler()
         self.unet = reduced_unet(teacher.unet, options.block_out_channels).float().train()
@@ -56,7 +56,7 @@ class TeacherScoreMatching:
     def loss(self, unet: torch.nn.Module) -> LossOutput:
         device, schedule = self.teacher.device, self.teacher.schedule
         x, condition = self.real.sample(self.batch_size, device)
-        if self.real.labels is None and len(self.conditions):
+        if not self.real.conditioned and len(self.conditions):
             condition = self.conditions(self.batch_size, device)  # any condition has a well-defined teacher target
         t = sample_timesteps(self.batch_size, 0, schedule.num_train_timesteps, device)
         x_t = schedule.add_noise(x, torch.randn_like(x), t)

@@ -41,12 +41,15 @@ class DenoiserOptions:
 
 
 class DenoiserTraining:
-    """The teacher's own training: x0 ~ data, t ~ U{0..T-1}, denoising loss, labels dropped to the null class."""
+    """The teacher's own training: x0 ~ data, t ~ U{0..T-1}, denoising loss, labels dropped to the null class.
 
-    def __init__(self, options: DenoiserOptions, images: torch.Tensor, labels: torch.Tensor | None,
-                 num_classes: int | None, batch_size: int, evaluator=None):
+    `real` (set once the UNet, hence the image size, exists) gives the images and their labels: RealImages or
+    StreamingImages (onestep.data).
+    """
+
+    def __init__(self, options: DenoiserOptions, num_classes: int | None, batch_size: int, evaluator=None):
         self.options, self.batch_size, self.evaluator = options, batch_size, evaluator
-        self.images, self.labels, self.num_classes = images, labels, num_classes
+        self.num_classes, self.real = num_classes, None
         unet_kwargs = dict(options.unet)
         if num_classes is not None:
             unet_kwargs["num_class_embeds"] = num_classes + 1  # + the null class
@@ -60,12 +63,10 @@ class DenoiserTraining:
         return [Update("unet", self.unet, self.loss, self.options.optimizer, ema_decay=self.options.ema_decay)]
 
     def loss(self, unet: torch.nn.Module) -> LossOutput:
-        device = self.images.device
-        idx = torch.randint(0, self.images.shape[0], (self.batch_size,), device=device)
-        x0 = self.images[idx]
-        condition = Condition()
-        if self.labels is not None:
-            labels = self.labels[idx].clone()
+        device = next(unet.parameters()).device
+        x0, condition = self.real.sample(self.batch_size, device)
+        if condition.class_labels is not None:
+            labels = condition.class_labels.clone()
             labels[torch.rand(self.batch_size, device=device) < self.options.label_dropout] = self.num_classes
             condition = Condition(class_labels=labels)
         net = functools.partial(unet_forward, unet)
