@@ -208,7 +208,9 @@ class StreamingImages:
     def sample(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, Condition]:
         """n real images in model space and their Condition (their captions' embeddings, or their labels)."""
         batch = self.next_batch(n)
-        x = self.to_model_space(batch["x"].to(device)).float()
+        # contiguous: the VAE may return channels-last latents, and randn_like would then draw the noise in another
+        # order than for the same latents read from the cache
+        x = self.to_model_space(batch["x"].to(device)).float().contiguous()
         if "caption" in batch:
             return x, self.caption_condition(batch["caption"]).to(device)
         if "label" in batch:
