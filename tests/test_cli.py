@@ -53,14 +53,16 @@ def test_missing_config_and_broken_yaml(tmp_path, capsys):
     assert_one_line_error(*run(capsys, "train", bad), "bad config")
 
 
-def test_teacher_data_mismatch(tmp_path, capsys):
+def test_image_folder_is_resized_to_the_teacher(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):
-        Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.full((16, 20), 40 * i, np.uint8)).save(folder / f"{i}.png")
     code, err = run(capsys, "train", DEMO, f"output_dir={tmp_path / 'out'}", "data.name=image_folder",
-                    f"data.image_dir={folder}")
-    assert_one_line_error(code, err, "1x8x8", "1x16x16")
+                    f"data.image_dir={folder}", "data.num_workers=0", "options.gan=true", "train.max_steps=1",
+                    "eval.num_samples=10", "eval.sampling_batch=10")
+    assert code == 0, err
 
 
 def test_output_dir_of_another_run_is_refused_and_untouched(tmp_path, capsys):
@@ -125,7 +127,8 @@ def test_overwrite_starts_over(tmp_path, capsys):
     assert not (out / "checkpoints").exists() and (out / "config.json").exists()
 
 
-def test_more_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys):
+def test_more_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     disback = ROOT / "configs" / "digits" / "disback.yaml"
     outside = tmp_path / "elsewhere"
     assert_one_line_error(*run(capsys, "train", disback, f"output_dir={tmp_path / 'out'}",
@@ -136,10 +139,15 @@ def test_more_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys):
                           "class 12 does not exist")
     folder = tmp_path / "images"
     folder.mkdir()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
-    (folder / "b.png").write_bytes(b"not a png")
-    assert_one_line_error(*run(capsys, "train", DEMO, f"output_dir={tmp_path / 'img'}", "data.name=image_folder",
-                               f"data.image_dir={folder}"), "cannot read image")
+    (folder / "a.png").write_bytes(b"not a png")  # one unreadable image is skipped and counted; none readable: exit 2
+    (folder / "b.png").write_bytes(b"")
+    code, err = run(capsys, "train", DEMO, f"output_dir={tmp_path / 'img'}", "data.name=image_folder",
+                    f"data.image_dir={folder}", "data.num_workers=0", "options.gan=true")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert sum("skipped an unreadable image" in line for line in lines) == 2, err  # a warning per skipped image
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and "no readable image" in errors[0] and "2 skipped" in errors[0], err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n")
     from onestep.data.prompts import read_prompts
