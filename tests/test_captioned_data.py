@@ -11,10 +11,11 @@ from PIL import Image
 
 from onestep.cli import main
 from onestep.conditioning import Condition
-from onestep.config import DataConfig, config_from
+from onestep.config import DataConfig
 from onestep.data.real import DataSource
 from onestep.errors import UserInputError
 from tests.conftest import save_folder
+
 
 CAPTIONS = ["a cat", "dog", "cat dog", "a dog"]
 

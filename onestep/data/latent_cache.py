@@ -27,7 +27,8 @@ INDEX = "latents.json"  # written last: a folder without it is incomplete and is
 
 
 def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torch.Tensor], out_dir: Path,
-                       settings: dict, batch_size: int = 32, shard_size: int = 4096, dtype: torch.dtype = torch.float16,
+                       settings: dict, batch_size: int = 32, shard_size: int = 4096,
+                       dtype: torch.dtype = torch.float16,
                        num_workers: int = 0) -> None:
     """Encode `rows` (decoded center-cropped, unflipped) into OUT_DIR/shard-NNNNN.safetensors + latents.json.
 
