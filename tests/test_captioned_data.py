@@ -64,6 +64,22 @@ def test_rows_are_resized_cropped_and_keep_their_captions(tmp_path, text_teacher
     torch.testing.assert_close(rows[3]["x"], torch.from_numpy(expected).permute(2, 0, 1))
 
 
+def test_saved_dataset_with_its_own_column_names(tmp_path, text_teacher):
+    """A `save_to_disk` dataset whose images are bytes in Arrow (as Hub datasets are) and columns named otherwise."""
+    import datasets
+
+    folder = captioned_folder(tmp_path / "images", n=3)
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"img": [{"bytes": (folder / f"{i}.png").read_bytes(), "path": None}
+                                                for i in range(3)], "caption": ["x", "y", "z"]}, features=features)
+    table.save_to_disk(tmp_path / "saved")
+    data = DataSource(DataConfig(name="dataset", dataset=str(tmp_path / "saved"), image_column="img",
+                                 caption_column="caption", num_workers=0), text_teacher)
+    rows = data.rows(center_crop=True, random_flip=False)
+    assert [rows[i]["caption"] for i in range(3)] == ["x", "y", "z"] and rows[0]["x"].shape == (3, 16, 16)
+    assert data.captions() == ["x", "y", "z"]
+
+
 def test_stream_yields_batches_with_their_own_conditions(tmp_path, text_teacher):
     real = source(text_teacher, captioned_folder(tmp_path / "images")).real(
         lambda caps: Condition(encoder_hidden_states=text_teacher.encode_prompts(caps)), seed=0, cache_dir=None)

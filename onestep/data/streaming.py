@@ -90,11 +90,13 @@ class Rows(torch.utils.data.Dataset):
         return list(self.table.select_columns([name]).select(self.indices)[name])
 
     def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
         index = int(self.indices[i])
         row = self.table[index]
         try:
             item = {"x": self.load(index, row[self.columns.image])}
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a missing, truncated or alien file
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL: missing, broken, alien
             cell = row[self.columns.image]
             return {"skipped": f"{cell.get('path') if isinstance(cell, dict) else index}: {err}"}
         if self.columns.caption is not None:

@@ -19,7 +19,7 @@ from onestep.data.conditions import ConditionSampler
 from onestep.distillers.base import class_conditions
 from onestep.distillers.dmd import DMD, DMDOptions
 from onestep.generator import Generator
-from onestep.routing import ClassMappingRouter, ClassRangeRouter, Router, TextPCARouter, pool
+from onestep.routing import ClassMappingRouter, ClassRangeRouter, Router, TextPCARouter
 
 
 PARTITIONS = ("ranges", "mapping", "text_pca")
@@ -54,10 +54,13 @@ class MSDOptions(DMDOptions):
             raise ValueError("lora.export must be merge: the students are assembled into one MultiStudentPipeline")
 
 
-def pooled_prompts(conditions: ConditionSampler) -> torch.Tensor:
+def pooled_prompts(conditions: ConditionSampler, batch_size: int = 256) -> torch.Tensor:
     """The router's view of every prompt: the token mean of its text embeddings (both encoders' for SDXL), as
-    `MultiStudentPipeline` pools them at inference."""
-    return pool(conditions.encode(conditions.prompts).encoder_hidden_states)
+    `MultiStudentPipeline` pools them at inference; encoded `batch_size` at a time (a captioned dataset's captions
+    are too many for one batch)."""
+    prompts = conditions.prompts
+    return torch.cat([pool(conditions.encode(prompts[i:i + batch_size]).encoder_hidden_states).cpu()
+                      for i in range(0, len(prompts), batch_size)])
 
 
 def build_router(options: MSDOptions, teacher, conditions: ConditionSampler) -> Router:
