@@ -128,8 +128,10 @@ def read_prompt_list(value: str | list[str] | None) -> list[str] | None:
     return read_prompts(resolve_path(value))
 
 
-def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, forget: list[int] = ()):
-    """The run's judge (`eval.*`): its metrics, reference and, for text teachers, its eval and grid prompts."""
+def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, forget: list[int] = (),
+                captions: list[str] | None = None):
+    """The run's judge (`eval.*`): its metrics, reference and, for text teachers, its eval and grid prompts (by
+    default the prompts the run draws: data.prompts, else the dataset's `captions`)."""
     from onestep.eval.features import FeatureOptions
     from onestep.eval.judge import Judge
     from onestep.eval.metrics import MetricContext
@@ -141,7 +143,7 @@ def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, 
     features = None if e.features == "none" or (is_text and e.features == "digits") else e.features
     prompts = validation = None
     if is_text:
-        prompts = read_prompt_list(e.prompts or cfg.data.prompts)
+        prompts = read_prompt_list(e.prompts or cfg.data.prompts) or captions
         validation = read_prompt_list(e.validation_prompts)
     context = MetricContext(batch_size=e.sampling_batch, clip_model=e.clip_model, extra=dict(e.metric_options),
                             features=FeatureOptions(e.inception_weights, e.allow_pickle, dict(e.metric_options)))
@@ -200,7 +202,7 @@ def build_distiller_task(cfg: RunConfig):
 
         judge = T2IJudge(cfg.eval.num_samples, batch_size=cfg.eval.sampling_batch)
     else:
-        judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget)
+        judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget, conditions.prompts)
     extra = {}
     if getattr(cfg.options, "override", None) == "classifier":
         from onestep.eval.classifier import load_digits_classifier

@@ -64,10 +64,11 @@ class Teacher(nn.Module):
         self.execution_device: torch.device | None = None  # set by `offload`: where the UNet runs, not where it is
 
     # --- construction -----------------------------------------------------------------------------------------
-    def with_unet(self, unet: nn.Module) -> Teacher:
-        """This teacher (scheduler, VAE, text encoders, classes, guidance) around another UNet, frozen."""
+    def with_unet(self, unet: nn.Module, frozen: bool = True) -> Teacher:
+        """This teacher (scheduler, VAE, text encoders, classes, guidance) around another UNet, frozen unless told
+        (a view on a network in training)."""
         return Teacher(unet, self.scheduler, self.vae, self.text_encoder, self.tokenizer, self.num_classes,
-                       self.guidance_scale, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                       self.guidance_scale, frozen, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
                        force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
 
     @classmethod

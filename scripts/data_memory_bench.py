@@ -63,14 +63,15 @@ def write_teacher(path: Path) -> None:
 def run(out: Path, folder: Path, teacher: Path, steps: int, workers: int, batch: int, cache: bool) -> dict:
     """One training run in a child process: its peak RSS (with workers) and its steps/s after the first step."""
     run_dir = out / f"run-{folder.name}{'-cache' if cache else ''}"
-    args = [sys.executable, "-m", "onestep.cli", "train", str(ROOT / "configs" / "sd15" / "dmd2.yaml"),
-            f"output_dir={run_dir}", f"teacher.path={teacher}", f"data.image_dir={folder}", "data.prompts=null",
-            f"data.batch_size={batch}", f"data.num_workers={workers}", f"train.max_steps={steps}",
-            "train.gradient_accumulation_steps=1", "train.mixed_precision='no'", "train.log_every=1",
-            "train.checkpoint_every=0", "train.gradient_checkpointing=false", "teacher.dtype=float32",
-            "options.generator_every=5", "--overwrite"]
-    if cache:
-        args.append(f"data.latent_cache={run_dir / 'latents'}")
+    config = {"method": "dmd2", "output_dir": str(run_dir), "teacher": {"path": str(teacher)},
+              "data": {"name": "image_folder", "image_dir": str(folder), "batch_size": batch, "num_workers": workers,
+                       "latent_cache": str(run_dir / "latents") if cache else None},
+              "train": {"max_steps": steps, "mixed_precision": "no", "log_every": 1, "checkpoint_every": 0},
+              "eval": {"num_samples": 4, "sampling_batch": 4, "features": "none"},
+              "options": {"generator_timesteps": [999], "generator_every": 5, "gan": True}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.yaml").write_text(json.dumps(config))
+    args = [sys.executable, "-m", "onestep.cli", "train", str(out / "bench.yaml"), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(out / "hf_cache"), "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -10,11 +10,9 @@ import torch
 from PIL import Image
 
 from onestep.cli import main
-from onestep.conditioning import Condition
 from onestep.config import DataConfig
 from onestep.data.real import DataSource
 from onestep.errors import UserInputError
-from tests.conftest import save_folder
 
 
 CAPTIONS = ["a cat", "dog", "cat dog", "a dog"]
@@ -82,7 +80,7 @@ def test_saved_dataset_with_its_own_column_names(tmp_path, text_teacher):
 
 def test_stream_yields_batches_with_their_own_conditions(tmp_path, text_teacher):
     real = source(text_teacher, captioned_folder(tmp_path / "images")).real(
-        lambda caps: Condition(encoder_hidden_states=text_teacher.encode_prompts(caps)), seed=0, cache_dir=None)
+        text_teacher.encode_prompts, seed=0, cache_dir=None)
     seen = []
     for _ in range(5):  # 20 rows from 8: the stream wraps around epochs
         batch = real.next_batch(4)
@@ -115,7 +113,7 @@ def test_gan_real_branch_gets_each_images_own_caption(tmp_path, text_teacher):
     captions = [f"{a} {b}" for a in ("cat", "dog", "a") for b in ("cat", "dog")]
     folder = captioned_folder(tmp_path / "images", n=6, captions=captions)
     conditions = ConditionSampler(prompts=captions, encode=text_teacher.encode_prompts)
-    real = source(text_teacher, folder, random_flip=False).real(conditions.encode_condition, seed=0, cache_dir=None)
+    real = source(text_teacher, folder, random_flip=False).real(conditions.encode, seed=0, cache_dir=None)
     dmd = build_distiller("dmd2", text_teacher, DMDOptions(), conditions=conditions, real=real, batch_size=3)
     drawn = []
     original = real.next_batch
@@ -130,10 +128,10 @@ def test_gan_real_branch_gets_each_images_own_caption(tmp_path, text_teacher):
     dmd.fake.forward = spy
     dmd.critic_loss(dmd.fake)
     real_condition = [c for out, c in calls if out == "logits"][-1]
-    expected = text_teacher.encode_prompts(drawn[0]["caption"])
+    expected = text_teacher.encode_prompts(drawn[0]["caption"]).encoder_hidden_states
     torch.testing.assert_close(real_condition.encoder_hidden_states, expected)
     assert len(set(drawn[0]["caption"])) > 1  # distinct captions, so a shared (empty) prompt would not pass
-    empty = text_teacher.encode_prompts([""] * 3)
+    empty = text_teacher.encode_prompts([""] * 3).encoder_hidden_states
     assert not torch.allclose(real_condition.encoder_hidden_states, empty)
 
 
@@ -154,7 +152,7 @@ def test_latent_cache_gives_the_same_loss_as_encoding_on_the_fly(tmp_path, text_
     losses = []
     for cache in (None, tmp_path / "cache"):
         data = source(text_teacher, folder, random_flip=False, latent_cache_dtype="float32")
-        real = data.real(conditions.encode_condition, seed=0, cache_dir=cache)
+        real = data.real(conditions.encode, seed=0, cache_dir=cache)
         torch.manual_seed(0)
         dmd = build_distiller("dmd2", text_teacher, DMDOptions(), conditions=conditions, real=real, batch_size=4)
         torch.manual_seed(1)
@@ -181,16 +179,8 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, text_teacher, capsys)
 
 
 # --- the command line: bad inputs, and every distiller from a captioned folder --------------------------------------
-@pytest.fixture
-def sd15(tmp_path, text_teacher) -> Path:
-    """A tiny SD1.5-shaped teacher folder (UNet2DConditionModel, AutoencoderKL, CLIP text encoder and tokenizer)."""
-    save_folder(tmp_path / "sd15", "StableDiffusionPipeline", unet=text_teacher.unet, scheduler=text_teacher.scheduler,
-                vae=text_teacher.vae, text_encoder=text_teacher.text_encoder, tokenizer=text_teacher.tokenizer)
-    return tmp_path / "sd15"
-
-
-def _config(tmp_path, sd15, method, name, **options) -> Path:
-    cfg = {"method": method, "output_dir": str(tmp_path / name), "teacher": {"path": str(sd15)},
+def _config(tmp_path, teacher, method, name, **options) -> Path:
+    cfg = {"method": method, "output_dir": str(tmp_path / name), "teacher": {"path": str(teacher)},
            "data": {"name": "image_folder", "image_dir": str(tmp_path / "images"), "batch_size": 2, "num_workers": 0},
            "train": {"max_steps": 2, "checkpoint_every": 1, "log_every": 1}, "eval": {"num_samples": 4},
            "options": options}
@@ -199,12 +189,12 @@ def _config(tmp_path, sd15, method, name, **options) -> Path:
     return path
 
 
-def test_bad_caption_column_and_missing_folder_exit_2(tmp_path, sd15, capsys):
+def test_bad_caption_column_and_missing_folder_exit_2(tmp_path, sd15_folder, capsys):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the text encoder's loading bar is not an error line
     captioned_folder(tmp_path / "images", n=2)
-    config = _config(tmp_path, sd15, "sid", "bad")
+    config = _config(tmp_path, sd15_folder, "sid", "bad")
     for override, words in (("data.caption_column=prompt", ("caption_column", "'prompt'", "columns: image, text")),
                             (f"data.image_dir={tmp_path / 'nope'}", ("image folder not found",)),
                             ("data.image_column=img", ("image_column",))):
@@ -229,9 +219,9 @@ DISTILL_OPTIONS = {
 
 
 @pytest.mark.parametrize("method", sorted(DISTILL_OPTIONS))
-def test_every_distiller_trains_resumes_and_exports_from_a_captioned_folder(tmp_path, sd15, method):
+def test_every_distiller_trains_resumes_and_exports_from_a_captioned_folder(tmp_path, sd15_folder, method):
     captioned_folder(tmp_path / "images", n=6)
-    config = _config(tmp_path, sd15, method, "run", **DISTILL_OPTIONS[method])
+    config = _config(tmp_path, sd15_folder, method, "run", **DISTILL_OPTIONS[method])
     assert main(["train", str(config)]) == 0
     out = tmp_path / "run"
     assert (out / "pipeline" / "model_index.json").is_file()

@@ -19,7 +19,7 @@ from onestep.data.conditions import ConditionSampler
 from onestep.distillers.base import class_conditions
 from onestep.distillers.dmd import DMD, DMDOptions
 from onestep.generator import Generator
-from onestep.routing import ClassMappingRouter, ClassRangeRouter, Router, TextPCARouter
+from onestep.routing import ClassMappingRouter, ClassRangeRouter, Router, TextPCARouter, pool
 
 
 PARTITIONS = ("ranges", "mapping", "text_pca")

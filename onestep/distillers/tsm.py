@@ -48,7 +48,9 @@ class TeacherScoreMatching:
         self.teacher, self.options, self.judge, self.batch_size, self.real = teacher, options, judge, batch_size, real
         self.conditions = conditions or ConditionSampler()
         self.unet = reduced_unet(teacher.unet, options.block_out_channels).float().train()
-        self.student_view = Teacher(self.unet, teacher.scheduler, num_classes=teacher.num_classes, frozen=False)
+        # the small denoiser with the teacher's VAE and text encoders, for evaluation (unguided, as it is trained)
+        self.student_view = teacher.with_unet(self.unet, frozen=False)
+        self.student_view.guidance_scale = 1.0
 
     def updates(self) -> list[Update]:
         return [Update("unet", self.unet, self.loss, self.options.optimizer, ema_decay=self.options.ema_decay)]
