@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 
 from onestep.config import RunConfig, config_from, to_dict
