@@ -176,3 +176,25 @@ def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
                  "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8", "train.eval_every=0"]) == 0
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert {"fd_t2i/student", "digit_acc/student", "colour_acc/student", "colour_balance/student"} <= set(final)
+
+
+def test_shipped_teacher_loads_in_stock_diffusers_and_in_onestep():
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from onestep.loading import resolve_path
+    from onestep.teacher import Teacher
+
+    folder = resolve_path("builtin:digits-t2i")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert size < 20 * 2**20
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["beta_schedule"], sched["prediction_type"], sched["steps_offset"]) == ("scaled_linear", "epsilon", 1)
+    assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    image = pipe("a yellow seven", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3)
+    teacher = Teacher.from_pretrained("builtin:digits-t2i")
+    assert teacher.is_text and teacher.sample_shape == (4, 8, 8) and teacher.vae.config.scaling_factor != 0.18215
