@@ -176,6 +176,16 @@ def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
                  "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8", "train.eval_every=0"]) == 0
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert {"fd_t2i/student", "digit_acc/student", "colour_acc/student", "colour_balance/student"} <= set(final)
+    # `make demo-t2i`'s table: the student's row from the run, the teacher's at its guided DDIM steps
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("t2i_table", ROOT / "scripts" / "t2i_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main([str(out), "--steps", "2", "--out", str(out / "table.json")]) == 0
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["dmd2 1 step", "teacher 2 DDIM (cfg 2)"]
+    assert rows[0]["fd_t2i"] == final["fd_t2i/student"]
 
 
 def test_shipped_teacher_loads_in_stock_diffusers_and_in_onestep():
