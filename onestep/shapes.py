@@ -105,7 +105,8 @@ def write_random_teacher(shape: str, folder: Path, latent_size: int | None = Non
 
 
 def write_random_images(folder: Path, size: int, count: int = 2, seed: int = 0) -> Path:
-    """`count` random RGB PNGs of side `size` (real images for a GAN term's shapes; their content is noise)."""
+    """`count` random RGB PNGs of side `size` with captions in metadata.jsonl (an imagefolder: real images for a GAN
+    term's shapes; their content is noise)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,4 +114,6 @@ def write_random_images(folder: Path, size: int, count: int = 2, seed: int = 0) 
     for i in range(count):
         pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
         Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    captions = [json.dumps({"file_name": f"{i}.png", "text": f"random image {i}"}) for i in range(count)]
+    (folder / "metadata.jsonl").write_text("\n".join(captions) + "\n")
     return folder

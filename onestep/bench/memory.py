@@ -262,12 +262,16 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
     teacher = write_random_teacher(shape, out / f"teacher_{shape}_{latent_size or 'full'}", latent_size)
     size = 8 * (latent_size or json.loads((teacher / "unet" / "config.json").read_text())["sample_size"])
     prompts = out / "prompts.txt"
-    prompts.write_text("a photo of a cat\na red car on a street\n")
+    # enough distinct prompts for MSD's text partition into its students
+    prompts.write_text("".join(f"a photo of a {c} {n}\n" for c in ("red", "blue", "green", "black")
+                               for n in ("cat", "car", "house", "tree")))
     overrides = [f"teacher.path={teacher}", f"data.prompts={prompts}", "data.batch_size=1", "eval.num_samples=1",
                  f"eval.prompts={prompts}", "eval.features=none", "eval.metrics=[]"]  # no judge: it is not trained
-    if method in ("dmd2", "msd", "disback"):
+    if method in ("dmd2", "disback"):
         images = write_random_images(out / f"images_{size}", size)
         overrides.append(f"data.image_dir={images}")
+    if method == "msd":  # one student's memory: the students train one after another (or on separate machines)
+        overrides += ["options.student=0", "data.name=prompts"]  # gan: false in its recipe, so no images
     if method == "disback":  # its stage 1 records a degradation path; two one-step checkpoints keep that short
         overrides += ["options.num_checkpoints=2", "options.steps_per_checkpoint=1"]
     return overrides
