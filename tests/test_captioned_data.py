@@ -182,7 +182,7 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, text_teacher, capsys)
 def _config(tmp_path, teacher, method, name, **options) -> Path:
     cfg = {"method": method, "output_dir": str(tmp_path / name), "teacher": {"path": str(teacher)},
            "data": {"name": "image_folder", "image_dir": str(tmp_path / "images"), "batch_size": 2, "num_workers": 0},
-           "train": {"max_steps": 2, "checkpoint_every": 1, "log_every": 1}, "eval": {"num_samples": 4},
+           "train": {"max_steps": 2, "checkpoint_every": 2, "log_every": 1}, "eval": {"num_samples": 4},
            "options": options}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
@@ -229,3 +229,23 @@ def test_every_distiller_trains_resumes_and_exports_from_a_captioned_folder(tmp_
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["event"] for r in log if r.get("event") in ("started", "resumed")] == ["started", "resumed"]
     assert json.loads((out / "metrics.json").read_text())["step"] == 3
+
+
+def test_in_memory_images_keep_their_captions_too(text_teacher):
+    """RealImages with captions (the coloured digits_t2i set): sampled images come with their own captions' Condition,
+    and an MSD slice keeps the images of its prompts."""
+    from onestep.data.conditions import RealImages
+
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 16, 16)
+    captions = ["a cat", "dog", "a cat", "cat dog"]
+    seen = []
+    real = RealImages(images, captions=captions,
+                      caption_condition=lambda caps: seen.append(caps) or text_teacher.encode_prompts(caps))
+    torch.manual_seed(0)
+    x, condition = real.sample(6, "cpu")
+    picked = [captions[int(v)] for v in x[:, 0, 0, 0]]
+    assert seen[-1] == picked and real.conditioned
+    expected = text_teacher.encode_prompts(picked).encoder_hidden_states
+    torch.testing.assert_close(condition.encoder_hidden_states, expected)
+    own = real.subset(prompts=["a cat"])
+    assert own.captions == ["a cat", "a cat"] and own.images[:, 0, 0, 0].tolist() == [0.0, 2.0]

@@ -46,38 +46,51 @@ class ConditionSampler:
 
 
 class RealImages:
-    """Real training images held in memory (the embedded digits), with their labels, sampled uniformly; returned in
-    model space (VAE latents for latent teachers). Datasets stream instead: onestep.data.streaming.
+    """Real training images held in memory (the embedded digits sets), with their labels or captions, sampled
+    uniformly; returned in model space (VAE latents for latent teachers). Datasets stream instead:
+    onestep.data.streaming.
 
-    Images without labels get `unlabeled(n)` as their condition (the teacher's null class or empty prompt).
+    Captions become Conditions through `caption_condition` (the teacher's prompt encoding); images with neither
+    labels nor captions get `unlabeled(n)` as their condition (the teacher's null class or empty prompt).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None, classes: Sequence[int] | None = None,
-                 unlabeled: Callable[[int], Condition] | None = None):
+                 unlabeled: Callable[[int], Condition] | None = None, captions: Sequence[str] | None = None,
+                 caption_condition: Callable[[list[str]], Condition] | None = None):
+        if captions is not None and caption_condition is None:
+            raise ValueError("captions need a caption_condition (the teacher's prompt encoding)")
         if labels is not None and classes is not None:
             keep = torch.isin(labels, torch.as_tensor(list(classes)))
             images, labels = images[keep], labels[keep]
         if images.shape[0] == 0:
             raise ValueError("no real images left for these classes")
         self.images, self.labels, self.encode, self.unlabeled = images, labels, encode, unlabeled
+        self.captions, self.caption_condition = (list(captions) if captions is not None else None), caption_condition
 
     @property
     def conditioned(self) -> bool:
-        """Whether each image carries its own condition (a label)."""
-        return self.labels is not None
+        """Whether each image carries its own condition (a label or a caption)."""
+        return self.labels is not None or self.captions is not None
 
     def subset(self, classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None) -> RealImages:
-        """Only the images of `classes` (MSD's GAN sees real images of the student's own slice); unlabeled images
-        (and a prompt slice: these images have no captions) stay as they are."""
-        if classes is None or self.labels is None:
-            return self
-        return RealImages(self.images, self.labels, self.encode, classes, self.unlabeled)
+        """Only the images of `classes`, or whose captions are among `prompts` (MSD's GAN sees real images of the
+        student's own slice); images without labels or captions stay as they are."""
+        if classes is not None and self.labels is not None:
+            return RealImages(self.images, self.labels, self.encode, classes, self.unlabeled)
+        if prompts is not None and self.captions is not None:
+            own = set(prompts)
+            keep = [i for i, caption in enumerate(self.captions) if caption in own]
+            return RealImages(self.images[keep], None, self.encode, None, self.unlabeled,
+                              [self.captions[i] for i in keep], self.caption_condition)
+        return self
 
     def sample(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, Condition]:
         idx = torch.randint(0, self.images.shape[0], (n,))
         x = self.images[idx].to(device)
-        x = self.encode(x) if self.encode is not None else x
+        x = (self.encode(x) if self.encode is not None else x).float().contiguous()
         if self.labels is not None:
-            return x.float(), Condition(class_labels=self.labels[idx].to(device))
-        return x.float(), (self.unlabeled(n).to(device) if self.unlabeled is not None else Condition())
+            return x, Condition(class_labels=self.labels[idx].to(device))
+        if self.captions is not None:
+            return x, self.caption_condition([self.captions[i] for i in idx.tolist()]).to(device)
+        return x, (self.unlabeled(n).to(device) if self.unlabeled is not None else Condition())

@@ -86,15 +86,27 @@ def real_images(data, teacher, caption_condition, seed: int = 0, cache_dir: Path
         from onestep.data.digits import load_digits_tensors
 
         images, labels = load_digits_tensors()
-        channels, size = image_size(teacher)
-        if (channels, size) != tuple(images.shape[1:3]):
-            raise UserInputError(f"teacher works on {channels}x{size}x{size} (C x H x W) but the digits are "
-                                 f"{images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
+        _check_size(teacher, images, "the digits")
         return RealImages(images, labels if teacher.num_classes else None,
                           encode=teacher.encode if teacher.vae is not None else None, unlabeled=teacher.unconditional)
-    if data.name in ("prompts", "digits_t2i"):  # digits_t2i's images are its teacher's training set, in memory
+    if data.name == "digits_t2i":  # coloured digits, each with its caption, in memory (32x32)
+        from onestep.data.digits_t2i import load_digits_t2i
+
+        digits = load_digits_t2i()
+        _check_size(teacher, digits.images, "the coloured digits")
+        return RealImages(digits.images, encode=teacher.encode if teacher.vae is not None else None,
+                          unlabeled=teacher.unconditional, captions=digits.captions,
+                          caption_condition=caption_condition)
+    if data.name == "prompts":
         return None
     return (source or DataSource(data, teacher)).real(caption_condition, seed, cache_dir)
+
+
+def _check_size(teacher, images, what: str) -> None:
+    channels, size = image_size(teacher)
+    if (channels, size, size) != tuple(images.shape[1:]):
+        raise UserInputError(f"teacher works on {channels}x{size}x{size} images (C x H x W) but {what} are "
+                             f"{images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
 
 
 def check_data_name(name: str) -> None:
