@@ -74,7 +74,9 @@ def run(out: Path, folder: Path, teacher: Path, steps: int, workers: int, batch:
     args = [sys.executable, "-m", "onestep.cli", "train", str(out / "bench.yaml"), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(out / "hf_cache"), "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stderr = open(out / f"{run_dir.name}.stderr", "w")  # a file, not a pipe: progress bars would fill a pipe and block
+    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     proc, peak_pss, peak_main = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
         try:  # PSS: pages the forked workers share with the main process count once, not once per process
@@ -84,8 +86,9 @@ def run(out: Path, folder: Path, teacher: Path, steps: int, workers: int, batch:
         except psutil.Error:
             pass
         time.sleep(0.05)
+    stderr.close()
     if child.returncode != 0:
-        raise SystemExit(f"run failed ({child.returncode}): {child.stderr.read()[-2000:]}")
+        raise SystemExit(f"run failed ({child.returncode}): {(out / f'{run_dir.name}.stderr').read_text()[-2000:]}")
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     timed = [r for r in log if "elapsed_s" in r and "event" not in r]
     rate = (timed[-1]["step"] - timed[0]["step"]) / (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"])
