@@ -266,7 +266,8 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
     prompts.write_text("".join(f"a photo of a {c} {n}\n" for c in ("red", "blue", "green", "black")
                                for n in ("cat", "car", "house", "tree")))
     overrides = [f"teacher.path={teacher}", f"data.prompts={prompts}", "data.batch_size=1", "eval.num_samples=1",
-                 f"eval.prompts={prompts}", "eval.features=none", "eval.metrics=[]"]  # no judge: it is not trained
+                 f"eval.prompts={prompts}", "eval.features=none", "eval.metrics=[]",  # no judge: it is not trained
+                 "data.num_workers=0"]  # loader workers are other processes: their memory would go unmeasured
     if method in ("dmd2", "disback"):
         images = write_random_images(out / f"images_{size}", size)
         overrides.append(f"data.image_dir={images}")
