@@ -30,10 +30,22 @@ def test_shipped_pipeline_file_matches_the_source():
     assert shipped.read_text() == (PIPELINES / "pipeline_class_conditional.py").read_text()
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "accelerate")
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_validates(path):
     from onestep.config import load_config
 
     cfg = load_config(path)
     assert cfg.method and cfg.output_dir
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_are_accelerate_configs(path):
+    """configs/accelerate/ holds `accelerate launch --config_file` files, not run configs: accelerate reads them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value.lower() == path.stem.split("_")[0]  # fsdp.yaml, deepspeed_zero2.yaml
