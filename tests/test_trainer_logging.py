@@ -65,6 +65,13 @@ def test_tensorboard_tracker_gets_scalars_learning_rates_config_and_grids(tmp_pa
     assert hparams and "train.max_steps: 6" in hparams[0].read_text()
 
 
+def test_every_evaluation_writes_a_grid(tmp_path):
+    cfg = TrainerConfig(max_steps=5, eval_every=2, sample_every=0, checkpoint_every=0)
+    Trainer(ImageTask(), tmp_path, cfg).train()
+    assert sorted(p.name for p in tmp_path.glob("samples*.png")) == [
+        "samples-0000002.png", "samples-0000004.png", "samples.png"]  # evals at 2 and 4, then the final grid
+
+
 def test_unknown_or_missing_tracker_is_refused(tmp_path, monkeypatch):
     import onestep.training.tracking as tracking
 

@@ -352,11 +352,12 @@ class Trainer:
                            for k, v in record.items() if k.endswith("loss")}
                 self._log({"step": self.step, "elapsed_s": round(self.counter.elapsed, 2), **record})
             progress.update(self.step, self.counter.elapsed, postfix)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+            evaluating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
+            if evaluating:
                 self.evaluate()
-                start = time.perf_counter() - self.counter.elapsed  # evaluation time is not training time
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
+            if evaluating or (cfg.sample_every and self.step % cfg.sample_every == 0):  # a grid at every eval too
                 self.save_samples(f"samples-{self.step:07d}.png")
+                start = time.perf_counter() - self.counter.elapsed  # evaluation and sampling are not training time
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
         progress.close(finished=self.stop_signal is None)
