@@ -17,6 +17,7 @@ def _train(args: argparse.Namespace) -> int:
     from onestep.runs import is_main_process, train
 
     cfg = load_config(args.config, args.overrides)
+    _quiet_loading()  # a text teacher's "Loading weights" bar would stand between a bad input and its one line
     final = train(cfg, overwrite=args.overwrite)
     if is_main_process():  # one result line, however many processes trained
         print(json.dumps({"output_dir": cfg.output_dir, **final}))
@@ -192,6 +193,7 @@ def _save_reference_stats(args: argparse.Namespace, options, stats=None) -> None
 def _export(args: argparse.Namespace) -> int:
     from onestep.runs import export_run
 
+    _quiet_loading()
     print(json.dumps({"pipeline": str(export_run(Path(args.run_dir), Path(args.out) if args.out else None))}))
     return 0
 

@@ -192,7 +192,7 @@ def _config(tmp_path, teacher, method, name, **options) -> Path:
 def test_bad_caption_column_and_missing_folder_exit_2(tmp_path, sd15_folder, capsys):
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()  # the text encoder's loading bar is not an error line
+    transformers.utils.logging.enable_progress_bar()  # `onestep train` must silence the text encoder's loading bar
     captioned_folder(tmp_path / "images", n=2)
     config = _config(tmp_path, sd15_folder, "sid", "bad")
     for override, words in (("data.caption_column=prompt", ("caption_column", "'prompt'", "columns: image, text")),
@@ -201,7 +201,6 @@ def test_bad_caption_column_and_missing_folder_exit_2(tmp_path, sd15_folder, cap
         assert main(["train", str(config), override]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err
-    transformers.utils.logging.enable_progress_bar()
     assert not (tmp_path / "bad").exists()
 
 
