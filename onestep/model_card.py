@@ -23,7 +23,9 @@ METHODS = {  # method -> the paper it follows
     "boot": "BOOT: data-free distillation with bootstrapping (Gu et al. 2023)",
     "tsm": "teacher score matching (MSD's stage 0 for a smaller student)",
     "teacher": "denoising score matching (a diffusion teacher trained from data)",
+    "vae": "a KL autoencoder (the latent space of a latent diffusion teacher, trained from data)",
 }
+FROM_DATA = ("teacher", "vae")  # trained from data, not distilled: no teacher, so no base model
 
 
 def teacher_license(teacher_path: str | None) -> str | None:
@@ -95,15 +97,20 @@ def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stoc
     index = json.loads((folder / "model_index.json").read_text())
     text = bool((index.get("text_encoder") or [None])[0])
     method = run_config.get("method", "unknown")
-    teacher = (run_config.get("teacher") or {}).get("path")
+    # a run config always holds teacher.path (its default), also when the run trained from data alone
+    teacher = None if method in FROM_DATA else (run_config.get("teacher") or {}).get("path")
     data = ModelCardData(base_model=teacher, license=teacher_license(teacher), library_name="diffusers",
                          pipeline_tag="text-to-image" if text else "unconditional-image-generation",
                          tags=["onestep", method, "diffusion-distillation", "one-step"])
     readout = index.get("timesteps")
+    data_name = (run_config.get("data") or {}).get("name")
+    summary = ([f"# {method} model trained on `{data_name}`", "", f"Trained with onestep: {METHODS[method]}."]
+               if teacher is None and method in FROM_DATA else
+               [f"# {method} student of `{teacher}`", "",
+                f"A generator distilled with onestep by {METHODS.get(method, method)}"
+                + (f"; the generator reads out at timesteps {readout}." if readout else ".")])
     body = "\n".join([
-        f"# {method} student of `{teacher}`", "",
-        f"A generator distilled with onestep by {METHODS.get(method, method)}"
-        + (f"; the generator reads out at timesteps {readout}." if readout else "."), "",
+        *summary, "",
         "## Metrics", "", _metrics_section(metrics),
         "## How to load", "", _loading_section(folder, stock, text),
         "## Training config", "", "```yaml", yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```", ""])

@@ -72,3 +72,16 @@ def test_training_and_export_write_the_card(tmp_path, capsys):
         assert "No metrics were recorded" in (out / "pipeline" / "README.md").read_text()
     capsys.readouterr()
 
+
+
+def test_card_of_a_model_trained_from_data_names_no_teacher(tmp_path):
+    encoder, tokenizer = tiny_clip(tmp_path)
+    teacher = Teacher(tiny_text_unet().eval(), scheduler("epsilon", zero_snr=False), vae=tiny_vae().eval(),
+                      text_encoder=encoder, tokenizer=tokenizer)
+    export_generator(Generator.from_teacher(teacher.unet, teacher.schedule), teacher, tmp_path / "pipeline")
+    # a teacher run's config still holds teacher.path: its default, never used by the run
+    run_config = {"method": "teacher", "data": {"name": "digits_t2i"}, "teacher": {"path": "builtin:digits"}}
+    write_model_card(tmp_path / "pipeline", run_config)
+    card = ModelCard.load(tmp_path / "pipeline" / "README.md")
+    assert card.data.base_model is None and "builtin:digits" not in card.text.split("## Training config")[0]
+    assert card.text.lstrip().startswith("# teacher model trained on `digits_t2i`\n\nTrained with onestep: denoising")
