@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from onestep.errors import UserInputError
+from onestep.files import read_json
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -61,15 +61,6 @@ def resolve_model(path: str | os.PathLike, revision: str | None = None) -> Path:
                              f"({constants.HF_HUB_CACHE}); download it first: hf download {path}{option}") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserInputError(f"missing {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserInputError(f"corrupt JSON in {path}: {err}") from None
-
-
 def check_weights(folder: Path, allow_pickle: bool = False) -> None:
     """Refuse a model folder whose weights are pickle-only (arbitrary code on load) unless allowed."""
     if any(folder.glob("*.safetensors")):
@@ -100,7 +91,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, allow_pickle: b
 
     if not folder.is_dir():
         raise UserInputError(f"model folder not found: {folder}")
-    class_name = _read_json(folder / "config.json").get("_class_name")
+    class_name = read_json(folder / "config.json").get("_class_name")
     model_cls = getattr(diffusers, str(class_name), None)
     if model_cls is None:
         raise UserInputError(f"{folder}/config.json names an unknown diffusers model class {class_name!r}")
@@ -120,7 +111,7 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32, allow_pi
     import transformers
 
     check_weights(folder, allow_pickle)
-    architecture = (_read_json(folder / "config.json").get("architectures") or ["CLIPTextModel"])[0]
+    architecture = (read_json(folder / "config.json").get("architectures") or ["CLIPTextModel"])[0]
     encoder_cls = getattr(transformers, str(architecture), None)
     if encoder_cls is None:
         raise UserInputError(f"{folder}/config.json names an unknown transformers class {architecture!r}")
@@ -145,7 +136,7 @@ def load_tokenizer(folder: Path):
 def load_scheduler(folder: Path):
     import diffusers
 
-    config = _read_json(folder / "scheduler_config.json")
+    config = read_json(folder / "scheduler_config.json")
     scheduler_cls = getattr(diffusers, str(config.get("_class_name")), None)
     if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
         raise UserInputError(f"{folder} names an unknown scheduler class {config.get('_class_name')!r}")
@@ -199,7 +190,7 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
             parts[tokenizer] = load_tokenizer(path / tokenizer)
     check_added_conditions(parts, path)
     if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json")
+        index = read_json(path / "model_index.json")
         parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
     return parts
 
