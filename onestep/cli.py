@@ -131,8 +131,11 @@ def _fid(args: argparse.Namespace) -> int:
                    or key != fd.key})
     if args.forget:
         from onestep.bench.compare import forgetting_metrics
+        from onestep.eval.classifier import DIGITS_JUDGES
 
-        result["forgetting"] = forgetting_metrics(sampler, args.forget, args.num_samples or 1000, args.seed)
+        judge = args.features if args.features in DIGITS_JUDGES else "digits"  # whose classifier counts
+        result["forgetting"] = forgetting_metrics(sampler, args.forget, args.num_samples or 1000, args.seed,
+                                                  (judge,))[judge]
     print(json.dumps(result))
     return 0
 
@@ -288,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--reference", default="digits",
                      help="digits | STATS.npz (ours, pytorch-fid or clean-fid {mu, sigma}) | IMAGE_DIR")
     fid.add_argument("--features", default="digits",
-                     help="digits | inception | a registered feature network | none (--metrics only)")
+                     help="digits | digits_mlp (the second digits judge) | inception | a registered feature network "
+                          "| none (--metrics only)")
     fid.add_argument("--inception-weights", default=None,
                      help="FID Inception weights (.safetensors; a .pth needs --allow-pickle)")
     fid.add_argument("--allow-pickle", action="store_true", help="allow reading pickled (.pth) Inception weights")
@@ -298,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--batch-size", type=int, default=250, help="images per feature-network call")
     fid.add_argument("--num-samples", type=int, default=None)
     fid.add_argument("--forget", type=int, nargs="+", default=[],
-                     help="forgotten classes: add unlearning accuracy and FD on the remaining classes")
+                     help="forgotten classes: add unlearning accuracy (the --features judge's classifier, digits "
+                          "unless digits_mlp) and FD on the remaining classes")
     sampling_args(fid)
     fid.set_defaults(run=_fid)
 

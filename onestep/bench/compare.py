@@ -1,4 +1,5 @@
-"""Teacher at K steps vs one-step students: FD (protocol stated), NFE, images/s; a Markdown table and a chart."""
+"""Teacher at K steps vs one-step students: FD on both digits judges (protocol stated), NFE, images/s, forgetting;
+a Markdown table and a chart."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import torch
 
 from onestep.errors import UserInputError
 from onestep.eval.fd import frechet_distance
+from onestep.eval.features import metric_key
 from onestep.eval.quantize import to_uint8
 from onestep.eval.sampling import balanced_labels
 from onestep.inference import FolderSampler, load_sampler
 from onestep.loading import resolve_path
 from onestep.runs import RUN_CONFIG
+
+
+JUDGES = ("digits", "digits_mlp")  # the two digits judges every row is scored on (onestep.eval.classifier)
 
 
 def images_per_second(sampler: FolderSampler, batch: int, repeats: int = 3) -> float:
@@ -32,39 +37,57 @@ def images_per_second(sampler: FolderSampler, batch: int, repeats: int = 3) -> f
 
 
 def evaluate_sampler(sampler: FolderSampler, num_samples: int, seed: int | list[int],
-                     speed_batch: int | None, forget: list[int] = ()) -> dict:
-    """FD-digits of class-balanced samples (mean and spread over noise seeds), NFE, class-share error,
-    (unless speed_batch is None) images/s and, for `forget` classes, the forgetting metrics (mean over the seeds)."""
+                     speed_batch: int | None, forget: list[int] = (), judges: tuple[str, ...] = JUDGES) -> dict:
+    """The Fréchet distance of class-balanced samples in each judge's features (mean and spread over noise seeds;
+    the same images for every judge), NFE, class-share error, (unless speed_batch is None) images/s and, for
+    `forget` classes, the forgetting metrics on each judge (means over the seeds).
+
+    The row's `fd`, `fd_std`, `fds`, `protocol` and `forgetting` are the first judge's; `judges` holds every one's."""
     seeds = [seed] if isinstance(seed, int) else list(seed)
     labels = balanced_labels(num_samples, sampler.num_classes) if sampler.num_classes else None
-    fds = []
+    results: dict[str, list] = {judge: [] for judge in judges}
     for s in seeds:
         images = to_uint8(sampler.sample(labels, num_samples, s))
-        fd = frechet_distance(images, reference="digits", features="digits")
-        fds.append(fd.value)
-    row = {"fd": statistics.mean(fds), "fd_std": statistics.stdev(fds) if len(fds) > 1 else None, "fds": fds,
-           "seeds": seeds, "protocol": fd.protocol, "nfe": sampler.nfe,
+        for judge in judges:
+            results[judge].append(frechet_distance(images, reference="digits", features=judge))
+    by_judge = {judge: {"fd": statistics.mean(r.value for r in rs),
+                        "fd_std": statistics.stdev(r.value for r in rs) if len(rs) > 1 else None,
+                        "fds": [r.value for r in rs], "protocol": rs[-1].protocol} for judge, rs in results.items()}
+    row = {**by_judge[judges[0]], "judges": by_judge, "seeds": seeds, "nfe": sampler.nfe,
            "images_per_s": images_per_second(sampler, speed_batch) if speed_batch else None}
     if sampler.num_classes:
-        from onestep.eval.classifier import load_digits_classifier
+        from onestep.eval.classifier import load_judge
         from onestep.eval.sampling import class_shares
 
-        shares = class_shares(images, load_digits_classifier())
+        shares = class_shares(images, load_judge(judges[0]))
         row["class_share_max_error"] = float(abs(shares - 1.0 / sampler.num_classes).max())
     if forget:
-        per_seed = [forgetting_metrics(sampler, forget, num_samples, s) for s in seeds]
-        row["forgetting"] = {k: statistics.mean(m[k] for m in per_seed) for k in per_seed[0]}
+        per_seed = [forgetting_metrics(sampler, forget, num_samples, s, judges) for s in seeds]
+        for judge in judges:
+            by_judge[judge]["forgetting"] = {k: statistics.mean(m[judge][k] for m in per_seed)
+                                             for k in per_seed[0][judge]}
+        row["forgetting"] = by_judge[judges[0]]["forgetting"]
     return row
 
 
-def forgetting_metrics(sampler: FolderSampler, forget: list[int], num_samples: int, seed: int) -> dict[str, float]:
-    """Unlearning accuracy per forgotten class and FD-digits on the remaining classes of a folder's sampler."""
+def forgetting_metrics(sampler: FolderSampler, forget: list[int], num_samples: int, seed: int,
+                       judges: tuple[str, ...] = ("digits",)) -> dict[str, dict[str, float]]:
+    """{judge: unlearning accuracy per forgotten class (that judge's classifier) and the Fréchet distance of the
+    remaining classes (its features)} of a folder's sampler; every judge sees the same images."""
     from onestep.eval.forgetting import forgetting_report
 
     if not sampler.num_classes:
         raise UserInputError(f"{sampler.path} is not class-conditional: forgetting metrics need class labels")
-    return forgetting_report(lambda labels: to_uint8(sampler.sample(labels, len(labels), seed)),
-                             sampler.num_classes, list(forget), num_samples)
+    drawn: dict[bytes, torch.Tensor] = {}
+
+    def sample(labels: torch.Tensor) -> torch.Tensor:
+        key = labels.numpy().tobytes()
+        if key not in drawn:
+            drawn[key] = to_uint8(sampler.sample(labels, len(labels), seed))
+        return drawn[key]
+
+    return {judge: forgetting_report(sample, sampler.num_classes, list(forget), num_samples, features=judge,
+                                     metric=metric_key(judge), classifier=judge) for judge in judges}
 
 
 def teacher_report(teacher_path: Path, num_samples: int, ddim_steps: list[int], ddpm_steps: list[int],
@@ -76,8 +99,9 @@ def teacher_report(teacher_path: Path, num_samples: int, ddim_steps: list[int], 
             folder = load_sampler(teacher_path, steps=steps, sampler=sampler, guidance_scale=scale)
             row = evaluate_sampler(folder, num_samples, seed, speed_batch)
             rows.append({"name": f"{sampler.upper()} {steps}, guidance {scale:g}", **row})
-            print(f"{rows[-1]['name']}: {row['protocol']['metric']} {row['fd']:.3f} (N={num_samples}), "
-                  f"{_fmt(row['images_per_s'], 0)} images/s", flush=True)
+            fds = ", ".join(f"{j['protocol']['metric']} {j['fd']:.3f}" for j in row["judges"].values())
+            print(f"{rows[-1]['name']}: {fds} (N={num_samples}), {_fmt(row['images_per_s'], 0)} images/s",
+                  flush=True)
     return rows
 
 
@@ -125,19 +149,31 @@ def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_
     return report
 
 
+def _judges(report: dict) -> list[tuple[str, str]]:
+    """(judge key, metric name) of every judge in the report's rows, the first judge first."""
+    return [(key, j["protocol"]["metric"]) for key, j in report["rows"][0]["judges"].items()]
+
+
+def _mean_std(stats: dict) -> str:
+    return _fmt(stats["fd"]) + (f" ± {_fmt(stats['fd_std'])}" if stats.get("fd_std") is not None else "")
+
+
 def markdown_table(report: dict) -> str:
-    p = report["protocol"]
+    judges = _judges(report)
     seeds = report["rows"][0]["seeds"]
     spread = f"mean ± std over noise seeds {seeds}" if len(seeds) > 1 else f"noise seed {seeds[0]}"
-    lines = [f"{p['metric']}: features {p['features']}, reference {p['reference']} (N={p['num_reference']}), "
-             f"N = {p['num_samples']} class-balanced samples, {spread}; images/s at batch {report['speed_batch']} "
-             f"on {report['machine']}.", "",
-             f"| sampler | NFE | {p['metric']} ↓ | images/s | speed-up vs slowest teacher | max class-share error "
-             "| training |", "|---|---|---|---|---|---|---|"]
+    protocols = "; ".join(f"{p['metric']}: features {p['features']} ({p['extractor']})"
+                          for p in (j["protocol"] for j in report["rows"][0]["judges"].values()))
+    p = report["protocol"]
+    lines = [f"{protocols}; reference {p['reference']} (N={p['num_reference']}), N = {p['num_samples']} "
+             f"class-balanced samples (the same for every judge), {spread}; images/s at batch "
+             f"{report['speed_batch']} on {report['machine']}.", "",
+             f"| sampler | NFE | {' | '.join(f'{name} ↓' for _, name in judges)} | images/s | speed-up vs slowest "
+             "teacher | max class-share error | training |", "|---|---|" + "---|" * len(judges) + "---|---|---|---|"]
     for r in report["rows"]:
         training = (f"{r['steps']} steps, {r['train_seconds'] / 60:.1f} min" if r.get("train_seconds") else "–")
-        fd = _fmt(r["fd"]) + (f" ± {_fmt(r['fd_std'])}" if r.get("fd_std") is not None else "")
-        lines.append(f"| {r['name']} | {r['nfe']} | {fd} | {_fmt(r['images_per_s'], 0)} | "
+        fds = " | ".join(_mean_std(r["judges"][key]) for key, _ in judges)
+        lines.append(f"| {r['name']} | {r['nfe']} | {fds} | {_fmt(r['images_per_s'], 0)} | "
                      f"{_fmt(r['speedup_vs_teacher'], 1)}x | {_fmt(r.get('class_share_max_error'), 3)} | {training} |")
     if report.get("forget"):
         lines += ["", *forgetting_table(report)]
@@ -145,18 +181,21 @@ def markdown_table(report: dict) -> str:
 
 
 def forgetting_table(report: dict) -> list[str]:
-    forget, metric = report["forget"], report["protocol"]["metric"]
+    forget, judges = report["forget"], _judges(report)
     seeds = report["rows"][0]["seeds"]
     per_class = int(report["rows"][0]["forgetting"]["samples_per_forgotten_class"])
-    head = " | ".join(f"classified as {c} when asked for {c} ↓" for c in forget)
-    lines = [f"Forgetting (classes {forget}; digits classifier; {per_class} samples asked for each forgotten class "
-             f"per noise seed, means over seeds {seeds}; {metric} of the remaining classes "
-             "against their real digits):", "", f"| sampler | {head} | {metric} remaining classes ↓ |",
-             "|---|" + "---|" * (len(forget) + 1)]
+    head = " | ".join(f"classified as {c} when asked for {c}, {key} classifier ↓" for c in forget for key, _ in judges)
+    lines = [f"Forgetting (classes {forget}; each judge's classifier on the same samples; {per_class} samples asked "
+             f"for each forgotten class per noise seed, means over seeds {seeds}; the Fréchet distance of the "
+             "remaining classes against their real digits in each judge's features):", "",
+             f"| sampler | {head} | {' | '.join(f'{name} remaining classes ↓' for _, name in judges)} |",
+             "|---|" + "---|" * (len(forget) * len(judges) + len(judges))]
     for r in report["rows"]:
-        f = r["forgetting"]
-        shares = " | ".join(f"{100 * f[f'classified_as_forgotten/class_{c}']:.1f}%" for c in forget)
-        lines.append(f"| {r['name']} | {shares} | {_fmt(f['fd_digits/remaining_classes'])} |")
+        fs = {key: r["judges"][key]["forgetting"] for key, _ in judges}
+        shares = " | ".join(f"{100 * fs[key][f'classified_as_forgotten/class_{c}']:.1f}%"
+                            for c in forget for key, _ in judges)
+        remaining = " | ".join(_fmt(fs[key][f"{metric_key(key)}/remaining_classes"]) for key, _ in judges)
+        lines.append(f"| {r['name']} | {shares} | {remaining} |")
     return lines
 
 

@@ -14,3 +14,8 @@ def shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> to
     rows = (dy + torch.arange(h))[:, None, :, None]
     cols = (dx + torch.arange(w))[:, None, None, :]
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def pixel_noise(x: torch.Tensor, generator: torch.Generator, std: float) -> torch.Tensor:
+    """Add Gaussian noise of `std` to every pixel, clamped back to [-1, 1] (the range of generated images)."""
+    return (x + std * torch.randn(x.shape, generator=generator)).clamp(-1.0, 1.0)

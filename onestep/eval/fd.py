@@ -83,9 +83,11 @@ def check_images(images: torch.Tensor, features: str, what: str = "images") -> t
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise EvalError(f"{what} must be a uint8 tensor (N, C, H, W) (quantise with to_uint8), got {desc}")
-    if features == "digits" and images.shape[1:] != (1, 8, 8):
-        raise EvalError(f"digits features need (N, 1, 8, 8) {what}, got {tuple(images.shape)}")
-    if feature_spec(features).channels == 3:
+    spec = feature_spec(features)
+    if spec.image_shape is not None and images.shape[1:] != spec.image_shape:
+        raise EvalError(f"{features} features need (N, {', '.join(map(str, spec.image_shape))}) {what}, "
+                        f"got {tuple(images.shape)}")
+    if spec.channels == 3:
         if images.shape[1] not in (1, 3):
             raise EvalError(f"{features} features need 1- or 3-channel {what}, got {images.shape[1]} channels")
         return images.expand(-1, 3, -1, -1)

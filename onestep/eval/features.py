@@ -1,4 +1,5 @@
-"""Feature networks for Fréchet distances, by name: "digits" (FD-digits), "inception" (FID), and any registered one.
+"""Feature networks for Fréchet distances, by name: "digits" (FD-digits), "digits_mlp" (FD-digits_mlp, the second
+digits judge), "inception" (FID), and any registered one.
 
 A feature network maps uint8 (N, C, H, W) images to (N, d) features and has an int `num_features`. Registering
 one (`register_features`) makes it usable everywhere a Fréchet distance is computed: `eval.features`, the training
@@ -39,12 +40,14 @@ class FeatureOptions:
 
 @dataclass
 class FeatureSpec:
-    """A named feature network: `build(options)` returns it (eval mode); `channels` are what it takes (1 or 3)."""
+    """A named feature network: `build(options)` returns it (eval mode); `channels` are what it takes (1 or 3),
+    `image_shape` the (C, H, W) it insists on (None: any size)."""
 
     build: Callable[[FeatureOptions], nn.Module]
     channels: int
     protocol: Callable[[FeatureOptions], dict]
     dtype: torch.dtype = torch.float64  # the network's compute dtype inside the metric
+    image_shape: tuple[int, int, int] | None = None
 
 
 FEATURES: dict[str, FeatureSpec] = {}
@@ -52,9 +55,10 @@ FEATURES: dict[str, FeatureSpec] = {}
 
 def register_features(name: str, build: Callable[[FeatureOptions], nn.Module], channels: int = 3,
                       protocol: Callable[[FeatureOptions], dict] | None = None,
-                      dtype: torch.dtype = torch.float64) -> None:
+                      dtype: torch.dtype = torch.float64, image_shape: tuple[int, int, int] | None = None) -> None:
     """Make a feature network available as `features=name` (its score is called FD-<name>)."""
-    FEATURES[name] = FeatureSpec(build, channels, protocol or (lambda options: {"extractor": name}), dtype)
+    FEATURES[name] = FeatureSpec(build, channels, protocol or (lambda options: {"extractor": name}), dtype,
+                                 image_shape)
 
 
 def feature_spec(name: str) -> FeatureSpec:
@@ -74,17 +78,17 @@ def metric_key(features: str) -> str:
 
 
 class DigitsFeatures(nn.Module):
-    """uint8 (N, 1, 8, 8) -> the digits classifier's penultimate activations (N, 64), for torchmetrics.
+    """uint8 (N, 1, 8, 8) -> a digits classifier's penultimate activations (N, 64), for torchmetrics.
 
-    Holds its own copy of a given classifier: the metric's `set_dtype(torch.float64)` casts the copy, not the
-    caller's network.
+    The classifier is the given one, else the shipped `judge` ("digits", "digits_mlp"). Holds its own copy of a
+    given classifier: the metric's `set_dtype(torch.float64)` casts the copy, not the caller's network.
     """
 
-    def __init__(self, classifier=None):
-        from onestep.eval.classifier import load_digits_classifier
+    def __init__(self, classifier=None, judge: str = "digits"):
+        from onestep.eval.classifier import load_judge
 
         super().__init__()
-        self.classifier = copy.deepcopy(classifier) if classifier is not None else load_digits_classifier()
+        self.classifier = copy.deepcopy(classifier) if classifier is not None else load_judge(judge)
         self.num_features = self.classifier.config.num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -126,7 +130,11 @@ def _inception_protocol(options: FeatureOptions) -> dict:
             "input_size": INPUT_SIZE, "dtype": "float32"}
 
 
-register_features("digits", lambda options: DigitsFeatures(), channels=1,
+register_features("digits", lambda options: DigitsFeatures(), channels=1, image_shape=(1, 8, 8),
                   protocol=lambda options: {"extractor": "digits classifier penultimate layer (64-d)",
+                                            "resize": "none (8x8 input)", "dtype": "float64"})
+# the second digits judge: an MLP trained differently (onestep/assets/digits_mlp_classifier/README.md)
+register_features("digits_mlp", lambda options: DigitsFeatures(judge="digits_mlp"), channels=1, image_shape=(1, 8, 8),
+                  protocol=lambda options: {"extractor": "digits MLP classifier penultimate layer (64-d)",
                                             "resize": "none (8x8 input)", "dtype": "float64"})
 register_features("inception", _build_inception, channels=3, protocol=_inception_protocol, dtype=torch.float32)

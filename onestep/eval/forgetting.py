@@ -25,14 +25,15 @@ def unlearning_accuracy(images: torch.Tensor, classifier: DigitsClassifier, forg
 
 def forgetting_report(sample: Callable[[torch.Tensor], torch.Tensor], num_classes: int, forget: list[int],
                       num_samples: int, features: str = "digits", reference: str = "digits",
-                      metric: str = "fd_digits") -> dict[str, float]:
+                      metric: str = "fd_digits", classifier: str = "digits") -> dict[str, float]:
     """SFD's two measures for any sampler: `sample(labels)` returns uint8 images, one per requested label.
 
     Per forgotten class c, `num_samples // num_classes` samples asked for c give the unlearning accuracy and its
-    complement, the share still classified as c; `num_samples` class-balanced samples over the remaining classes
-    give the FD on those classes (against the same classes' real digits when `reference` is "digits").
+    complement, the share still classified as c by the `classifier` judge ("digits", "digits_mlp");
+    `num_samples` class-balanced samples over the remaining classes give the FD on those classes in `features`
+    (against the same classes' real digits when `reference` is "digits").
     """
-    from onestep.eval.classifier import load_digits_classifier
+    from onestep.eval.classifier import load_judge
     from onestep.eval.fd import frechet_distance
     from onestep.eval.sampling import balanced_labels
 
@@ -41,11 +42,11 @@ def forgetting_report(sample: Callable[[torch.Tensor], torch.Tensor], num_classe
         raise EvalError(f"forget class {bad[0]} does not exist: classes are 0..{num_classes - 1}")
     if num_samples < num_classes:
         raise EvalError(f"forgetting metrics need at least {num_classes} samples (one per class), got {num_samples}")
-    classifier = load_digits_classifier()
+    judge = load_judge(classifier)
     per_class = num_samples // num_classes
     out = {"samples_per_forgotten_class": float(per_class)}
     for c in forget:
-        ua = unlearning_accuracy(sample(torch.full((per_class,), c)), classifier, c)
+        ua = unlearning_accuracy(sample(torch.full((per_class,), c)), judge, c)
         out[f"unlearning_accuracy/class_{c}"] = ua
         out[f"classified_as_forgotten/class_{c}"] = 1.0 - ua
     remain = torch.tensor([c for c in range(num_classes) if c not in forget])

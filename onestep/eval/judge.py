@@ -212,13 +212,15 @@ class Judge:
 
     def forgetting_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
         """SFD's measures: unlearning accuracy per forgotten class, FD on the remaining classes."""
+        from onestep.eval.classifier import DIGITS_JUDGES
         from onestep.eval.forgetting import forgetting_report
 
         def sample(labels: torch.Tensor) -> torch.Tensor:
             return self.generator_samples(generator, teacher, len(labels), labels)
 
+        classifier = self.features if self.features in DIGITS_JUDGES else "digits"
         return forgetting_report(sample, self.num_classes, self.forget_classes, self.num_samples, self.features,
-                                 self.reference, self.metric_name)
+                                 self.reference, self.metric_name, classifier)
 
     # --- sample grids -----------------------------------------------------------------------------------------------
     def grid_requests(self, per_row: int) -> tuple[int, torch.Tensor | None, list[str] | None]:
