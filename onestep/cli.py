@@ -240,6 +240,12 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_convergence([Path(r) for r in args.runs], Path(args.out), args.baseline)
         return 0
+    if args.suite == "modes":
+        from onestep.bench.modes import run_modes_suite
+
+        run_modes_suite([Path(r) for r in args.runs], Path(args.out), args.num_samples or 10000,
+                        max(args.teacher_steps), args.seeds)
+        return 0
     if args.suite == "step-overhead":
         for config in args.runs:
             overrides = []
@@ -252,7 +258,7 @@ def _bench(args: argparse.Namespace) -> int:
             cfg = load_config(config, [f"output_dir={args.out}", *overrides, *args.overrides])
             print(json.dumps({"config": config, **step_overhead(cfg, args.iterations)}))
         return 0
-    run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples,
+    run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples or 1000,
                   teacher_steps=args.teacher_steps, speed_batch=args.speed_batch, seeds=args.seeds,
                   forget=args.forget)
     return 0
@@ -316,11 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("runs", nargs="*",
                        help="run output folders (step-overhead, scaling, memory: config files; attention: none)")
     bench.add_argument("--suite", default="compare",
-                       choices=["compare", "step-overhead", "convergence", "attention", "scaling", "memory"],
+                       choices=["compare", "step-overhead", "convergence", "attention", "scaling", "memory", "modes"],
                        help="compare: teacher vs students; step-overhead: iteration time vs its network passes; "
                             "convergence: FD-vs-step over seeds, steps to reach the baseline's final FD; "
                             "attention: forward+backward time per attention backend; scaling: training samples/s of "
-                            "1 vs N processes; memory: peak memory of training steps per memory saver")
+                            "1 vs N processes; memory: peak memory of training steps per memory saver; modes: mode "
+                            "and sub-mode coverage of students of a configs/modes teacher against it")
     bench.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="scaling: process counts")
     bench.add_argument("--train-steps", type=int, default=30, help="scaling: training steps per process count")
     bench.add_argument("--batch-size", type=int, default=None, help="memory: data.batch_size (default: the config's)")
@@ -337,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", default="dmd2", help="convergence: the method whose final FD is the target")
     bench.add_argument("--iterations", type=int, default=20, help="step-overhead: timed TTUR periods")
     bench.add_argument("--out", required=True)
-    bench.add_argument("--num-samples", type=int, default=1000)
-    bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50])
+    bench.add_argument("--num-samples", type=int, default=None,
+                       help="samples per noise seed (default: compare 1000, modes 10000)")
+    bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50],
+                       help="teacher DDIM steps (modes: the largest is the reference)")
     bench.add_argument("--speed-batch", type=int, default=256)
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
     bench.add_argument("--forget", type=int, nargs="+", default=[],

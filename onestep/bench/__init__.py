@@ -1,2 +1,2 @@
 """Benchmarks behind `onestep bench --suite ...`: compare (teacher vs students) and step-overhead, convergence,
-attention, scaling, memory. Each module is one suite; real-size runs here are benchmarks, never CI tests."""
+attention, scaling, memory, modes. Each module is one suite; real-size runs here are benchmarks, never CI tests."""

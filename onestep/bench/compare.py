@@ -109,9 +109,9 @@ def _fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_steps: list[int] = (1, 4, 10, 50),
-                  speed_batch: int = 256, seeds: list[int] = (0,), forget: list[int] = ()) -> dict:
-    """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report."""
+def finished_runs(runs: list[Path]) -> tuple[dict[Path, dict], Path, float]:
+    """The runs' saved configs, their one shared teacher folder and its guidance scale (UserInputError when a
+    folder is not a finished run or the runs distill different teachers)."""
     configs = {}
     for run in runs:
         if not (run / RUN_CONFIG).is_file() or not (run / "pipeline").is_dir():
@@ -120,8 +120,13 @@ def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_
     teachers = {c["teacher"]["path"] for c in configs.values()}
     if len(teachers) != 1:
         raise UserInputError(f"runs distill different teachers ({', '.join(sorted(teachers))}); bench them apart")
-    teacher_path = resolve_path(teachers.pop())
-    guidance = next(iter(configs.values()))["teacher"]["guidance_scale"]
+    return configs, resolve_path(teachers.pop()), next(iter(configs.values()))["teacher"]["guidance_scale"]
+
+
+def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_steps: list[int] = (1, 4, 10, 50),
+                  speed_batch: int = 256, seeds: list[int] = (0,), forget: list[int] = ()) -> dict:
+    """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report."""
+    configs, teacher_path, guidance = finished_runs(runs)
     rows = []
     for k in teacher_steps:
         sampler = load_sampler(teacher_path, steps=k, guidance_scale=guidance)
