@@ -130,9 +130,10 @@ def read_prompt_list(value: str | list[str] | None) -> list[str] | None:
 
 
 def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, forget: list[int] = (),
-                captions: list[str] | None = None):
+                captions: list[str] | None = None, forget_prompts: list[str] = ()):
     """The run's judge (`eval.*`): its metrics, reference and, for text teachers, its eval and grid prompts (by
-    default the prompts the run draws: data.prompts, else the dataset's `captions`)."""
+    default the prompts the run draws: data.prompts, else the dataset's `captions`; for digits_t2i its fixed
+    `eval_prompts(eval.num_samples)`, half of them naming no colour, and `validation_prompts()`)."""
     from onestep.eval.features import FeatureOptions
     from onestep.eval.judge import Judge
     from onestep.eval.metrics import MetricContext
@@ -144,13 +145,17 @@ def build_judge(cfg: RunConfig, num_classes: int | None, is_text: bool = False, 
     features = None if e.features == "none" or (is_text and e.features == "digits") else e.features
     prompts = validation = None
     if is_text:
+        if cfg.data.name == "digits_t2i":
+            from onestep.data.digits_t2i import eval_prompts, validation_prompts
+
+            captions, validation = eval_prompts(e.num_samples)[0], validation_prompts()
         prompts = read_prompt_list(e.prompts or cfg.data.prompts) or captions
-        validation = read_prompt_list(e.validation_prompts)
+        validation = read_prompt_list(e.validation_prompts) or validation
     context = MetricContext(batch_size=e.sampling_batch, clip_model=e.clip_model, extra=dict(e.metric_options),
                             features=FeatureOptions(e.inception_weights, e.allow_pickle, dict(e.metric_options)))
     judge = Judge(e.num_samples, features, e.reference, num_classes, batch_size=e.sampling_batch,
                   forget_classes=list(forget), prompts=prompts, validation_prompts=validation, metrics=e.metrics,
-                  context=context)
+                  context=context, forget_prompts=list(forget_prompts))
     judge.check()
     return judge
 
@@ -197,13 +202,9 @@ def build_distiller_task(cfg: RunConfig):
     source = data_source(cfg, teacher)
     conditions = build_conditions(cfg, teacher, source)
     real = build_real(cfg, teacher, conditions, source)
-    forget = list(getattr(cfg.options, "forget", [])) if not getattr(cfg.options, "forget_prompts", None) else []
-    if cfg.data.name == "digits_t2i":
-        from onestep.eval.t2i import T2IJudge
-
-        judge = T2IJudge(cfg.eval.num_samples, batch_size=cfg.eval.sampling_batch)
-    else:
-        judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget, conditions.prompts)
+    forget_prompts = list(getattr(cfg.options, "forget_prompts", []))
+    forget = list(getattr(cfg.options, "forget", [])) if not forget_prompts else []
+    judge = build_judge(cfg, teacher.num_classes, teacher.is_text, forget, conditions.prompts, forget_prompts)
     extra = {}
     if getattr(cfg.options, "override", None) == "classifier":
         from onestep.eval.classifier import load_digits_classifier
@@ -315,14 +316,12 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
             task = VaeTraining(cfg.options, load_real_data(cfg)[0], cfg.data.batch_size)
         elif cfg.method == "teacher" and cfg.data.name == "digits_t2i":
             from onestep.data.digits_t2i import digits_t2i_tokenizer, load_digits_t2i
-            from onestep.eval.t2i import T2IJudge
             from onestep.training.text_denoiser_task import TextDenoiserTraining
 
             data = load_digits_t2i()
             try:
                 task = TextDenoiserTraining(cfg.options, data.images, data.captions, cfg.data.batch_size,
-                                            digits_t2i_tokenizer(), T2IJudge(cfg.eval.num_samples,
-                                                                             batch_size=cfg.eval.sampling_batch))
+                                            digits_t2i_tokenizer(), build_judge(cfg, None, is_text=True))
             except ValueError as err:
                 raise UserInputError(str(err)) from None
             use_attention(task, cfg.attention)

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from onestep.config import config_from
-from onestep.eval.t2i import PROTOCOL, teacher_t2i_metrics
 from onestep.files import write_json_atomic
-from onestep.runs import load_teacher
+from onestep.runs import build_judge, load_teacher
 
 
 COLUMNS = ("fd_t2i", "digit_acc", "colour_acc", "colour_balance", "images_per_s")
@@ -33,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     final = json.loads((args.run / "metrics.json").read_text())["final"]
     rows = [{"name": f"{cfg.method} 1 step", **{c: final[f"{c}/student"] for c in COLUMNS}}]
     teacher = load_teacher(cfg)
+    judge = build_judge(cfg, None, is_text=True)
     for steps in args.steps:
-        metrics = teacher_t2i_metrics(teacher, steps, teacher.guidance_scale, cfg.eval.num_samples)
-        rows.append({"name": f"teacher {steps} DDIM (cfg {teacher.guidance_scale:g})", **metrics})
+        metrics = judge.teacher_metrics(teacher, [steps])
+        rows.append({"name": f"teacher {steps} DDIM (cfg {teacher.guidance_scale:g})",
+                     **{c: metrics[f"{c}/teacher_ddim{steps}"] for c in COLUMNS}})
     print(f"{'':<28}" + "".join(f"{c:>16}" for c in COLUMNS))
     for row in rows:
         print(f"{row['name']:<28}" + "".join(f"{row[c]:>16.3f}" for c in COLUMNS))
-    print(PROTOCOL.format(seed=1234).replace("N samples", f"N={cfg.eval.num_samples} samples"))
+    print(judge.protocol)
     if args.out:
         write_json_atomic(args.out, {"run": str(args.run), "rows": rows})
     return 0

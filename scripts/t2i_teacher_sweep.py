@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from onestep.eval.t2i import PROTOCOL, teacher_t2i_metrics
+from onestep.eval.t2i import digits_t2i_judge
 from onestep.files import write_json_atomic
 from onestep.teacher import Teacher
 
@@ -30,15 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     teacher = Teacher.from_pretrained(args.teacher)
+    judge = digits_t2i_judge(args.num_samples, args.seed)
     rows = []
     for steps in args.steps:
         for scale in args.guidance:
-            row = {"steps": steps, "guidance": scale, **teacher_t2i_metrics(teacher, steps, scale, args.num_samples,
-                                                                            args.seed)}
+            metrics = judge.teacher_metrics(teacher, [steps], guidance_scale=scale)
+            suffix = f"/teacher_ddim{steps}"
+            row = {"steps": steps, "guidance": scale,
+                   **{k.removesuffix(suffix): v for k, v in metrics.items() if k.endswith(suffix)}}
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:
-        write_json_atomic(args.out, {"teacher": args.teacher, "protocol": PROTOCOL.format(seed=args.seed),
+        write_json_atomic(args.out, {"teacher": args.teacher, "protocol": judge.protocol,
                                      "num_samples": args.num_samples, "rows": rows})
     return 0
 

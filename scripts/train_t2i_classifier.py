@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from onestep.data.augment import shift
 from onestep.data.digits import split_halves
 from onestep.data.digits_t2i import coloured_digits
+from onestep.eval.fd import frechet_distance
+from onestep.eval.features import FeatureOptions
 from onestep.eval.quantize import to_uint8
-from onestep.eval.t2i_classifier import DEFAULT_T2I_CLASSIFIER_DIR, ColouredDigitsClassifier, classify, fd_t2i
+from onestep.eval.t2i_classifier import DEFAULT_T2I_CLASSIFIER_DIR, ColouredDigitsClassifier, classify
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     colour_acc = (pred_colours == colours[test_idx]).float().mean().item()
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out, safe_serialization=True)
-    floor = fd_t2i(to_uint8(images[train_idx]), classifier_dir=args.out)
+    floor = frechet_distance(to_uint8(images[train_idx]), "digits_t2i", "t2i",
+                             options=FeatureOptions(extra={"t2i_classifier": str(args.out)})).value
     print(f"held-out ({len(test_idx)} images): digit accuracy {digit_acc:.4f}, colour accuracy {colour_acc:.4f}; "
           f"{seconds:.1f} s; FD-t2i of the training half vs all real {floor:.3f}")
     command = shlex.join(["python", "scripts/train_t2i_classifier.py", *(argv if argv is not None else sys.argv[1:])])

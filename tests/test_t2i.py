@@ -74,17 +74,76 @@ def test_coloured_digits_range():
     assert images.min() == -1 and images.max() == 1 and np.bincount(colours.numpy()).tolist() == [1797] * 4
 
 
-def test_prompt_metrics_against_hand_counts():
-    from onestep.eval.t2i_classifier import prompt_metrics
+def test_t2i_metrics_through_the_interface_against_hand_counts(monkeypatch):
+    """digit_acc, colour_acc and colour_balance built by name, fed in two batches, against hand counts."""
+    import onestep.eval.t2i_classifier as t2i_classifier
+    from onestep.eval.metrics import MetricContext, SampleBatch, build_metric, run_metrics
 
-    digits = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
-    colours = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1])
+    prompts = ["a red one", "the number two in green", "three, blue", "a four", "the number five", "a six",
+               "a seven", "a eight"]  # digits 1..8; colours red, green, blue, then none
     pred_digits = torch.tensor([1, 2, 0, 4, 5, 6, 7, 0])  # 6 of 8 right
-    pred_colours = torch.tensor([0, 3, 2, 1, 1, 1, 0, 2])  # coloured: 2 of 3 right; uncoloured shares 1/5,3/5,1/5,0
-    out = prompt_metrics(pred_digits, pred_colours, digits, colours)
-    assert out["digit_acc"] == pytest.approx(6 / 8)
-    assert out["colour_acc"] == pytest.approx(2 / 3)
-    assert out["colour_balance"] == pytest.approx(3 / 5 - 1 / 4)
+    pred_colours = torch.tensor([0, 3, 2, 1, 1, 1, 0, 2])  # coloured: 2 of 3 right; uncoloured 1/5, 3/5, 1/5, 0
+    calls = iter([(pred_digits[:5], pred_colours[:5]), (pred_digits[5:], pred_colours[5:])] * 3)
+    monkeypatch.setattr(t2i_classifier, "classify", lambda classifier, images: next(calls))
+    images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    batches = [SampleBatch(images[:5], prompts=prompts[:5]), SampleBatch(images[5:], prompts=prompts[5:])]
+    metrics = [build_metric(name, MetricContext()) for name in ("digit_acc", "colour_acc", "colour_balance")]
+    for metric in metrics:  # the three are fed one after another here, each seeing both batches
+        values, protocols = run_metrics([metric], batches)
+        if metric.key == "digit_acc":
+            assert values["digit_acc"] == pytest.approx(6 / 8)
+        elif metric.key == "colour_acc":
+            assert values["colour_acc"] == pytest.approx(2 / 3) and protocols["colour_acc"]["num_samples"] == 3
+        else:
+            assert values["colour_balance"] == pytest.approx(3 / 5 - 1 / 4)
+            assert protocols["colour_balance"]["num_samples"] == 5
+            assert protocols["colour_balance"]["shares"] == {"red": 0.2, "green": 0.6, "blue": 0.2, "yellow": 0.0}
+
+
+@pytest.fixture(scope="module")
+def stats_cache(tmp_path_factory):
+    """One reference-statistics cache for the FD-t2i tests (the 7188 real images go through the classifier once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONESTEP_CACHE", str(tmp_path_factory.mktemp("fd_cache")))
+        yield
+
+
+def test_fd_t2i_is_the_frechet_distance_of_the_classifier_features(stats_cache):
+    """`features="t2i"`, reference "digits_t2i" (all 7188 real images) against a direct computation."""
+    from scipy import linalg
+
+    from onestep.eval.fd import frechet_distance
+    from onestep.eval.quantize import to_uint8
+    from onestep.eval.t2i_classifier import T2IFeatures, load_t2i_classifier
+
+    real = to_uint8(coloured_digits()[0])
+    fake = real[torch.arange(0, 7188, 7)]  # a subset: a small but non-zero distance
+    result = frechet_distance(fake, "digits_t2i", "t2i")
+    net = T2IFeatures(load_t2i_classifier())
+    with torch.no_grad():
+        a, b = net(real).double().numpy(), net(fake).double().numpy()
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert result.value == pytest.approx(direct, rel=1e-4) and 0 < result.value < 20
+    assert result.protocol["metric"] == "FD-t2i" and result.protocol["num_reference"] == 7188
+
+
+def test_onestep_fid_reports_the_t2i_metrics(tmp_path, stats_cache, capsys):
+    """`onestep fid SAMPLES.npz --features t2i --reference digits_t2i --metrics ...` on real images with their
+    captions: the evaluator's accuracies are near 1, the Fréchet distance near its floor."""
+    import json
+
+    data = load_digits_t2i()
+    idx = torch.arange(0, 7188, 12)
+    images = ((data.images[idx] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "real.npz", images=images, prompts=np.array([data.captions[i] for i in idx.tolist()]))
+    assert main(["fid", str(tmp_path / "real.npz"), "--features", "t2i", "--reference", "digits_t2i", "--metrics",
+                 "digit_acc", "colour_acc", "colour_balance"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["protocol"]["metric"] == "FD-t2i" and out["value"] < 40  # the teacher: ~130
+    assert out["digit_acc"]["value"] > 0.9 and out["colour_acc"]["value"] > 0.97
+    assert out["colour_balance"]["value"] < 0.2  # ~120 uncoloured real captions, colours balanced by construction
+    assert main(["fid", str(tmp_path / "real.npz"), "--features", "t2i", "--reference", "digits"]) == 2
 
 
 def test_eval_prompts_are_uniform_and_parse_back():

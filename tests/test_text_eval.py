@@ -226,3 +226,18 @@ def test_class_judge_states_the_full_protocol():
     assert before.startswith("FD-digits: features digits, reference digits") and "class-balanced" in before
     assert "extractor digits classifier penultimate layer (64-d)" in after and "num_reference 1797" in after
     assert after.endswith("N=20 class-balanced samples from fixed noise (seed 1234)")
+
+
+def test_judge_scores_forgotten_and_remaining_prompts_apart(text_teacher, registered):
+    """SFD on a text teacher: every metric is reported on the forgotten eval prompts and on the rest, each scored on
+    exactly those prompts."""
+    from onestep.eval.judge import Judge
+
+    judge = Judge(num_samples=6, features=None, prompts=PROMPTS * 2, metrics=["prompt_length"],
+                  forget_prompts=["cat dog"], batch_size=4)
+    out = judge.generator_metrics(_OneStep(), text_teacher)
+    assert out["prompt_length/student"] == pytest.approx(sum(map(len, PROMPTS)) / 3)
+    assert out["prompt_length/forget_prompts"] == len("cat dog") and out["num_forget_prompts"] == 2
+    assert out["prompt_length/remaining_prompts"] == pytest.approx((len("a cat") + len("dog")) / 2)
+    assert out["num_remaining_prompts"] == 4
+    assert sorted(set(registered)) == sorted(PROMPTS) and len(registered) == 6 + 2 + 4

@@ -120,6 +120,12 @@ def eval_prompts(n: int = 1000) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     return prompts, torch.tensor(digits), torch.tensor(colours)
 
 
+def validation_prompts() -> list[str]:
+    """The distillation runs' sample-grid rows: four coloured prompts, then the same digits uncoloured (whose colours
+    should vary along the row)."""
+    return ["a red seven", "a green two", "a blue four", "a yellow nine", "a seven", "a two", "a four", "a nine"]
+
+
 def grid_prompts() -> list[str]:
     """Sample-grid prompts, one row per digit: "a {colour} {word}" for the four colours, then "a {word}" four times."""
     return [p for word in WORDS for p in [f"a {c} {word}" for c in COLOUR_NAMES] + [f"a {word}"] * 4]

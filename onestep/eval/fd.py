@@ -1,7 +1,8 @@
 """Fréchet distances through torchmetrics' FrechetInceptionDistance, on uint8 images, with cached reference statistics.
 
-Feature networks come by name from `onestep.eval.features` ("digits": FD-digits, "inception": FID, or a registered
-one). A reference is "digits" (all 1797 digits images, or "digits:1,2" for some classes), a STATS.npz (ours, or a
+Feature networks come by name from `onestep.eval.features` ("digits": FD-digits, "inception": FID, "t2i": FD-t2i, or
+a registered one). A reference is "digits" (all 1797 digits images, or "digits:1,2" for some classes), "digits_t2i"
+(all 7188 coloured digits of the miniature text-to-image teacher), a STATS.npz (ours, or a
 pytorch-fid / clean-fid file holding only mu and sigma) or an IMAGE_DIR, streamed in batches. Statistics of image
 references are cached on disk under a key of the feature network's weights, its protocol and the reference's content
 (`stats_cache_dir()`), so a reference is read through the network once, not at every evaluation.
@@ -35,6 +36,7 @@ from onestep.files import atomic_file
 
 
 STATS_KEYS = ("mu", "sigma", "num_samples", "features")
+DIGITS_T2I = "digits_t2i"  # the reference of the miniature text-to-image teacher: its 7188 coloured digits
 
 
 @dataclass
@@ -195,6 +197,10 @@ def module_digest(module: torch.nn.Module) -> str:
 
 
 def _digits_reference(reference: str) -> torch.Tensor:
+    if reference == DIGITS_T2I:
+        from onestep.data.digits_t2i import coloured_digits
+
+        return to_uint8(coloured_digits()[0])
     images, labels = load_digits_tensors()
     if reference.startswith("digits:"):
         try:
@@ -206,7 +212,8 @@ def _digits_reference(reference: str) -> torch.Tensor:
 
 
 def is_digits_reference(reference: str | Path) -> bool:
-    return str(reference) == "digits" or str(reference).startswith("digits:")
+    """A reference built from the digits data sets: "digits", "digits:CLASSES" or "digits_t2i"."""
+    return str(reference) in ("digits", DIGITS_T2I) or str(reference).startswith("digits:")
 
 
 def check_reference(reference: str | Path, features: str, options: FeatureOptions | None = None) -> None:
@@ -236,7 +243,8 @@ def _reference_batches(reference: str | Path, features: str, batch_size: int) ->
         return digest, iter(images.split(batch_size))
     path = Path(reference)
     if not path.is_dir():
-        raise EvalError(f"reference must be 'digits', a STATS.npz or an IMAGE_DIR; {path} is none of these")
+        raise EvalError(f"reference must be 'digits', 'digits_t2i', a STATS.npz or an IMAGE_DIR; {path} is none of "
+                        "these")
     return folder_digest(path), iter_image_batches(path, feature_spec(features).channels, batch_size)
 
 

@@ -1,5 +1,5 @@
 """Feature networks for Fréchet distances, by name: "digits" (FD-digits), "digits_mlp" (FD-digits_mlp, the second
-digits judge), "inception" (FID), and any registered one.
+digits judge), "inception" (FID), "t2i" (FD-t2i, the digits text-to-image evaluator), and any registered one.
 
 A feature network maps uint8 (N, C, H, W) images to (N, d) features and has an int `num_features`. Registering
 one (`register_features`) makes it usable everywhere a Fréchet distance is computed: `eval.features`, the training
@@ -138,3 +138,20 @@ register_features("digits_mlp", lambda options: DigitsFeatures(judge="digits_mlp
                   protocol=lambda options: {"extractor": "digits MLP classifier penultimate layer (64-d)",
                                             "resize": "none (8x8 input)", "dtype": "float64"})
 register_features("inception", _build_inception, channels=3, protocol=_inception_protocol, dtype=torch.float32)
+
+
+def _build_t2i(options: FeatureOptions) -> nn.Module:
+    from onestep.eval.t2i_classifier import T2IFeatures, load_t2i_classifier
+
+    return T2IFeatures(load_t2i_classifier(options.extra.get("t2i_classifier")))
+
+
+def _t2i_protocol(options: FeatureOptions) -> dict:
+    return {"extractor": "digits-t2i classifier penultimate layer (64-d)", "resize": "none (32x32 input)",
+            "dtype": "float32", "classifier": str(options.extra.get("t2i_classifier")
+                                                  or "onestep/assets/digits_t2i_classifier")}
+
+
+# FD-t2i: the miniature text-to-image teacher's evaluator (onestep.eval.t2i), against reference "digits_t2i"
+register_features("t2i", _build_t2i, channels=3, protocol=_t2i_protocol, dtype=torch.float32,
+                  image_shape=(3, 32, 32))

@@ -38,16 +38,18 @@ class Judge:
             the first 8 eval prompts).
         metrics: names of further metrics (`onestep.eval.metrics.register_metric`), e.g. ["clip_score"].
         context: what building the metrics needs (Inception weights, CLIP model folder, ...).
+        forget_prompts: a text teacher's forgotten prompts (SFD): every metric is also reported on the eval prompts
+            among them (`<key>/forget_prompts`) and on the others (`<key>/remaining_prompts`).
     """
 
     def __init__(self, num_samples: int = 1000, features: str | None = "digits", reference: str = "digits",
                  num_classes: int | None = None, seed: int = 1234, batch_size: int = 500,
                  forget_classes: list[int] | None = None, classes: list[int] | None = None,
                  prompts: list[str] | None = None, validation_prompts: list[str] | None = None,
-                 metrics: list[str] = (), context: MetricContext | None = None):
+                 metrics: list[str] = (), context: MetricContext | None = None, forget_prompts: list[str] = ()):
         self.num_samples, self.features, self.reference = num_samples, features, reference
         self.num_classes, self.seed, self.batch_size = num_classes, seed, batch_size
-        self.forget_classes = list(forget_classes or [])
+        self.forget_classes, self.forget_prompts = list(forget_classes or []), list(forget_prompts)
         self.classes = list(classes) if classes is not None else (list(range(num_classes)) if num_classes else None)
         self.prompts = list(prompts) if prompts else None
         self.validation_prompts = list(validation_prompts) if validation_prompts else (self.prompts or [])[:8]
@@ -208,6 +210,8 @@ class Judge:
                    "images_per_s/student": self.num_samples / elapsed, "protocol": self.protocol}
         if self.forget_classes:
             metrics.update(self.forgetting_metrics(generator, teacher))
+        if self.forget_prompts and self.prompts:
+            metrics.update(self.prompt_forgetting_metrics(generator, teacher))
         return metrics
 
     def forgetting_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
@@ -221,6 +225,19 @@ class Judge:
         classifier = self.features if self.features in DIGITS_JUDGES else "digits"
         return forgetting_report(sample, self.num_classes, self.forget_classes, self.num_samples, self.features,
                                  self.reference, self.metric_name, classifier)
+
+    def prompt_forgetting_metrics(self, generator, teacher: Teacher) -> dict[str, float]:
+        """SFD's measures for a text teacher: the metrics on the forgotten eval prompts (e.g. digit_acc there is the
+        share still drawn as the forgotten prompt asks) and on the remaining ones, each from the fixed noise."""
+        forget = set(self.forget_prompts)
+        out = {}
+        for split, prompts in (("forget_prompts", [p for p in self.prompts if p in forget]),
+                               ("remaining_prompts", [p for p in self.prompts if p not in forget])):
+            if prompts:
+                values = self.score_batches(self._stream(self._generator_draw(generator, teacher), len(prompts),
+                                                         prompts=prompts), teacher.device)
+                out.update({f"{key}/{split}": value for key, value in values.items()} | {f"num_{split}": len(prompts)})
+        return out
 
     # --- sample grids -----------------------------------------------------------------------------------------------
     def grid_requests(self, per_row: int) -> tuple[int, torch.Tensor | None, list[str] | None]:

@@ -2,17 +2,19 @@
 
 Built in:
   * the Fréchet distance in a registered feature space (`fd_metric`): FD-digits, FID (Inception weights on disk), ...;
-  * `clip_score`: torchmetrics' CLIPScore with a CLIP model from a local folder (`eval.clip_model`, `--clip-model`).
+  * `clip_score`: torchmetrics' CLIPScore with a CLIP model from a local folder (`eval.clip_model`, `--clip-model`);
+  * `digit_acc`, `colour_acc`, `colour_balance`: the digits text-to-image teacher's evaluator (`onestep.eval.t2i`).
 
 Adding the metrics of another evaluator (e.g. the miniature text-to-image teacher's classifier):
   * a Fréchet distance in its feature space: `onestep.eval.features.register_features("shapes", build, channels=3)`,
     where `build(FeatureOptions)` returns an nn.Module mapping uint8 (N, C, H, W) to (N, d) with an int
     `num_features`; then `eval.features: shapes` / `onestep fid --features shapes` report `fd_shapes`;
   * per-sample scores: `register_metric("shape_accuracy", lambda ctx: PerSampleMetric("shape_accuracy", score))`,
-    where `score(batch: SampleBatch) -> (n,) tensor` sees the uint8 images with the prompts (or class labels) they
-    were asked for, so a classifier can check that an image shows what its prompt says; the metric reports the
-    mean. List it in `eval.metrics` / `onestep fid --metrics shape_accuracy`. `ctx.extra` carries `eval.metric_options`
-    (e.g. the folder of the evaluator's weights); `ctx.device` is where to put networks.
+    where `score(batch: SampleBatch) -> (m,) tensor` (one score per sample it applies to, m <= n) sees the uint8
+    images with the prompts (or class labels) they were asked for, so a classifier can check that an image shows
+    what its prompt says; the metric reports the mean. List it in `eval.metrics` / `onestep fid --metrics
+    shape_accuracy`. `ctx.extra` carries `eval.metric_options` (e.g. the folder of the evaluator's weights);
+    `ctx.device` is where to put networks.
 Register at import time of a module that `onestep.eval.features` / this module import (configs are validated
 against the registries before training starts); keep heavy imports inside the build functions.
 Every metric states its protocol (what it measured and how), which is stored next to its number.
@@ -153,7 +155,8 @@ class _TensorFeatures(torch.nn.Module):
 
 
 class PerSampleMetric(SampleMetric):
-    """The mean of a per-sample score `score(batch) -> (n,)` (e.g. a classifier's accuracy on the asked-for class)."""
+    """The mean of a per-sample score `score(batch) -> (m,)` (e.g. a classifier's accuracy on the asked-for class),
+    over the samples it applies to (m <= n: e.g. colour accuracy only where the prompt names a colour)."""
 
     def __init__(self, key: str, score: Callable[[SampleBatch], torch.Tensor], description: str = ""):
         self.key, self.score, self.description = key, score, description
@@ -209,3 +212,6 @@ def run_metrics(metrics: list[SampleMetric], batches) -> tuple[dict[str, float],
         for metric in metrics:
             metric.update(batch)
     return {m.key: m.compute() for m in metrics}, {m.key: m.protocol() for m in metrics}
+
+
+from onestep.eval import t2i as _t2i  # noqa: E402,F401  (registers digit_acc, colour_acc, colour_balance)

@@ -1,97 +1,133 @@
-"""Scoring the digits text-to-image teacher and its students on the fixed evaluation prompts (`eval_prompts`):
-FD-t2i, digit accuracy, colour accuracy, colour balance, images/s."""
+"""The metrics of the digits text-to-image teacher (`builtin:digits-t2i`) and its students, through the metrics
+interface (`onestep.eval.metrics`): its classifier's features give FD-t2i (`features: t2i`, reference
+`digits_t2i`, registered in `onestep.eval.features`); this module registers
+
+  * `digit_acc`: share of samples whose classified digit is the one their prompt names;
+  * `colour_acc`: the same for the colour, on prompts that name one;
+  * `colour_balance`: on prompts that name no colour, max over the four colours of |share - 1/4| (0: all four
+    equally often; a sampler that paints every uncoloured prompt one colour scores 0.75).
+
+`eval.metric_options.t2i_classifier` (`FeatureOptions.extra` for FD-t2i) names another classifier folder.
+"""
 
 from __future__ import annotations
 
-import time
+from functools import lru_cache
 
 import torch
 
-from onestep.conditioning import Condition
-from onestep.eval.quantize import to_uint8
-from onestep.teacher import Teacher
+from onestep.eval.metrics import MetricContext, PerSampleMetric, SampleBatch, SampleMetric, register_metric
 
 
-PROTOCOL = ("digits-t2i: N samples from fixed noise (seed {seed}) on eval_prompts(N) (half coloured, half "
-            "uncoloured); classifier onestep/assets/digits_t2i_classifier; FD-t2i against all 7188 real images")
+T2I_METRICS = ("digit_acc", "colour_acc", "colour_balance")
+T2I_CLASSIFIER_OPTION = "t2i_classifier"  # eval.metric_options key: the classifier folder (default: the shipped one)
 
 
-def score_t2i(images: torch.Tensor, digits: torch.Tensor, colours: torch.Tensor) -> dict[str, float]:
-    """The four numbers of uint8 (N, 3, 32, 32) images made for prompts asking for `digits` / `colours` (-1: none)."""
-    from onestep.eval.t2i_classifier import classify, fd_t2i, load_t2i_classifier, prompt_metrics
+@lru_cache(maxsize=4)
+def _classifier(folder: str | None, device: str):
+    from onestep.eval.t2i_classifier import load_t2i_classifier
 
-    pred_digits, pred_colours = classify(load_t2i_classifier(), images)
-    return {"fd_t2i": fd_t2i(images), **prompt_metrics(pred_digits, pred_colours, digits, colours)}
-
-
-def _prompts(teacher: Teacher, n: int):
-    from onestep.data.digits_t2i import eval_prompts
-
-    prompts, digits, colours = eval_prompts(n)
-    return teacher.condition(prompts=prompts), digits, colours
+    return load_t2i_classifier(folder).to(device)
 
 
-@torch.no_grad()
-def teacher_t2i_metrics(teacher: Teacher, steps: int, guidance_scale: float, num_samples: int = 1000,
-                        seed: int = 1234, batch_size: int = 500) -> dict[str, float]:
-    """The teacher's numbers with `steps` guided DDIM steps (2 UNet calls per step when guidance_scale != 1)."""
-    from onestep.sampling import sample_teacher
+def _requested(prompts: list[str] | None, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(digits, colour indices) the prompts ask for, -1 where a prompt names none."""
+    from onestep.data.digits_t2i import parse_caption
+    from onestep.eval.features import EvalError
 
-    condition, digits, colours = _prompts(teacher, num_samples)
-    start = time.perf_counter()
-    latents = sample_teacher(teacher, condition, num_samples, steps, guidance_scale=guidance_scale,
-                             generator=torch.Generator(teacher.device).manual_seed(seed), batch_size=batch_size)
-    images = to_uint8(teacher.decode(latents).clamp(-1, 1))
-    elapsed = time.perf_counter() - start
-    return {**score_t2i(images, digits, colours), "images_per_s": num_samples / elapsed}
+    if prompts is None:
+        raise EvalError(f"{key} needs prompts (the digits text-to-image teacher or one of its students)")
+    parsed = [parse_caption(p) for p in prompts]
+    return (torch.tensor([-1 if d is None else d for d, _ in parsed]),
+            torch.tensor([-1 if c is None else c for _, c in parsed]))
 
 
-@torch.no_grad()
-def generator_t2i_metrics(generator, teacher: Teacher, num_samples: int = 1000, seed: int = 1234,
-                          batch_size: int = 500) -> dict[str, float]:
-    """A one-step (or few-step) generator's numbers, `generator.sample(noise, condition)` in model space."""
-    condition, digits, colours = _prompts(teacher, num_samples)
-    rng = torch.Generator(teacher.device).manual_seed(seed)
-    start, out = time.perf_counter(), []
-    for i in range(0, num_samples, batch_size):
-        m = min(batch_size, num_samples - i)
-        noise = torch.randn((m, *teacher.sample_shape), generator=rng, device=teacher.device)
-        cond: Condition = condition[i:i + m]
-        out.append(teacher.decode(generator.sample(noise, cond, generator=rng)).clamp(-1, 1))
-    images = to_uint8(torch.cat(out))
-    elapsed = time.perf_counter() - start
-    return {**score_t2i(images, digits, colours), "images_per_s": num_samples / elapsed}
+class _Predictions:
+    """The classifier's (digit, colour) predictions of a batch, with what each prompt asked for."""
+
+    def __init__(self, ctx: MetricContext, key: str):
+        self.folder = ctx.extra.get(T2I_CLASSIFIER_OPTION)
+        self.device, self.key = str(ctx.device), key
+
+    def __call__(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from onestep.eval.t2i_classifier import classify
+
+        pred_digits, pred_colours = classify(_classifier(self.folder, self.device), batch.images)
+        return (pred_digits.cpu(), pred_colours.cpu(), *_requested(batch.prompts, self.key))
+
+    def protocol(self) -> dict:
+        return {"classifier": self.folder or "onestep/assets/digits_t2i_classifier"}
 
 
-class T2IJudge:
-    """The judge of distillation runs on a digits text-to-image teacher (what `Judge` is for class teachers)."""
+def digit_accuracy(ctx: MetricContext) -> SampleMetric:
+    predict = _Predictions(ctx, "digit_acc")
 
-    def __init__(self, num_samples: int = 1000, seed: int = 1234, batch_size: int = 500):
-        self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
+    def score(batch: SampleBatch) -> torch.Tensor:
+        pred, _, digits, _ = predict(batch)
+        return (pred == digits)[digits >= 0].float()
 
-    @property
-    def protocol(self) -> str:
-        return PROTOCOL.format(seed=self.seed).replace("N samples", f"N={self.num_samples} samples")
+    return PerSampleMetric("digit_acc", score, "share of samples classified as their prompt's digit "
+                           f"({predict.protocol()['classifier']})")
 
-    def generator_metrics(self, generator, teacher: Teacher) -> dict:
-        metrics = generator_t2i_metrics(generator, teacher, self.num_samples, self.seed, self.batch_size)
-        return {f"{k}/student": v for k, v in metrics.items()} | {"protocol": self.protocol}
 
-    def teacher_metrics(self, teacher: Teacher, steps: list[int], guidance_scale: float | None = None) -> dict:
-        scale = teacher.guidance_scale if guidance_scale is None else guidance_scale
-        out = {}
-        for k in steps:
-            metrics = teacher_t2i_metrics(teacher, k, scale, self.num_samples, self.seed, self.batch_size)
-            out.update({f"{name}/teacher_ddim{k}": v for name, v in metrics.items()})
-        return out | {"protocol": self.protocol}
+def colour_accuracy(ctx: MetricContext) -> SampleMetric:
+    predict = _Predictions(ctx, "colour_acc")
 
-    @torch.no_grad()
-    def generator_grid(self, generator, teacher: Teacher) -> torch.Tensor:
-        """One row per digit: its four coloured prompts, then four samples of the uncoloured prompt."""
-        from onestep.data.digits_t2i import grid_prompts
+    def score(batch: SampleBatch) -> torch.Tensor:
+        _, pred, _, colours = predict(batch)
+        return (pred == colours)[colours >= 0].float()
 
-        condition = teacher.condition(prompts=grid_prompts())
-        rng = torch.Generator(teacher.device).manual_seed(self.seed)
-        noise = torch.randn((condition.encoder_hidden_states.shape[0], *teacher.sample_shape), generator=rng,
-                            device=teacher.device)
-        return to_uint8(teacher.decode(generator.sample(noise, condition, generator=rng)).clamp(-1, 1))
+    return PerSampleMetric("colour_acc", score, "share of samples for prompts naming a colour classified as that "
+                           f"colour ({predict.protocol()['classifier']})")
+
+
+class ColourBalance(SampleMetric):
+    """max over the four colours of |share - 1/4| among samples whose prompt names no colour."""
+
+    key = "colour_balance"
+
+    def __init__(self, ctx: MetricContext):
+        self.predict = _Predictions(ctx, self.key)
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(4, dtype=torch.long)
+
+    def update(self, batch: SampleBatch) -> None:
+        _, pred, _, colours = self.predict(batch)
+        self.counts += torch.bincount(pred[colours < 0], minlength=4)
+
+    def compute(self) -> float:
+        from onestep.eval.features import EvalError
+
+        total = int(self.counts.sum())
+        if not total:
+            raise EvalError("colour_balance: no sample of a prompt naming no colour")
+        return float((self.counts.double() / total - 0.25).abs().max())
+
+    def shares(self) -> list[float]:
+        """The share of each colour (red, green, blue, yellow) among the uncoloured prompts' samples."""
+        return (self.counts.double() / max(int(self.counts.sum()), 1)).tolist()
+
+    def protocol(self) -> dict:
+        from onestep.data.digits_t2i import COLOUR_NAMES
+
+        return {"metric": self.key, "definition": "max |share - 1/4| over the four colours, samples of prompts "
+                "naming no colour", "num_samples": int(self.counts.sum()), **self.predict.protocol(),
+                "shares": dict(zip(COLOUR_NAMES, [round(s, 4) for s in self.shares()], strict=True))}
+
+
+register_metric("digit_acc", digit_accuracy)
+register_metric("colour_acc", colour_accuracy)
+register_metric("colour_balance", ColourBalance)
+
+
+def digits_t2i_judge(num_samples: int = 1000, seed: int = 1234, batch_size: int = 500):
+    """The judge of the digits-t2i teacher and its students: `eval_prompts(num_samples)` (half coloured, half
+    uncoloured) from fixed noise, FD-t2i against all 7188 real coloured digits and the three metrics above."""
+    from onestep.data.digits_t2i import eval_prompts, validation_prompts
+    from onestep.eval.judge import Judge
+
+    return Judge(num_samples, "t2i", "digits_t2i", seed=seed, batch_size=batch_size,
+                 prompts=eval_prompts(num_samples)[0], validation_prompts=validation_prompts(),
+                 metrics=list(T2I_METRICS))
