@@ -12,6 +12,7 @@ interface (`onestep.eval.metrics`): its classifier's features give FD-t2i (`feat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -59,26 +60,23 @@ class _Predictions:
         return {"classifier": self.folder or "onestep/assets/digits_t2i_classifier"}
 
 
-def digit_accuracy(ctx: MetricContext) -> SampleMetric:
-    predict = _Predictions(ctx, "digit_acc")
+def _accuracy(key: str, what: str) -> Callable[[MetricContext], SampleMetric]:
+    """A PerSampleMetric: the share of samples classified as the `what` ("digit" / "colour") their prompt names,
+    over the samples whose prompt names one."""
+    column = ("digit", "colour").index(what)
 
-    def score(batch: SampleBatch) -> torch.Tensor:
-        pred, _, digits, _ = predict(batch)
-        return (pred == digits)[digits >= 0].float()
+    def build(ctx: MetricContext) -> SampleMetric:
+        predict = _Predictions(ctx, key)
 
-    return PerSampleMetric("digit_acc", score, "share of samples classified as their prompt's digit "
-                           f"({predict.protocol()['classifier']})")
+        def score(batch: SampleBatch) -> torch.Tensor:
+            predictions = predict(batch)
+            predicted, requested = predictions[column], predictions[2 + column]
+            return (predicted == requested)[requested >= 0].float()
 
+        return PerSampleMetric(key, score, f"share of samples for prompts naming a {what} classified as that {what} "
+                               f"({predict.protocol()['classifier']})")
 
-def colour_accuracy(ctx: MetricContext) -> SampleMetric:
-    predict = _Predictions(ctx, "colour_acc")
-
-    def score(batch: SampleBatch) -> torch.Tensor:
-        _, pred, _, colours = predict(batch)
-        return (pred == colours)[colours >= 0].float()
-
-    return PerSampleMetric("colour_acc", score, "share of samples for prompts naming a colour classified as that "
-                           f"colour ({predict.protocol()['classifier']})")
+    return build
 
 
 class ColourBalance(SampleMetric):
@@ -117,8 +115,8 @@ class ColourBalance(SampleMetric):
                 "shares": dict(zip(COLOUR_NAMES, [round(s, 4) for s in self.shares()], strict=True))}
 
 
-register_metric("digit_acc", digit_accuracy)
-register_metric("colour_acc", colour_accuracy)
+register_metric("digit_acc", _accuracy("digit_acc", "digit"))
+register_metric("colour_acc", _accuracy("colour_acc", "colour"))
 register_metric("colour_balance", ColourBalance)
 
 
