@@ -247,6 +247,31 @@ def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
     assert rows[0]["fd_t2i"] == final["fd_t2i/student"]
 
 
+TINY_RUN = ["train.max_steps=2", "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8",
+            "train.eval_every=0"]
+
+
+@pytest.mark.parametrize("method", ["sfd", "msd", "disback", "boot"])
+def test_every_t2i_recipe_trains_and_is_judged_on_the_t2i_metrics(tiny_t2i_teacher, method):
+    """configs/t2i/{sfd,msd,disback,boot}.yaml (sid.yaml is sfd.yaml without forgetting) run on the toy teacher
+    and report FD-t2i and the three metrics; SFD also on the forgotten "seven" prompts and on the rest."""
+    import json
+
+    out = tiny_t2i_teacher / method
+    extra = {"sfd": ["eval.num_samples=40"],
+             "msd": ["train.max_steps=1", "train.checkpoint_every=1", "options.num_students=2"],
+             "disback": ["options.num_checkpoints=1", "options.steps_per_checkpoint=1", "options.switch_every=1"]}
+    assert main(["train", str(ROOT / f"configs/t2i/{method}.yaml"), f"output_dir={out}",
+                 f"teacher.path={tiny_t2i_teacher / 'teacher' / 'pipeline'}", *TINY_RUN, *extra.get(method, [])]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = metrics["students"][-1]["final"] if method == "msd" else metrics["final"]
+    assert {"fd_t2i/student", "digit_acc/student", "colour_acc/student", "colour_balance/student"} <= set(final)
+    if method == "sfd":  # eval_prompts(40): "a red seven", "a green seven" and "a seven" twice are forgotten
+        assert final["num_forget_prompts"] == 4 and final["num_remaining_prompts"] == 36
+        assert {"digit_acc/forget_prompts", "fd_t2i/remaining_prompts"} <= set(final)
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
 def test_shipped_teacher_loads_in_stock_diffusers_and_in_onestep():
     import json
 
