@@ -1,4 +1,5 @@
-"""Trainable critics: the fake-score network (a teacher copy tracking the generator) and DMD2's GAN head on it."""
+"""Trainable critics: the fake-score network (a teacher copy tracking the generator), the GAN heads that read its
+encoder features (DMD2's, SiDA's) and the adversarial losses both methods use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from onestep.conditioning import Condition
@@ -30,6 +32,28 @@ class BottleneckClassifier(nn.Module):
         return self.net(features.float()).squeeze(1)
 
 
+class ChannelMeanHead(nn.Module):
+    """SiDA's discriminator: no parameters, one logit per position of the encoder's output, its channel mean (the
+    official `logits = x.mean(dim=1)` on the last encoder features); the shared encoder itself learns to tell
+    real from fake."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.float().mean(1)
+
+
+GAN_HEADS = {"bottleneck": BottleneckClassifier, "mean": ChannelMeanHead}
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss softplus(-D(G(z))), in float32 (the head's logits are bf16 under autocast)."""
+    return F.softplus(-fake_logits.float())
+
+
+def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """softplus(D(fake)) + softplus(-D(real)), in float32."""
+    return F.softplus(fake_logits.float()) + F.softplus(-real_logits.float())
+
+
 class _Bottleneck(Exception):
     """Raised by the mid-block hook to end a UNet pass early when only the GAN logit is wanted."""
 
@@ -41,36 +65,50 @@ class _Bottleneck(Exception):
 class FakeScore(nn.Module):
     """x0-prediction of the generator's current distribution: a trainable float32 copy of the teacher UNet.
 
-    With `gan_head=True` a BottleneckClassifier reads the UNet's mid-block output, captured by a forward hook
-    (diffusers' forward is left untouched). A logit-only pass stops after the mid block, skipping the decoder.
+    With a `gan_head` (`bottleneck`: DMD2's BottleneckClassifier, `mean`: SiDA's ChannelMeanHead; True means
+    bottleneck) the head reads the UNet's mid-block output, captured by a forward hook (diffusers' forward is left
+    untouched). A logit-only pass stops after the mid block, skipping the decoder; `x0+logits` / `raw+logits` take
+    the logit from the same pass as the prediction.
     """
 
-    def __init__(self, unet: nn.Module, schedule: VPSchedule, gan_head: bool = False):
+    def __init__(self, unet: nn.Module, schedule: VPSchedule, gan_head: bool | str = False):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
-        self.head: BottleneckClassifier | None = None
-        self._want_features = False
-        if gan_head:
+        self.head: nn.Module | None = None
+        self._capture: str | None = None  # None, "stop" (raise at the mid block) or "keep" (store, run on)
+        self._features: torch.Tensor | None = None
+        kind = "bottleneck" if gan_head is True else gan_head or None
+        if kind == "bottleneck":
             channels = unet.config.block_out_channels[-1]
             size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
             resolution = size // 2 ** (len(unet.config.block_out_channels) - 1)
             groups = math.gcd(channels, getattr(unet.config, "norm_num_groups", None) or 32)
             self.head = BottleneckClassifier(channels, resolution, groups)
-            unet.mid_block.register_forward_hook(self._stop_at_bottleneck)
+        elif kind == "mean":
+            self.head = ChannelMeanHead()
+        elif kind is not None:
+            raise ValueError(f"gan_head must be one of {', '.join(GAN_HEADS)}, got {gan_head!r}")
+        if self.head is not None:
+            unet.mid_block.register_forward_hook(self._read_bottleneck)
 
     @classmethod
-    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, gan_head: bool = False) -> FakeScore:
+    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, gan_head: bool | str = False) -> FakeScore:
         unet = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
         return cls(unet, schedule, gan_head)
 
-    def _stop_at_bottleneck(self, module: nn.Module, inputs, output) -> None:
-        if self._want_features:
-            raise _Bottleneck(output[0] if isinstance(output, tuple) else output)
+    def _read_bottleneck(self, module: nn.Module, inputs, output) -> None:
+        features = output[0] if isinstance(output, tuple) else output
+        if self._capture == "stop":
+            raise _Bottleneck(features)
+        if self._capture == "keep":
+            self._features = features
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, output: str = "x0") -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
+                output: str = "x0") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`x0`: the x0-prediction (never guided: it models the generator's conditional distribution);
-        `raw`: the UNet's own output (for the denoising loss); `logits`: the GAN head's real/fake logit.
+        `raw`: the UNet's own output (for the denoising loss); `logits`: the GAN head's real/fake logit;
+        `x0+logits`, `raw+logits`: (prediction, logit) of one pass.
 
         Everything goes through forward so that a DDP-wrapped critic syncs its gradients.
         """
@@ -80,17 +118,33 @@ class FakeScore(nn.Module):
             return unet_forward(self.unet, x_t, t, condition)
         if output == "logits":
             return self._logits(x_t, t, condition)
-        raise ValueError(f"output must be x0, raw or logits, got {output!r}")
+        if output in ("x0+logits", "raw+logits"):
+            return self._with_logits(output.split("+")[0], x_t, t, condition)
+        raise ValueError(f"output must be x0, raw, logits, x0+logits or raw+logits, got {output!r}")
+
+    def _check_head(self) -> None:
+        if self.head is None:
+            raise RuntimeError("this FakeScore was built without a GAN head")
 
     def _logits(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         """Real/fake logit of the GAN head on the UNet's bottleneck features (encoder and mid block only)."""
-        if self.head is None:
-            raise RuntimeError("this FakeScore was built without a GAN head")
-        self._want_features = True
+        self._check_head()
+        self._capture = "stop"
         try:
             unet_x0(self.unet, self.schedule, x_t, t, condition)
         except _Bottleneck as stop:
             return self.head(stop.features)
         finally:
-            self._want_features = False
+            self._capture = None
         raise RuntimeError("the UNet's mid block did not run")
+
+    def _with_logits(self, output: str, x_t: torch.Tensor, t: torch.Tensor,
+                     condition: Condition) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_head()
+        self._capture = "keep"
+        try:
+            prediction = self.forward(x_t, t, condition, output)
+            features, self._features = self._features, None
+        finally:
+            self._capture = None
+        return prediction, self.head(features)

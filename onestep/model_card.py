@@ -16,6 +16,7 @@ METHODS = {  # method -> the paper it follows
     "dmd": "One-step Diffusion with Distribution Matching Distillation (DMD; Yin et al. 2023)",
     "dmd2": "Improved Distribution Matching Distillation for Fast Image Synthesis (DMD2; Yin et al. 2024)",
     "sid": "Score identity Distillation (SiD; Zhou et al. 2024)",
+    "sida": "Adversarial Score identity Distillation (SiDA; Zhou et al. 2024)",
     "sfd": "Score Forgetting Distillation (SFD; Chen, Zhang, Zhou 2024)",
     "msd": "Multi-Student Diffusion Distillation (MSD; Song et al. 2024)",
     "disback": "Distribution Backtracking (DisBack; Zhang et al. 2024), on DMD2",

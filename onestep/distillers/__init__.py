@@ -13,6 +13,7 @@ from onestep.distillers.dmd import DMD, DMD1Options, DMDOptions
 from onestep.distillers.msd import MSD, MSDOptions
 from onestep.distillers.sfd import SFD, SFDOptions
 from onestep.distillers.sid import SiD, SiDOptions
+from onestep.distillers.sida import SiDA, SiDAOptions
 from onestep.distillers.tsm import TeacherScoreMatching, TSMOptions
 
 
@@ -26,6 +27,7 @@ DISTILLERS: dict[str, Registration] = {
     "dmd": Registration(DMD, DMD1Options),
     "dmd2": Registration(DMD, DMDOptions),
     "sid": Registration(SiD, SiDOptions),
+    "sida": Registration(SiDA, SiDAOptions),  # SiD²A: init_generator= and init_critic= from a sid run
     "sfd": Registration(SFD, SFDOptions),
     "msd": Registration(MSD, MSDOptions),
     "tsm": Registration(TeacherScoreMatching, TSMOptions),  # MSD's stage 0 for smaller students
@@ -64,4 +66,4 @@ def build_distiller(name: str, teacher, options=None, init_generator: Path | Non
 
 
 __all__ = ["BOOTOptions", "DISTILLERS", "DMD1Options", "DMDOptions", "DisBackOptions", "DisBackSiDOptions",
-           "Distiller", "MSDOptions", "SFDOptions", "SiDOptions", "TSMOptions", "build_distiller"]
+           "Distiller", "MSDOptions", "SFDOptions", "SiDAOptions", "SiDOptions", "TSMOptions", "build_distiller"]

@@ -14,10 +14,9 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from onestep.conditioning import Condition
-from onestep.critics import FakeScore
+from onestep.critics import FakeScore, gan_discriminator_loss, gan_generator_loss
 from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
 from onestep.distillers.regression import PairedRegression, RegressionOptions
@@ -38,16 +37,6 @@ def distribution_matching_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: 
         grad = torch.nan_to_num((mu_fake.float() - mu_real.float()) / normaliser)
         target = x - grad
     return 0.5 * (x - target).square().flatten(1).mean(1)
-
-
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss softplus(-D(G(z))), in float32 (the head's logits are bf16 under autocast)."""
-    return F.softplus(-fake_logits.float())
-
-
-def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
-    """softplus(D(fake)) + softplus(-D(real)), in float32."""
-    return F.softplus(fake_logits.float()) + F.softplus(-real_logits.float())
 
 
 @dataclass

@@ -33,10 +33,14 @@ def sid_loss(x_g: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, al
     Gradients flow through all three tensors (the score networks' inputs depend on x_g); omega does not.
     """
     x_g, mu_real, mu_fake = x_g.float(), mu_real.float(), mu_fake.float()
-    dims = tuple(range(1, x_g.dim()))
-    omega = 1.0 / (x_g - mu_real).detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
     diff = mu_real - mu_fake
-    return (omega * diff * ((mu_real - x_g) - alpha * diff)).sum(dim=dims)
+    return (sid_normaliser(x_g, mu_real) * diff * ((mu_real - x_g) - alpha * diff)).sum(dim=tuple(range(1, x_g.dim())))
+
+
+def sid_normaliser(x_g: torch.Tensor, mu_real: torch.Tensor) -> torch.Tensor:
+    """omega = sg(1 / mean_CHW |x_g - mu_real|), shape (B, 1, ..., 1): the official code's `weight_factor`."""
+    dims = tuple(range(1, x_g.dim()))
+    return 1.0 / (x_g.float() - mu_real.float()).detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
 
 
 @dataclass
@@ -122,12 +126,15 @@ class SiD(Distiller):
         """
         t = sample_timesteps(x_g.shape[0], *self.t_range, self.device)
         x_t = self.teacher.schedule.add_noise(x_g, torch.randn_like(x_g), t)
-        frozen = functools.partial(call_frozen, self.fake, checkpoint=self.options.gradient_checkpointing)
-        mu_fake = self.guided(frozen, x_t, t, fake_condition, self.options.fake_guidance)
+        mu_fake = self.guided(self.frozen_fake, x_t, t, fake_condition, self.options.fake_guidance)
         if callable(teacher_condition):
             teacher_condition = teacher_condition(mu_fake.detach())
         mu_real = self.teacher.x0_with_grad(x_t, t, teacher_condition)
         return mu_real, mu_fake
+
+    def frozen_fake(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The fake score's x0 at x_t, its parameters frozen (gradients reach x_t only)."""
+        return call_frozen(self.fake, x_t, t, condition, checkpoint=self.options.gradient_checkpointing)
 
     def critic_timesteps(self, batch: int) -> torch.Tensor | None:
         """The fake score's denoising timesteps: the generator loss's range, or None (0..T-1) with `all`."""

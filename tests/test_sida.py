@@ -1,0 +1,159 @@
+"""SiDA / SiD²A: both losses against a direct re-computation, where gradients may and may not flow, weight 0 is SiD,
+real images reach the discriminator, SiD²A continues a SiD run's generator and fake score."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onestep.data.conditions import RealImages
+from onestep.distillers import build_distiller
+from onestep.distillers.sid import SiDOptions
+from onestep.distillers.sida import SiDAOptions
+from onestep.teacher import Teacher
+from onestep.training.trainer import Trainer, TrainerConfig
+from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
+
+
+def _real() -> RealImages:
+    torch.manual_seed(5)
+    return RealImages(torch.rand(20, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (20,)))
+
+
+def _sida(teacher=None, **options):
+    teacher = teacher or Teacher(tiny_unet(num_classes=3), scheduler())
+    options = {"gan_generator_weight": 0.05, "gan_critic_weight": 2.0, **options}
+    return build_distiller("sida", teacher, SiDAOptions(**options), real=_real(), batch_size=4)
+
+
+def _record(module, name):
+    """Wrap `module.name` to record every call's arguments and result."""
+    calls, inner = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+
+    setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("head", ["mean", "bottleneck"])
+def test_generator_loss_equals_its_direct_recomputation(head):
+    sida = _sida(gan_head=head)
+    draws = _record(sida, "draw")
+    teacher_calls = _record(sida.teacher, "x0_with_grad")
+    out = sida.generator_loss(sida.generator)
+    (_, _, (x_g, _, condition)), = draws
+    ((x_t, t, _), _, mu_real), = teacher_calls
+    with torch.no_grad():
+        mu_fake, logits = sida.fake(x_t, t, condition, output="x0+logits")
+        x_g, mu_real = x_g.detach(), mu_real.detach()
+        omega = 1 / (x_g - mu_real).abs().mean((1, 2, 3))
+        diff = mu_real - mu_fake
+        sid = (omega[:, None, None, None] * diff * ((mu_real - x_g) - 1.2 * diff)).sum((1, 2, 3))
+        gan = 64 * omega * F.softplus(-logits.clamp(-10, 10)).mean()  # CHW = 1 * 8 * 8
+        expected = (sid + 0.05 * gan).mean()
+    assert logits.shape == ((4, 4, 4) if head == "mean" else (4,))  # mean: one logit per bottleneck position
+    assert torch.allclose(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_critic_loss_equals_its_direct_recomputation_and_real_images_reach_the_discriminator():
+    sida = _sida(critic_timesteps="all")
+    draws = _record(sida, "draw")
+    reals = _record(sida.real, "sample")
+    fake_calls = _record(sida.fake, "forward")
+    out = sida.critic_loss(sida.fake)
+    (_, _, (x_g, _, condition)), = draws
+    (_, _, (real, real_condition)), = reals
+    outputs = [kw.get("output") or args[3] for args, kw, _ in fake_calls]
+    assert outputs == ["raw", "raw+logits", "logits"]  # (raw is the inner call of raw+logits' one pass)
+    _, (fake_args, _, (raw, fake_logits)), (real_args, _, real_logits) = fake_calls
+    x_t, t = fake_args[:2]
+    real_t, t_real, seen_condition = real_args[:3]
+    schedule = sida.teacher.schedule
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    noise = (x_t - a * x_g) / s
+    assert torch.equal(t_real, t)  # the real images at the critic's t ...
+    assert torch.allclose(real_t, a * real + s * noise, atol=1e-5)  # ... with the same noise, as the official code
+    assert torch.equal(seen_condition.class_labels, real_condition.class_labels)
+    assert real.abs().sum() > 0 and not torch.allclose(real_t, x_t)
+    with torch.no_grad():
+        dsm = (raw - schedule.from_x0(x_g, x_t, t)).square().mean()
+        disc = 0.5 * (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
+        weight = (4 + (a / s).square()).mean() / 64
+        expected = dsm + 2.0 * weight * disc
+    assert torch.allclose(out.loss, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["mean", "bottleneck"])
+def test_gradients_flow_only_where_they_should(head, tmp_path):
+    sida = _sida(gan_head=head)
+    sida.generator_loss(sida.generator).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sida.generator.parameters())
+    assert all(p.grad is None for p in sida.fake.parameters())  # the adversarial term leaves the critic alone
+    sida.generator.zero_grad(set_to_none=True)
+    sida.critic_loss(sida.fake).loss.backward()
+    assert all(p.grad is None for p in sida.generator.parameters())  # the discriminator loss leaves G alone
+    assert any(p.grad is not None for p in sida.fake.unet.parameters())
+    if head == "bottleneck":
+        assert all(p.grad is not None for p in sida.fake.head.parameters())
+    grads = teacher_input_grads(sida.teacher.unet, lambda: sida.generator_loss(sida.generator).loss.backward())
+    assert len(grads) == 1 and grads[0] is not None  # SiD's term differentiates the teacher's output
+    train_steps_keep_teacher(sida, tmp_path)  # the teacher is never updated
+
+
+def test_adversarial_term_changes_the_generator_gradient():
+    grads = []
+    for weight in (0.0, 0.05):
+        sida = _sida(gan_generator_weight=weight)
+        torch.manual_seed(0)
+        sida.generator_loss(sida.generator).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in sida.generator.parameters() if p.grad is not None]))
+    assert not torch.allclose(*grads)
+
+
+def test_adversarial_weight_zero_is_sid_exactly():
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    runs = []
+    for method, options in (("sid", SiDOptions()), ("sida", SiDAOptions(gan_generator_weight=0, gan_critic_weight=0))):
+        torch.manual_seed(0)
+        distiller = build_distiller(method, teacher, options, real=_real(), batch_size=4)
+        result = []
+        for loss, module in ((distiller.generator_loss, distiller.generator), (distiller.critic_loss, distiller.fake)):
+            torch.manual_seed(1)
+            out = loss(module).loss
+            out.backward()
+            result.append((out.detach(), [p.grad.clone() for p in module.unet.parameters() if p.grad is not None]))
+        runs.append(result)
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(*runs, strict=True):
+        assert torch.equal(loss_a, loss_b)
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_sid2a_starts_from_a_sid_runs_generator_and_fake_score(tmp_path):
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    stage1 = build_distiller("sid", teacher, SiDOptions(), batch_size=2)
+    Trainer(stage1, tmp_path / "sid", TrainerConfig(max_steps=2, checkpoint_every=0)).train()
+    (tmp_path / "sid" / "config.json").write_text(json.dumps({"method": "sid"}))
+    stage1.export_pipeline(tmp_path / "sid" / "pipeline")
+    for head in ("mean", "bottleneck"):
+        sida = build_distiller("sida", teacher, SiDAOptions(gan_head=head), real=_real(), batch_size=2,
+                               init_generator=tmp_path / "sid" / "pipeline", init_critic=tmp_path / "sid")
+        for loaded, trained in ((sida.generator.unet, stage1.generator.unet), (sida.fake.unet, stage1.fake.unet)):
+            before = trained.state_dict()
+            assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
+        assert any(not torch.equal(v, teacher.unet.state_dict()[k].float())
+                   for k, v in sida.fake.unet.state_dict().items())  # stage 1 moved it away from the teacher
+        sida.critic_loss(sida.fake).loss.backward()  # and it trains on from there
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="real images"):
+        build_distiller("sida", Teacher(tiny_unet(num_classes=3), scheduler()), SiDAOptions())
+    for bad, match in (({"gan_head": "conv"}, "gan_head"), ({"gan_generator_weight": -1}, ">= 0"),
+                       ({"fake_guidance": 2.0}, "unguided")):
+        with pytest.raises(ValueError, match=match):
+            SiDAOptions(**bad).validate()
