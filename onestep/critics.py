@@ -3,7 +3,6 @@ encoder features (DMD2's, SiDA's) and the adversarial losses both methods use.""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from onestep.conditioning import Condition
 from onestep.schedules import VPSchedule
-from onestep.unet import unet_forward, unet_x0
+from onestep.unet import trainable_copy, unet_forward, unet_x0
 
 
 class BottleneckClassifier(nn.Module):
@@ -93,9 +92,10 @@ class FakeScore(nn.Module):
             unet.mid_block.register_forward_hook(self._read_bottleneck)
 
     @classmethod
-    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, gan_head: bool | str = False) -> FakeScore:
-        unet = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
-        return cls(unet, schedule, gan_head)
+    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, gan_head: bool | str = False,
+                     share_frozen: bool = False) -> FakeScore:
+        """A float32, trainable copy of the teacher's UNet, or one sharing its frozen weights (a LoRA base)."""
+        return cls(trainable_copy(teacher_unet, share_frozen), schedule, gan_head)
 
     def _read_bottleneck(self, module: nn.Module, inputs, output) -> None:
         features = output[0] if isinstance(output, tuple) else output

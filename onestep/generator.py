@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from onestep.conditioning import Condition
 from onestep.schedules import VPSchedule
-from onestep.unet import unet_x0
+from onestep.unet import trainable_copy, unet_x0
 
 
 class Generator(nn.Module):
@@ -30,10 +28,11 @@ class Generator(nn.Module):
         self.timesteps = list(timesteps)
 
     @classmethod
-    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, timesteps=(999,)) -> Generator:
-        """A float32, trainable deep copy of the teacher's UNet (the teacher itself stays frozen)."""
-        unet = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
-        return cls(unet, schedule, timesteps)
+    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, timesteps=(999,),
+                     share_frozen: bool = False) -> Generator:
+        """A float32, trainable deep copy of the teacher's UNet, or one sharing its frozen weights (a LoRA base;
+        `onestep.unet.trainable_copy`). The teacher itself stays frozen."""
+        return cls(trainable_copy(teacher_unet, share_frozen), schedule, timesteps)
 
     def input_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """The UNet input at t_0: pure noise scaled to the marginal noise level sigma_{t_0}."""

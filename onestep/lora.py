@@ -41,6 +41,9 @@ class LoRAConfig:
     dropout: float = 0.0
     critic: bool = False  # the critics' UNets train adapters too (a GAN head, being new, always trains fully)
     export: str = "merge"  # merge: adapters folded into a standard pipeline | adapter: base UNet + LoRA file
+    # the adapted networks' frozen base weights ARE the teacher's (its dtype, no copy) instead of float32 copies; off
+    # for FSDP (it would shard the teacher's weights) and for an offloaded teacher (they must stay on the GPU)
+    share_base: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -73,7 +76,9 @@ def _require_peft() -> None:
 
 
 def add_lora(unet: nn.Module, config: LoRAConfig) -> None:
-    """Inject adapters into `unet` in place: afterwards only they require gradients, the base weights are frozen."""
+    """Inject adapters into `unet` in place: afterwards only they require gradients, the base weights are frozen.
+
+    The adapters train in float32 whatever the base's dtype (peft would create them in a half-precision base's)."""
     _require_peft()
     from peft import inject_adapter_in_model
 
@@ -81,6 +86,9 @@ def add_lora(unet: nn.Module, config: LoRAConfig) -> None:
         inject_adapter_in_model(config.peft_config(), unet)
     except ValueError as err:  # peft: none of the target modules exists in this network
         raise ValueError(f"lora.target_modules: {err}") from None
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def lora_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -335,6 +335,10 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
         else:
             task = build_distiller_task(cfg)
     if cfg.teacher.offload and hasattr(task, "teacher"):
+        if getattr(task, "shares_base", None) and task.shares_base(critic=False):
+            raise UserInputError("teacher.offload moves the teacher's weights off the accelerator between its calls, "
+                                 "but with options.lora.share_base they are the LoRA networks' base too: set "
+                                 "options.lora.share_base=false")
         task.teacher.offload(process_state().device)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if is_main_process():

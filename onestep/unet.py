@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator
 
@@ -83,6 +84,28 @@ def call_frozen(module: nn.Module, *args, checkpoint: bool = False, **kwargs):
     if (checkpoint or layers) and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
     return call(*args)
+
+
+def trainable_copy(unet: nn.Module, share_frozen: bool = False) -> nn.Module:
+    """A float32, trainable deep copy of a (frozen) teacher UNet: a generator's or fake score's starting network.
+
+    `share_frozen`: a copy of the module tree whose parameters and buffers ARE the teacher's (its dtype, frozen,
+    no memory), for networks that only train LoRA adapters added later (`onestep.lora.add_lora`). Weights loaded into
+    such a copy must go through `load_weights`, which gives it tensors of its own instead of writing into the
+    teacher's.
+    """
+    if share_frozen:
+        return copy.deepcopy(unet, memo={id(t): t for t in (*unet.parameters(), *unet.buffers())}).train()
+    return copy.deepcopy(unet).float().train().requires_grad_(True)
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True):
+    """`module.load_state_dict(state)` in each tensor's current dtype, without writing into the current tensors
+    (they may be a teacher's, shared by `trainable_copy`): the loaded tensors replace them (`assign`), keeping
+    `requires_grad`. Returns load_state_dict's (missing, unexpected) keys."""
+    current = module.state_dict()
+    state = {k: v.to(current[k].dtype) if k in current else v for k, v in state.items()}
+    return module.load_state_dict(state, strict=strict, assign=True)
 
 
 def reduced_unet(unet: nn.Module, block_out_channels: list[int]) -> nn.Module:

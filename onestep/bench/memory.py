@@ -56,7 +56,7 @@ SHAPE_VARIANTS: dict[str, list[str]] = {
     "bf16_ckpt": _CKPT,
     "bf16_ckpt_lora": _LORA,
     "bf16_ckpt_8bit": [*_CKPT, *_8BIT],
-    "bf16_ckpt_lora_offload": [*_LORA, "teacher.offload=true"],
+    "bf16_ckpt_lora_offload": [*_LORA, "teacher.offload=true", "options.lora.share_base=false"],
 }
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's (benchmarks run from a checkout)
 # per method: the run the others are estimated from (it fits in ~14 GB at SD1.5 size)
@@ -259,7 +259,10 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
     """The overrides that point configs/<shape>/<method>.yaml at a random-weight teacher and batch 1."""
     from onestep.shapes import write_random_images, write_random_teacher
 
-    teacher = write_random_teacher(shape, out / f"teacher_{shape}_{latent_size or 'full'}", latent_size)
+    # written in bfloat16 (random weights; each variant loads them in its teacher.dtype): an SDXL UNet built in
+    # float32 alone would take 10 GB
+    teacher = write_random_teacher(shape, out / f"teacher_{shape}_{latent_size or 'full'}_bf16", latent_size,
+                                   dtype=torch.bfloat16)
     size = 8 * (latent_size or json.loads((teacher / "unet" / "config.json").read_text())["sample_size"])
     prompts = out / "prompts.txt"
     # enough distinct prompts for MSD's text partition into its students

@@ -31,7 +31,14 @@ class Distiller:
                  generator_timesteps: list[int] | tuple[int, ...] = (999,), batch_size: int = 64):
         self.teacher, self.options, self.judge, self.batch_size = teacher, options, judge, batch_size
         self.conditions = conditions or class_conditions(teacher)
-        self.generator = Generator.from_teacher(teacher.unet, teacher.schedule, generator_timesteps)
+        self.generator = Generator.from_teacher(teacher.unet, teacher.schedule, generator_timesteps,
+                                                share_frozen=self.shares_base(critic=False))
+
+    def shares_base(self, critic: bool) -> bool:
+        """Whether the generator's (or, `critic`, a fake score's) UNet starts as a copy sharing the teacher's frozen
+        weights: it will train LoRA adapters only (`options.lora`, `share_base`)."""
+        lora = self.options.lora
+        return lora.enabled and lora.share_base and (lora.critic or not critic)
 
     @property
     def device(self) -> torch.device:

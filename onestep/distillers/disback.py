@@ -29,7 +29,7 @@ from onestep.distillers.sid import SiD, SiDOptions
 from onestep.files import atomic_file, write_json_atomic
 from onestep.loading import DTYPES
 from onestep.training.updates import OptimizerConfig, make_optimizer
-from onestep.unet import unet_forward
+from onestep.unet import load_weights, unet_forward
 
 
 PATH_INDEX = "path.json"  # written last: a path folder without it is incomplete and is recorded again
@@ -133,7 +133,7 @@ def record_degradation_path(distiller, options: BacktrackOptions, out_dir: Path)
 def load_strict(unet: torch.nn.Module, checkpoint: Path) -> None:
     """Load a path checkpoint into `unet` (its own dtype), failing on any missing or unexpected key."""
     state = load_file(checkpoint, device=str(next(unet.parameters()).device))
-    unet.load_state_dict(state, strict=True)
+    load_weights(unet, state, strict=True)
 
 
 class Backtracking:

@@ -86,7 +86,8 @@ class DMD(Distiller):
     def __init__(self, teacher, options: DMDOptions, conditions=None, judge=None, batch_size: int = 64, real=None,
                  regression_cache=None):
         super().__init__(teacher, options, conditions, judge, options.generator_timesteps, batch_size)
-        self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule, gan_head=options.gan)
+        self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule, gan_head=options.gan,
+                                            share_frozen=self.shares_base(critic=True))
         if options.gan and real is None:
             raise ValueError("the GAN term needs real images (data.name digits, image_folder or dataset)")
         self.real = real

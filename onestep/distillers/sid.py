@@ -92,7 +92,8 @@ class SiD(Distiller):
     def __init__(self, teacher, options: SiDOptions, conditions=None, judge=None, batch_size: int = 64, **_unused):
         t_init = int(teacher.schedule.timestep_for_ve_sigma(options.init_ve_sigma))
         super().__init__(teacher, options, conditions, judge, [t_init], batch_size)
-        self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule)
+        self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule,
+                                            share_frozen=self.shares_base(critic=True))
         t_lo, t_hi = (int(teacher.schedule.timestep_for_ve_sigma(s)) for s in (options.sigma_min, options.sigma_max))
         self.t_range = (t_lo, t_hi + 1)
         if options.gradient_checkpointing:  # the fake score is checkpointed per call (see score_pair)

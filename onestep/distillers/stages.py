@@ -17,6 +17,7 @@ def init_generator(generator, pipeline_dir: Path) -> None:
     """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
     from onestep.loading import load_model
     from onestep.lora import merged_folder_adapter
+    from onestep.unet import load_weights
 
     index = pipeline_dir / "model_index.json"
     if not index.is_file():
@@ -27,7 +28,7 @@ def init_generator(generator, pipeline_dir: Path) -> None:
                              f"generator at {generator.timesteps}")
     unet = merged_folder_adapter(load_model(pipeline_dir / "unet"), pipeline_dir)
     try:
-        generator.unet.load_state_dict(unet.state_dict(), strict=True)
+        load_weights(generator.unet, unet.state_dict(), strict=True)
     except RuntimeError:
         raise UserInputError(f"init_generator {pipeline_dir}: its UNet does not match the teacher's "
                              "architecture") from None
@@ -62,13 +63,15 @@ def init_critic(fake, run_dir: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from onestep.unet import load_weights
+
     path = critic_file(run_dir)
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as err:
         raise UserInputError(f"init_critic {path}: {str(err).splitlines()[0]}") from None
     try:
-        missing, unexpected = fake.load_state_dict(state, strict=False)
+        missing, unexpected = load_weights(fake, state, strict=False)
     except RuntimeError:  # a shape mismatch
         missing, unexpected = ["(shapes)"], []
     if unexpected or any(not key.startswith("head.") for key in missing):
