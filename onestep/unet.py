@@ -73,12 +73,21 @@ def call_frozen(module: nn.Module, *args, checkpoint: bool = False, **kwargs):
     A module whose own layers checkpoint (`enable_gradient_checkpointing`) is checkpointed that way as a whole, its
     layers' checkpointing off for the call: they would recompute in the backward pass after this call has put the
     live parameters back, and send those parameters gradients.
+
+    A module sharded by FSDP2 gathers its parameters in its own forward, which would replace detached ones: it runs
+    as it is, with `requires_grad` off for the call (and for its recomputation; `onestep.training.sharding`).
     """
+    from onestep.training.sharding import frozen_parameters, is_sharded
+
     layers = _checkpointing_layers(module)
-    detached = {name: p.detach() for name, p in module.named_parameters()}
+    sharded = is_sharded(module)
+    detached = {} if sharded else {name: p.detach() for name, p in module.named_parameters()}
 
     def call(*inputs):
         with _not_checkpointing(layers):
+            if sharded:
+                with frozen_parameters(module):
+                    return module(*inputs, **kwargs)
             return torch.func.functional_call(module, detached, inputs, kwargs)
 
     if (checkpoint or layers) and torch.is_grad_enabled():

@@ -268,7 +268,8 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
     # enough distinct prompts for MSD's text partition into its students
     prompts.write_text("".join(f"a photo of a {c} {n}\n" for c in ("red", "blue", "green", "black")
                                for n in ("cat", "car", "house", "tree")))
-    overrides = [f"teacher.path={teacher}", f"data.prompts={prompts}", "data.batch_size=1", "eval.num_samples=1",
+    overrides = [f"teacher.path={teacher}", "teacher.variant=null",  # the random teacher has the default weights only
+                 f"data.prompts={prompts}", "data.batch_size=1", "eval.num_samples=1",
                  f"eval.prompts={prompts}", "eval.features=none", "eval.metrics=[]",  # no judge: it is not trained
                  "data.num_workers=0"]  # loader workers are other processes: their memory would go unmeasured
     if method in ("dmd2", "disback"):

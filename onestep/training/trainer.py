@@ -14,15 +14,21 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.networks import reachable_modules
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
 from onestep.training.progress import Progress
+from onestep.training.sharding import (
+    FullStateEMA,
+    Skeleton,
+    clip_sharded_grad_norm_,
+    shared_with_frozen,
+    swapped_attributes,
+)
 from onestep.training.tracking import TRACKERS, check_tracker, log_grid, tracker_config
 from onestep.training.updates import Update, make_optimizer
 from onestep.unet import diffusers_models, enable_gradient_checkpointing
@@ -123,16 +129,21 @@ class Trainer:
                     model.compile(backend=config.compile_backend)
         self.counter = _StepCounter()
         self.optimizers, self.lr_schedulers, self.modules, self.emas = {}, {}, {}, {}
+        self.skeletons: dict[str, Skeleton] = {}  # FSDP: plain copies of the trained networks, for the export
+        if self.sharded:
+            _check_sharding(self.accelerator, task, self.updates)
         for update in self.updates:
-            params = [p for p in update.module.parameters() if p.requires_grad]
-            optimizer = make_optimizer(params, update.optimizer)
+            if self.sharded:
+                self.skeletons[update.name] = Skeleton(update.module)
+            optimizer = make_optimizer([p for p in update.module.parameters() if p.requires_grad], update.optimizer)
             scheduler = get_scheduler("constant_with_warmup", optimizer,
                                       num_warmup_steps=update.optimizer.warmup_steps)
             module, optimizer, scheduler = self.accelerator.prepare(update.module, optimizer, scheduler)
             self.modules[update.name], self.optimizers[update.name] = module, optimizer
             self.lr_schedulers[update.name] = scheduler
             if update.ema_decay is not None:
-                ema = EMAModel(params, decay=update.ema_decay)
+                params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 replaces them with shards
+                ema = FullStateEMA(params, decay=update.ema_decay)
                 self.accelerator.register_for_checkpointing(ema)
                 self.emas[update.name] = (ema, params)
         self.accelerator.register_for_checkpointing(self.counter)
@@ -145,6 +156,25 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.counter.step
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the trained networks hold shards (onestep.training.sharding)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def export(self) -> None:
+        """The task's pipeline with the EMA weights, written by the main process. Under FSDP every process first
+        takes part in gathering each trained network's whole weights, and the main process exports plain copies."""
+        with self.ema_weights():
+            if not self.sharded:
+                if self.accelerator.is_main_process:
+                    self.task.export_pipeline(self.output_dir / "pipeline")
+                return
+            states = {name: self.accelerator.get_state_dict(module) for name, module in self.modules.items()}
+        if self.accelerator.is_main_process:
+            plain = {id(self.modules[name]): self.skeletons[name].materialize(state) for name, state in states.items()}
+            with swapped_attributes(self.task, plain):
+                self.task.export_pipeline(self.output_dir / "pipeline")
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -191,7 +221,9 @@ class Trainer:
             for key, value in {**out.logs, "loss": out.loss.item()}.items():
                 totals[key] = totals.get(key, 0.0) + value / k
         params = [p for p in module.parameters() if p.requires_grad]
-        if update.optimizer.grad_clip:
+        if self.sharded:
+            grad_norm = clip_sharded_grad_norm_(self.accelerator, params, update.optimizer.grad_clip)
+        elif update.optimizer.grad_clip:
             grad_norm = self.accelerator.clip_grad_norm_(params, update.optimizer.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(
@@ -367,9 +399,8 @@ class Trainer:
             return {"interrupted": self.stop_signal, "step": self.step}
         final = self.evaluate()
         self.save_samples()
+        self.export()
         if self.accelerator.is_main_process:
-            with self.ema_weights():
-                self.task.export_pipeline(self.output_dir / "pipeline")
             metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
                        "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
             write_json_atomic(self.output_dir / "metrics.json", metrics)
@@ -389,6 +420,18 @@ def process_state() -> PartialState:
     `PartialState()` ignores ACCELERATE_USE_CPU (`accelerate launch --cpu`): code that asks before the Trainer exists
     (building a task) must ask here, or CPU processes would each run alone."""
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _check_sharding(accelerator: Accelerator, task: TrainingTask, updates: list[Update]) -> None:
+    """What FSDP needs: FSDP2 (`fsdp_version: 2`), and trained networks that hold no tensor of a frozen one."""
+    if not accelerator.is_fsdp2:
+        raise UserInputError("onestep trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                             "(FSDP1's flat parameters break the frozen calls, EMA and export)")
+    trained = [u.module for u in updates]
+    frozen = [m for m in reachable_modules(task) if not any(m is t for t in trained)]
+    if shared_with_frozen(trained, frozen):
+        raise UserInputError("under FSDP the LoRA networks cannot share the teacher's weights (they would be "
+                             "sharded): set options.lora.share_base=false")
 
 
 def _check_launch(num_processes: int) -> None:
