@@ -125,6 +125,20 @@ def split(trainer) -> dict:
                                    if p.dtype in (torch.bfloat16, torch.float16))}
 
 
+def _make_resident(trainer) -> None:
+    """Copy every weight into process memory. Weights loaded in their file's dtype stay memory-mapped (safetensors):
+    their pages count in the resident set only once touched, i.e. in the middle of the training steps, where they
+    would pass for activations."""
+    from onestep.networks import reachable_modules
+
+    seen = set()
+    for net in reachable_modules(trainer.task):
+        for t in (*net.parameters(), *net.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                t.data = t.data.clone()
+
+
 def measure(config: Path, overrides: list[str], out: Path, steps: int | None = None) -> dict:
     """Build the run's task and Trainer, then run its updates: one TTUR period (each update once at least, its
     optimizer state allocated), or `steps` rounds of every update; the memory and time that took."""
@@ -138,6 +152,8 @@ def measure(config: Path, overrides: list[str], out: Path, steps: int | None = N
     trainer = Trainer(task, out, cfg.train)
     build_s = time.perf_counter() - start
     cuda = trainer.accelerator.device.type == "cuda"
+    if not cuda:
+        _make_resident(trainer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() / MIB if cuda else _resident_mib()
