@@ -244,17 +244,18 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
 def student_config(cfg: RunConfig, k: int) -> RunConfig:
     """Student k's own run: OUTPUT_DIR/student_k, the same options with `student` = k.
 
-    An `init_generator` / `init_critic` of an all-students run is an earlier msd run (stage 1 before the GAN
-    stage): student k starts from that run's student k.
+    An `init_generator` / `init_critic` that is an earlier all-students msd run (a folder holding `student_k/`:
+    stage 1 before the GAN stage) starts student k from that run's student k; any other (one single-student run on
+    the whole condition set: MSD's warm start) starts every student from the same weights.
     """
     import copy
 
     sub = copy.deepcopy(cfg)
     sub.output_dir = str(Path(cfg.output_dir) / f"student_{k}")
     sub.options.student = k
-    if cfg.init_generator:
+    if cfg.init_generator and (Path(cfg.init_generator) / f"student_{k}").is_dir():
         sub.init_generator = str(Path(cfg.init_generator) / f"student_{k}" / "pipeline")
-    if cfg.init_critic:
+    if cfg.init_critic and (Path(cfg.init_critic) / f"student_{k}").is_dir():
         sub.init_critic = str(Path(cfg.init_critic) / f"student_{k}")
     return sub
 

@@ -50,10 +50,26 @@ def test_init_critic_continues_the_fake_score_of_a_run_and_starts_a_new_gan_head
         build_distiller("boot", teacher, init_critic=tmp_path / "stage1")
 
 
-def test_an_all_students_msd_run_continues_each_students_critic():
+def test_an_all_students_msd_run_continues_each_students_critic(tmp_path):
     from onestep.config import config_from
     from onestep.runs import student_config
 
-    cfg = config_from({"method": "msd", "output_dir": "out", "init_generator": "s1", "init_critic": "s1"})
+    (tmp_path / "s1" / "student_2").mkdir(parents=True)
+    s1 = str(tmp_path / "s1")
+    cfg = config_from({"method": "msd", "output_dir": "out", "init_generator": s1, "init_critic": s1})
     sub = student_config(cfg, 2)
-    assert sub.init_generator == "s1/student_2/pipeline" and sub.init_critic == "s1/student_2"
+    assert sub.init_generator == f"{s1}/student_2/pipeline" and sub.init_critic == f"{s1}/student_2"
+
+
+def test_a_warm_start_starts_every_student_from_the_one_run(tmp_path):
+    from onestep.config import config_from
+    from onestep.runs import student_config
+
+    warm = tmp_path / "warmup" / "student_0"  # a one-student run on the whole condition set
+    (warm / "pipeline").mkdir(parents=True)
+    cfg = config_from({"method": "msd", "output_dir": "out", "init_generator": str(warm / "pipeline"),
+                       "init_critic": str(warm)})
+    for k in range(4):
+        sub = student_config(cfg, k)
+        assert (sub.init_generator, sub.init_critic, sub.output_dir) == (str(warm / "pipeline"), str(warm),
+                                                                         f"out/student_{k}")
