@@ -1,11 +1,14 @@
 """The training loop: cadence of several updates, checkpoints that are atomic and pruned, exact resume."""
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from onestep.errors import UserInputError
 from onestep.training.checkpoints import complete_checkpoints, latest_checkpoint
 from onestep.training.trainer import Trainer, TrainerConfig
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
@@ -234,3 +237,41 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         for key in keys:
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), key
+
+
+class DecayingTask(TwoModelTask):
+    """TwoModelTask with the generator's learning rate on a diffusers schedule."""
+
+    def __init__(self, **schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def updates(self):
+        generator, critic = super().updates()
+        generator.optimizer = OptimizerConfig(lr=1e-2, grad_clip=1.0, **self.schedule)
+        return [generator, critic]
+
+
+def test_lr_decay_follows_the_diffusers_schedule_and_resumes(tmp_path):
+    def train(out, steps, **schedule):
+        task = DecayingTask(**schedule)
+        Trainer(task, out, TrainerConfig(max_steps=steps, log_every=1, checkpoint_every=0)).train()
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        # a record carries the last value of each update's logs: records 1, 4, 7, ... follow a generator step
+        return task, [r["generator/lr"] for r in log if "generator/lr" in r and r["step"] % 3 == 1]
+
+    # generator steps at 0, 3, 6, 9, 12: linear to 0 over 4 of its optimizer steps, then held at 0
+    _, lrs = train(tmp_path / "linear", 13, lr_scheduler="linear", lr_decay_steps=4)
+    assert lrs == pytest.approx([7.5e-3, 5e-3, 2.5e-3, 0.0, 0.0])
+    _, lrs = train(tmp_path / "warm", 13, lr_scheduler="cosine", lr_decay_steps=5, warmup_steps=1)
+    assert lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)])
+    _, lrs = train(tmp_path / "constant", 7)
+    assert lrs == [1e-2] * 3
+    straight, _ = train(tmp_path / "a", 13, lr_scheduler="linear", lr_decay_steps=4)
+    train(tmp_path / "b", 5, lr_scheduler="linear", lr_decay_steps=4)
+    resumed, lrs = train(tmp_path / "b", 13, lr_scheduler="linear", lr_decay_steps=4)
+    assert torch.equal(straight.gen.weight, resumed.gen.weight) and lrs[-1] == 0.0
+    for bad, match in (({"lr_scheduler": "exponential"}, "lr_scheduler must be one of"),
+                       ({"lr_scheduler": "linear"}, "needs lr_decay_steps")):
+        with pytest.raises(UserInputError, match=match):
+            train(tmp_path / "bad", 3, **bad)

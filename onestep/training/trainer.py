@@ -15,7 +15,6 @@ from typing import Protocol
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
-from diffusers.optimization import get_scheduler
 
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
@@ -30,7 +29,7 @@ from onestep.training.sharding import (
     swapped_attributes,
 )
 from onestep.training.tracking import TRACKERS, check_tracker, log_grid, tracker_config
-from onestep.training.updates import Update, make_optimizer
+from onestep.training.updates import Update, make_lr_scheduler, make_optimizer
 from onestep.unet import diffusers_models, enable_gradient_checkpointing
 
 
@@ -136,8 +135,7 @@ class Trainer:
             if self.sharded:
                 self.skeletons[update.name] = Skeleton(update.module)
             optimizer = make_optimizer([p for p in update.module.parameters() if p.requires_grad], update.optimizer)
-            scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                      num_warmup_steps=update.optimizer.warmup_steps)
+            scheduler = make_lr_scheduler(optimizer, update.optimizer)
             module, optimizer, scheduler = self.accelerator.prepare(update.module, optimizer, scheduler)
             self.modules[update.name], self.optimizers[update.name] = module, optimizer
             self.lr_schedulers[update.name] = scheduler

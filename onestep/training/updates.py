@@ -20,6 +20,11 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0
+    # diffusers.optimization.get_scheduler's name: constant_with_warmup (no decay), linear (to 0, then 0), cosine
+    # (half a cosine to 0), polynomial (to 1e-7, then held), ...; a decaying schedule ends after `lr_decay_steps`
+    # optimizer steps of this update (warmup included; a generator updated every 5th step takes max_steps / 5)
+    lr_scheduler: str = "constant_with_warmup"
+    lr_decay_steps: int | None = None
     grad_clip: float | None = 10.0
     # bitsandbytes' 8-bit AdamW (`pip install 'onestep[bnb]'`): 2 bytes of state per parameter instead of 8
     use_8bit: bool = False
@@ -36,6 +41,21 @@ def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch
                                             weight_decay=config.weight_decay, eps=config.eps)
     return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
                              eps=config.eps)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The update's learning-rate schedule through diffusers' `get_scheduler`, stepped once per optimizer step."""
+    from diffusers.optimization import SchedulerType, get_scheduler
+
+    names = [t.value for t in SchedulerType if t is not SchedulerType.PIECEWISE_CONSTANT]
+    if config.lr_scheduler not in names:
+        raise UserInputError(f"lr_scheduler must be one of {', '.join(names)}, got {config.lr_scheduler!r}")
+    decays = config.lr_scheduler not in ("constant", "constant_with_warmup")
+    if decays and (config.lr_decay_steps is None or config.lr_decay_steps <= config.warmup_steps):
+        raise UserInputError(f"lr_scheduler {config.lr_scheduler} needs lr_decay_steps > warmup_steps "
+                             f"({config.warmup_steps}), got {config.lr_decay_steps}")
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.lr_decay_steps if decays else None)
 
 
 @dataclass
