@@ -38,5 +38,5 @@ def test_benchmark_rows_forgetting_and_outputs(tmp_path):
     assert "| FD-digits ↓ | FD-digits_mlp ↓ |" in header
     assert "FD-digits_mlp remaining classes" in table
     student = next(line for line in table.splitlines() if line.startswith("| sid (run)"))
-    assert f"{report['rows'][1]['judges']['digits_mlp']['fd']:.2f}" in student
+    assert f"{report['rows'][1]['judges']['digits_mlp']['fd']:.3f} ± " in student
     assert (tmp_path / "bench" / "fd_vs_step.png").stat().st_size > 0

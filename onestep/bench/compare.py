@@ -160,7 +160,8 @@ def _judges(report: dict) -> list[tuple[str, str]]:
 
 
 def _mean_std(stats: dict) -> str:
-    return _fmt(stats["fd"]) + (f" ± {_fmt(stats['fd_std'])}" if stats.get("fd_std") is not None else "")
+    # three decimals: FD-digits_mlp's scale is ~10x smaller than FD-digits' (teacher ~0.12)
+    return _fmt(stats["fd"], 3) + (f" ± {_fmt(stats['fd_std'], 3)}" if stats.get("fd_std") is not None else "")
 
 
 def markdown_table(report: dict) -> str:
@@ -199,7 +200,7 @@ def forgetting_table(report: dict) -> list[str]:
         fs = {key: r["judges"][key]["forgetting"] for key, _ in judges}
         shares = " | ".join(f"{100 * fs[key][f'classified_as_forgotten/class_{c}']:.1f}%"
                             for c in forget for key, _ in judges)
-        remaining = " | ".join(_fmt(fs[key][f"{metric_key(key)}/remaining_classes"]) for key, _ in judges)
+        remaining = " | ".join(_fmt(fs[key][f"{metric_key(key)}/remaining_classes"], 3) for key, _ in judges)
         lines.append(f"| {r['name']} | {shares} | {remaining} |")
     return lines
 

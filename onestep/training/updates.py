@@ -43,7 +43,8 @@ def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch
                              eps=config.eps)
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def make_lr_scheduler(optimizer: torch.optim.Optimizer,
+                      config: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """The update's learning-rate schedule through diffusers' `get_scheduler`, stepped once per optimizer step."""
     from diffusers.optimization import SchedulerType, get_scheduler
 
