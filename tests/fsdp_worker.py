@@ -2,9 +2,10 @@
 -m tests.fsdp_worker OUT` (gloo, CPU) trains, in each of OUT/ddp and OUT/fsdp:
   dmd2: DMD2 with its GAN head (a frozen call of the critic in the generator loss) and a generator EMA, 4 steps
         (under FSDP: a checkpoint at step 2 and a resumed second leg to step 4), then the export;
-  sid:  SiD (frozen calls of the fake score in the generator loss, checkpointed), 2 steps.
+  sid:  SiD with LoRA on generator and critic (frozen base and trained adapters in the same shards; frozen calls
+        of the fake score in the generator loss, checkpointed), 2 steps, exported merged.
 The main process writes each run's final whole weights (`accelerator.get_state_dict`) to weights.safetensors, and
-frozen.json: which networks a generator loss's backward pass gave gradients.
+frozen.json: whether a generator loss's backward pass gave any / every trained parameter of each network a gradient.
 
 accelerate 1.15 selects FSDP only on accelerators (AcceleratorState turns MULTI_GPU, MULTI_XPU, ... into FSDP, never
 MULTI_CPU), so on the CPU `use_fsdp2` sets the process state to FSDP2 itself. Everything after that is accelerate's
@@ -25,6 +26,7 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.distillers.sid import SiDOptions
+from onestep.lora import LoRAConfig
 from onestep.training.trainer import Trainer, TrainerConfig
 from onestep.training.updates import OptimizerConfig
 from tests.multiprocess_worker import tiny_teacher
@@ -57,7 +59,7 @@ def dmd2_task():
 
 def sid_task():
     options = SiDOptions(generator_optimizer=OPTIMIZER, critic_optimizer=OPTIMIZER, generator_ema=None,
-                         gradient_checkpointing=True)
+                         gradient_checkpointing=True, lora=LoRAConfig(rank=2, critic=True, share_base=False))
     return build_distiller("sid", tiny_teacher(), options, batch_size=4)
 
 
@@ -69,7 +71,8 @@ def train(task, out: Path, max_steps: int, checkpoint_every: int = 0) -> None:
     generator = trainer.modules["generator"]
     generator_loss = next(u.loss for u in trainer.updates if u.name == "generator")
     generator_loss(generator).loss.backward()
-    frozen = {name: [p.grad is not None for p in module.parameters()] for name, module in trainer.modules.items()}
+    frozen = {name: [p.grad is not None for p in module.parameters() if p.requires_grad]
+              for name, module in trainer.modules.items()}
     if trainer.accelerator.is_main_process:
         save_file(weights, out / "weights.safetensors")
         (out / "frozen.json").write_text(json.dumps({k: [any(v), all(v)] for k, v in frozen.items()}))

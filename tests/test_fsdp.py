@@ -48,6 +48,7 @@ def _exported_unet(run: Path) -> dict[str, torch.Tensor]:
 def test_fsdp_trains_like_ddp(runs, method):
     ddp, fsdp = (load_file(runs / backend / method / "weights.safetensors") for backend in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys() and any(k.startswith("critic.head.") for k in ddp) == (method == "dmd2")
+    assert any(".lora_A." in k for k in ddp) == (method == "sid")  # SiD: LoRA adapters over a frozen base
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-5, msg=key)
     for backend, kind in (("ddp", "MULTI_CPU"), ("fsdp", "FSDP")):
@@ -66,13 +67,17 @@ def test_fsdp_checkpoints_are_sharded_and_resume(runs):
     assert {"pytorch_model_fsdp_0", "pytorch_model_fsdp_1", "optimizer_0", "optimizer_1"} <= saved  # DCP shards
 
 
-def test_fsdp_export_gathers_the_ema_weights(runs):
+def test_fsdp_export_gathers_the_ema_weights_and_merges_adapters(runs):
     ddp, fsdp = (_exported_unet(runs / b / "dmd2") for b in ("ddp", "fsdp"))
     live = {k.removeprefix("generator.unet."): v
             for k, v in load_file(runs / "fsdp" / "dmd2" / "weights.safetensors").items()
             if k.startswith("generator.unet.")}
     assert ddp.keys() == fsdp.keys() == live.keys()
     assert max(float((fsdp[k] - live[k]).abs().max()) for k in live) > 1e-5  # the export holds the EMA, not live
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+    ddp, fsdp = (_exported_unet(runs / b / "sid") for b in ("ddp", "fsdp"))  # LoRA merged into a plain UNet
+    assert ddp.keys() == fsdp.keys() == live.keys()
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
 
