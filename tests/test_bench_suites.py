@@ -58,6 +58,11 @@ def test_memory_estimate_from_a_lora_reference():
     fp32 = estimate(ref, ["teacher.dtype=float32", "train.mixed_precision=no"])
     assert fp32["weights_mib"] == 920.0 + 200.0 and fp32["activations_mib"] > 2 * 50.0  # no checkpointing either
     assert estimate(ref, [*ckpt, "teacher.offload=true"])["weights_mib"] == 920.0 - 200.0
+    # a reference whose LoRA bases are the teacher's tensors (share_base): a full fine-tune needs float32 copies
+    shared = {**ref, "shared_parameters": {"generator": 100 * mib, "critic": 100 * mib}}
+    assert estimate(shared, [*ckpt, "options.lora.rank=64"])["weights_mib"] == 1000.0
+    assert estimate(shared, ckpt)["weights_mib"] == 920.0 + 800.0
+    assert estimate(shared, [*ckpt, "options.lora.rank=64", "options.lora.share_base=false"])["weights_mib"] == 1800.0
 
 
 def test_real_size_shapes_match_the_published_parameter_counts():

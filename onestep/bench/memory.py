@@ -121,8 +121,16 @@ def split(trainer) -> dict:
             "update_parameters": {u.name: sum(p.numel() for p in u.module.parameters()) for u in trainer.updates},
             "lora_parameters": {u.name: sum(p.numel() for n, p in u.module.named_parameters() if "lora_" in n)
                                 for u in trainer.updates},
-            "half_parameters": sum(p.numel() for net in networks for p in net.parameters()
-                                   if p.dtype in (torch.bfloat16, torch.float16))}
+            "half_parameters": sum({id(p): p.numel() for net in networks for p in net.parameters()
+                                    if p.dtype in (torch.bfloat16, torch.float16)}.values()),
+            "shared_parameters": _shared_parameters(trainer, networks)}
+
+
+def _shared_parameters(trainer, networks) -> dict[str, int]:
+    """Per update, the parameters its network shares with a frozen one (`options.lora.share_base`: the teacher's)."""
+    trained = [u.module for u in trainer.updates]
+    frozen = {id(p) for net in networks if not any(net is t for t in trained) for p in net.parameters()}
+    return {u.name: sum(p.numel() for p in u.module.parameters() if id(p) in frozen) for u in trainer.updates}
 
 
 def _make_resident(trainer) -> None:
@@ -221,7 +229,9 @@ def estimate(reference: dict, overrides: list[str], latent_scale: float = 1.0) -
     the process baseline of a CPU run is left out).
 
     Weights: the reference's, with the half-precision teacher at 4 bytes per parameter for a float32 teacher, without
-    the LoRA adapters and with a full float32 EMA copy when the variant trains every weight. Gradients: 4 bytes per
+    the LoRA adapters and with a full float32 EMA copy when the variant trains every weight, and with float32 copies
+    of the bases the reference shared with the teacher (`shared_parameters`) when the variant trains every weight or
+    does not share them (`options.lora.share_base=false`). Gradients: 4 bytes per
     trainable parameter of the largest update. Optimizer: AdamW's two float32 moments (8 bytes per parameter) or
     bitsandbytes' two 8-bit moments (2 bytes). Activations: the reference's times `latent_scale` (the latent area
     ratio), x2 in float32 compute, x`NO_CHECKPOINT_FACTOR` without gradient checkpointing. Teacher offload: minus
@@ -239,6 +249,8 @@ def estimate(reference: dict, overrides: list[str], latent_scale: float = 1.0) -
         weights += reference["half_parameters"] * 2 / MIB
     if not lora:
         weights -= sum(adapters.values()) * 4 / MIB
+    if not lora or "options.lora.share_base=false" in overrides:
+        weights += sum(reference.get("shared_parameters", {}).values()) * 4 / MIB
     ema = reference["ema_mib"] if lora or not reference["ema_mib"] else reference["ema_mib"] / max(
         adapters.get("generator", 1), 1) * full.get("generator", 0)
     activations = reference["activations_mib"] * latent_scale * (2 if "train.mixed_precision=no" in overrides else 1)
