@@ -133,6 +133,9 @@ def test_lora_resumes_and_is_validated(tmp_path, capsys):
     assert main(["train", config, f"output_dir={tmp_path / 'bad'}", "options.lora.rank=2",
                  "options.lora.target_modules=[nothing_like_this]"]) == 2
     assert "target_modules" in capsys.readouterr().err
+    assert main(["train", config, f"output_dir={tmp_path / 'bad'}", "options.lora.rank=2",
+                 "teacher.offload=true"]) == 2
+    assert "options.lora.share_base=false" in capsys.readouterr().err  # an offloaded teacher cannot be a shared base
 
 
 def test_a_run_folder_from_before_lora_still_resumes(tmp_path):
