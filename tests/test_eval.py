@@ -89,8 +89,10 @@ def test_npz_reference_matches_direct_formula(digits, tmp_path):
 def test_noise_is_far_from_digits(digits):
     noise = torch.randint(0, 256, (500, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     classifier = load_digits_classifier()
-    floor = real_vs_real_floor(seed=0, classifier=classifier).value
+    result = real_vs_real_floor(seed=0, classifier=classifier)
+    floor = result.value
     assert 0 < floor < 10
+    assert result.protocol["features"] != real_vs_real_floor(seed=0).protocol["features"]  # not the shipped one
     assert next(classifier.parameters()).dtype == torch.float32  # the metric's float64 cast touched a copy only
     assert frechet_distance(noise).value > 50 * floor
 

@@ -346,6 +346,7 @@ def real_vs_real_floor(seed: int = 0, classifier=None) -> FDResult:
     add_images(metric, images[second], real=True)
     add_images(metric, images[first], real=False)
     return FDResult(float(metric.compute()), {
-        "metric": metric_name("digits"), "features": "digits",
+        "metric": metric_name("digits"),
+        "features": "digits" if classifier is None else "digits (features of the given classifier)",
         "reference": f"digits second half (split_halves seed={seed})", "num_samples": len(first),
         "num_reference": len(second)})
