@@ -119,10 +119,13 @@ def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stoc
 
 
 def write_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict | None = None) -> None:
-    """README.md in an exported folder and, where there is one, in its stock diffusers copy (onestep.stock_export)."""
+    """README.md in an exported folder and, where there is one, in its stock diffusers copy (onestep.stock_export).
+    A folder that is not a pipeline (a `method: vae` run exports a bare AutoencoderKL) gets none."""
     from onestep.stock_export import stock_folder
 
     folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        return
     stock = stock_folder(folder)
     stock = stock if (stock / "model_index.json").is_file() else None
     text = str(model_card(folder, run_config, metrics, stock))

@@ -114,6 +114,28 @@ def test_critic_denoising_timesteps_cover_all_training_timesteps():
     assert t.min() >= 0 and t.max() <= 999 and t.min() < 20 and t.max() > 980
 
 
+@pytest.mark.parametrize("gan_t_max, high", [(1.0, 1000), (0.05, 50), (0.0, 1)])
+def test_gan_noise_timesteps_follow_gan_t_max(gan_t_max, high):
+    """DMD2's diffusion_gan_max_timestep: the discriminator's real and fake inputs, and the generator's GAN term,
+    are noised at t ~ U[0, gan_t_max T); 0 means the clean sample (t = 0)."""
+    dmd = _dmd(DMDOptions(gan_t_max=gan_t_max), batch=400)
+    seen = []
+    forward = dmd.fake.forward
+
+    def spy(x_t, t, condition, output="x0"):
+        if "logits" in output:
+            seen.append(t.clone())
+        return forward(x_t, t, condition, output)
+
+    dmd.fake.forward = spy
+    dmd.generator_loss(dmd.generator)
+    dmd.critic_loss(dmd.fake)
+    assert len(seen) == 3  # generator's fake, critic's fake, critic's real
+    for t in seen:
+        assert t.min() >= 0 and t.max() < high
+        assert t.max() >= 0.9 * (high - 1)  # the whole range is drawn, not a corner of it
+
+
 def test_generator_reads_x0_at_t_init_from_pure_noise():
     dmd = _dmd()
     z = torch.randn(2, 1, 8, 8)

@@ -185,6 +185,29 @@ def test_vae_export_measures_the_scaling_factor(tiny_t2i_teacher):
     assert vae.config.scaling_factor != 0.18215 and vae.config.latent_channels == 4
 
 
+def test_centred_latents_keep_reconstructions_and_have_zero_data_mean():
+    from diffusers import AutoencoderKL
+
+    from onestep.training.vae_task import centre_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).eval()
+    with torch.no_grad():  # random biases, so the data's mean latent is far from 0 as a trained VAE's is
+        vae.quant_conv.bias.normal_(0.0, 2.0)
+        vae.post_quant_conv.bias.normal_()
+    images = torch.rand(12, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(images).latent_dist
+        decoded = vae.decode(before.mean).sample
+        mean = centre_latents(vae, images, batch=5)  # batches that do not divide the data
+        after = vae.encode(images).latent_dist
+        assert torch.allclose(mean, before.mean.mean((0, 2, 3)), atol=1e-5) and mean.abs().max() > 0.5
+        assert after.mean.mean((0, 2, 3)).abs().max() < 1e-5  # the data's mean latent is now 0
+        assert torch.allclose(after.mean, before.mean - mean[None, :, None, None], atol=1e-5)
+        assert torch.allclose(after.logvar, before.logvar)  # a shift: the posterior's spread is untouched
+        assert torch.allclose(vae.decode(after.mean).sample, decoded, atol=1e-5)  # decode(encode(x)) unchanged
+
+
 def test_latent_scaling_factor_is_one_over_std():
     from diffusers import AutoencoderKL
 

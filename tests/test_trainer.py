@@ -90,6 +90,13 @@ def test_resume_gives_identical_weights(tmp_path):
     assert torch.equal(straight.exported, resumed.exported)  # EMA state resumed too
 
 
+def test_metrics_history_survives_a_resume(tmp_path):
+    _train(tmp_path, 6, eval_every=2)  # evaluations at 2 and 4, the final one at 6, a checkpoint at 4 and 6
+    _train(tmp_path, 10, eval_every=2)  # resumes at 6: evaluations at 8 and the final 10
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [record["step"] for record in history] == [2, 4, 6, 8, 10]
+
+
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     task = TwoModelTask()
     calls = {"n": 0}

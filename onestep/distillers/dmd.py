@@ -55,12 +55,15 @@ class DMDOptions:
     gan: bool = True
     gan_generator_weight: float = 3e-3
     gan_critic_weight: float = 1e-2
+    gan_t_max: float = 1.0  # the GAN's noise t ~ U[0, gan_t_max T): DMD2's diffusion_gan_max_timestep / T
     regression: RegressionOptions = field(default_factory=RegressionOptions)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
 
     def validate(self) -> None:
         if not 0.0 <= self.dm_t_min < self.dm_t_max <= 1.0:
             raise ValueError(f"need 0 <= dm_t_min < dm_t_max <= 1, got {self.dm_t_min}, {self.dm_t_max}")
+        if not 0.0 <= self.gan_t_max <= 1.0:
+            raise ValueError(f"gan_t_max must be in [0, 1], got {self.gan_t_max}")
         if self.generator_every < 1:
             raise ValueError(f"generator_every must be >= 1, got {self.generator_every}")
         for name in ("generator_optimizer", "critic_optimizer"):
@@ -96,6 +99,7 @@ class DMD(Distiller):
         T = teacher.schedule.num_train_timesteps
         # [dm_t_min T, dm_t_max T] inclusive: DMD2 samples t in [20, 980]
         self.dm_range = (round(options.dm_t_min * T), min(round(options.dm_t_max * T), T - 1) + 1)
+        self.gan_range = (0, max(1, round(options.gan_t_max * T)))  # gan_t_max 0: the clean sample (t = 0)
         self._fresh: tuple[torch.Tensor, Condition] | None = None  # the generator step's sample, reused by the critic
 
     def updates(self) -> list[Update]:
@@ -121,7 +125,7 @@ class DMD(Distiller):
         loss_dm = distribution_matching_loss(x, mu_real, mu_fake).mean()
         loss, logs = loss_dm, {"dm": loss_dm.item()}
         if self.options.gan:
-            t_gan = sample_timesteps(x.shape[0], 0, self.teacher.schedule.num_train_timesteps, self.device)
+            t_gan = sample_timesteps(x.shape[0], *self.gan_range, self.device)
             x_gan = self.teacher.schedule.add_noise(x, torch.randn_like(x), t_gan)
             logits = call_frozen(self.fake, x_gan, t_gan, condition, output="logits")
             loss_gan = gan_generator_loss(logits).mean()
@@ -145,9 +149,9 @@ class DMD(Distiller):
         loss_dsm = denoising_loss(raw, self.teacher.schedule, x, condition).mean()
         loss, logs = loss_dsm, {"denoising": loss_dsm.item()}
         if self.options.gan:
-            schedule, T = self.teacher.schedule, self.teacher.schedule.num_train_timesteps
+            schedule = self.teacher.schedule
             real, real_condition = self.real.sample(x.shape[0], self.device)
-            t_fake, t_real = (sample_timesteps(x.shape[0], 0, T, self.device) for _ in range(2))
+            t_fake, t_real = (sample_timesteps(x.shape[0], *self.gan_range, self.device) for _ in range(2))
             fake_logits = fake(schedule.add_noise(x, torch.randn_like(x), t_fake), t_fake, condition, output="logits")
             real_t = schedule.add_noise(real, torch.randn_like(real), t_real)
             real_logits = fake(real_t, t_real, real_condition, output="logits")

@@ -289,7 +289,8 @@ class Trainer:
         if broken:  # never write a NaN weight: the last complete checkpoint stays the newest
             raise FloatingPointError(f"non-finite weights in {', '.join(broken)} at step {self.step}: not saved; "
                                      "the last complete checkpoint is intact")
-        state = {"step": self.step, "elapsed": self.counter.elapsed, "config": self.run_config}
+        state = {"step": self.step, "elapsed": self.counter.elapsed, "config": self.run_config,
+                 "history": self.history}  # metrics.json keeps the evaluations from before a resume
         save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.step, state,
                         self.config.keep_checkpoints)
 
@@ -299,7 +300,15 @@ class Trainer:
         if found is None:
             return False
         self.accelerator.load_state(str(found))
-        assert self.counter.step == read_state(found)["step"]
+        state = read_state(found)
+        assert self.counter.step == state["step"]
+        self.history = list(state.get("history", []))  # checkpoints written before it was kept: none
+        try:  # a run that finished at this step also has its final evaluation, made after the checkpoint
+            finished = json.loads((self.output_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            finished = None
+        if isinstance(finished, dict) and finished.get("step") == self.step:
+            self.history = list(finished.get("history", self.history))
         return True
 
     def evaluate(self) -> dict[str, float]:
@@ -402,11 +411,10 @@ class Trainer:
             metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
                        "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
             write_json_atomic(self.output_dir / "metrics.json", metrics)
-            if (self.output_dir / "pipeline" / "model_index.json").is_file():
-                from onestep.model_card import write_model_card
+            from onestep.model_card import write_model_card
 
-                run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
-                write_model_card(self.output_dir / "pipeline", run_config, metrics)
+            run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
+            write_model_card(self.output_dir / "pipeline", run_config, metrics)
         self.accelerator.wait_for_everyone()
         return final
 

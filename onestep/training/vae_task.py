@@ -20,6 +20,7 @@ class VaeOptions:
     vae: dict[str, Any] = field(default_factory=dict)  # AutoencoderKL kwargs
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     kl_weight: float = 1.0e-6  # LDM's KL-f8 weight on the summed KL (Rombach et al. 2022, appendix G)
+    centre_latents: bool = False  # export with the data's mean latent folded out (see `centre_latents`)
     export_dtype: str = "float32"
 
     def validate(self) -> None:
@@ -49,6 +50,28 @@ def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int = 
     return 1.0 / latents.float().std().item()
 
 
+@torch.no_grad()
+def centre_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Fold the data's mean latent m (per channel, of the posterior means of `images`) out of the latent space:
+    quant_conv's bias -= m, post_quant_conv's bias += W_post m. decode(encode(x)) is unchanged exactly and stock
+    diffusers loads the result (SD3 keeps such an offset outside the VAE as `shift_factor`; SD1.5's pipeline has no
+    such field).
+
+    Why: with SD's non-zero terminal SNR the model's input at t = T still carries sqrt(alpha_bar_T) x0, while
+    samplers start from noise centred at 0; latents whose data mean is far from 0 then bias the colours (low
+    frequencies) the teacher draws from pure noise (docs/t2i.md). Returns m.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("centre_latents needs an AutoencoderKL with quant_conv and post_quant_conv")
+    channels = vae.config.latent_channels
+    mean = torch.cat([vae.encode(images[i:i + batch].to(vae.device, vae.dtype)).latent_dist.mean
+                      for i in range(0, len(images), batch)]).float().mean((0, 2, 3))
+    vae.quant_conv.bias[:channels] -= mean.to(vae.dtype)
+    post_weight = vae.post_quant_conv.weight.float().flatten(1)  # 1x1 conv: (C, C)
+    vae.post_quant_conv.bias += (post_weight @ mean).to(vae.dtype)
+    return mean
+
+
 class VaeTraining:
     """x ~ data, one L1 + KL step; the exported AutoencoderKL carries the measured `scaling_factor`."""
 
@@ -74,7 +97,16 @@ class VaeTraining:
         reconstruction = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         mse = (reconstruction - x).square().mean().item()
         psnr = 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # peak-to-peak range 2
-        return {"rec_mse": mse, "psnr_db": psnr, "scaling_factor": latent_scaling_factor(self.vae, x)}
+        return {"rec_mse": mse, "psnr_db": psnr, "scaling_factor": self.exported_vae().config.scaling_factor}
+
+    def exported_vae(self) -> AutoencoderKL:
+        """A copy of the VAE as it is exported: centred if `options.centre_latents`, with `scaling_factor` measured
+        on the 1024 fixed evaluation images."""
+        vae = copy.deepcopy(self.vae).eval()
+        if self.options.centre_latents:
+            centre_latents(vae, self.images)
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, self._eval_images()))
+        return vae
 
     @torch.no_grad()
     def sample_images(self) -> torch.Tensor:
@@ -86,11 +118,9 @@ class VaeTraining:
         return to_uint8(torch.cat([x, reconstruction]))
 
     def export_pipeline(self, out_dir: Path) -> None:
-        """The AutoencoderKL folder (`save_pretrained`, safetensors), `scaling_factor` measured on the 1024 fixed
-        evaluation images (what `evaluate` reports)."""
+        """The AutoencoderKL folder (`save_pretrained`, safetensors) of `exported_vae` (what `evaluate` reports)."""
         from onestep.export import atomic_folder
 
-        vae = copy.deepcopy(self.vae).eval()
-        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, self._eval_images()))
+        vae = self.exported_vae()
         with atomic_folder(out_dir) as tmp:
             vae.to(getattr(torch, self.options.export_dtype)).save_pretrained(tmp, safe_serialization=True)
