@@ -185,6 +185,16 @@ def test_vae_export_measures_the_scaling_factor(tiny_t2i_teacher):
     assert vae.config.scaling_factor != 0.18215 and vae.config.latent_channels == 4
 
 
+def test_a_vae_run_exports_again_from_its_checkpoint(tiny_t2i_teacher, tmp_path):
+    from diffusers import AutoencoderKL
+
+    assert main(["export", str(tiny_t2i_teacher / "vae"), "--out", str(tmp_path / "vae")]) == 0
+    again = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    shipped = AutoencoderKL.from_pretrained(tiny_t2i_teacher / "vae" / "pipeline")
+    assert again.config.scaling_factor == pytest.approx(shipped.config.scaling_factor)
+    assert not (tmp_path / "vae" / "README.md").exists()  # a bare AutoencoderKL folder, not a pipeline: no card
+
+
 def test_centred_latents_keep_reconstructions_and_have_zero_data_mean():
     from diffusers import AutoencoderKL
 
