@@ -107,3 +107,13 @@ def test_cli_fid_with_judge2(tmp_path, capsys, digits):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["protocol"]["metric"] == "FD-digits_mlp" and result["protocol"]["num_samples"] == 300
     assert result["value"] == pytest.approx(frechet_distance(to_uint8(images[:300]), features="digits_mlp").value)
+
+
+def test_real_fake_probe_tells_apart_only_what_differs():
+    from scripts.real_fake_probe import probe_accuracy
+
+    real, _ = load_digits_tensors()
+    shuffled = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))]
+    assert probe_accuracy(real, real.flip(-1), sigma=0.0, steps=300) > 0.9  # mirrored digits: easy
+    assert abs(probe_accuracy(real, shuffled, sigma=0.0, steps=300) - 0.5) < 0.08  # the same distribution: chance
+    assert probe_accuracy(real, real.flip(-1), sigma=3.0, steps=300) < 0.65  # drowned in noise: near chance
