@@ -1,7 +1,7 @@
 """onestep: distill pretrained diffusers UNets into one-step generators."""
 
 from onestep.distillers import build_distiller
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
 from onestep.training.trainer import Trainer, TrainerConfig
 
 

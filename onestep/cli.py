@@ -53,7 +53,7 @@ def _sample(args: argparse.Namespace) -> int:
     from onestep.errors import UserInputError
     from onestep.eval.grid import save_grid
     from onestep.eval.quantize import to_uint8
-    from onestep.inference import load_sampler
+    from onestep.sampling.inference import load_sampler
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
@@ -162,7 +162,7 @@ def _fid_batches(args: argparse.Namespace, protocol: dict):
 
         channels = FEATURES[args.features].channels if args.features in FEATURES else 3
         return (SampleBatch(b) for b in iter_image_batches(source, channels, args.batch_size)), None
-    from onestep.inference import load_sampler
+    from onestep.sampling.inference import load_sampler
 
     sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
     n = args.num_samples or 1000

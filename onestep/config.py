@@ -10,9 +10,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from onestep.attention import BACKENDS
 from onestep.errors import UserInputError
-from onestep.loading import DTYPES
+from onestep.models.attention import BACKENDS
+from onestep.models.loading import DTYPES
 from onestep.training.tracking import check_tracker
 from onestep.training.trainer import TrainerConfig
 
@@ -79,7 +79,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    attention: str = "auto"  # auto | sdpa | xformers | eager: the attention kernel of all networks (onestep.attention)
+    attention: str = "auto"  # auto | sdpa | xformers | eager: the attention kernel of all networks
     # Two-stage runs: an exported OneStepPipeline of an earlier stage whose generator starts this one ...
     init_generator: str | None = None
     # ... and an earlier run folder whose fake score (and GAN head, if it had one) continues as this run's critic, as

@@ -3,3 +3,7 @@
 
 class UserInputError(ValueError):
     """A problem with what the user gave us (paths, configs, shapes, values), explained in one line."""
+
+
+class EvalError(UserInputError):
+    """Evaluation cannot run as asked (bad images, reference or feature setup); the message is one line."""

@@ -1,11 +1,13 @@
-"""Atomic file writes (a temporary file in the target's folder, moved over the target only when complete), and
-JSON reads of user files that fail in one line."""
+"""Atomic file and folder writes (a temporary file or folder beside the target, moved over the target only when
+complete), and JSON reads of user files that fail in one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,3 +52,32 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(value, dict):
         raise UserInputError(f"corrupt {path}: not a JSON object")
     return value
+
+
+@contextmanager
+def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh hidden sibling folder to fill; when the block succeeds it replaces `out_dir`.
+
+    An existing `out_dir` is moved aside and deleted only after the new folder is in place; on error the new folder
+    is removed and `out_dir` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir} exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}-{uuid.uuid4().hex[:12]}.tmp")
+    old = tmp.with_suffix(".old")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old.exists():
+                os.replace(old, out_dir)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

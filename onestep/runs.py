@@ -10,9 +10,9 @@ from accelerate.utils import set_seed
 
 from onestep.config import RunConfig, config_from, to_dict
 from onestep.errors import UserInputError
+from onestep.export.model_card import write_model_card
 from onestep.files import read_json, write_json_atomic
-from onestep.loading import DTYPES, resolve_path
-from onestep.model_card import write_model_card
+from onestep.models.loading import DTYPES, resolve_path
 from onestep.training.denoiser_task import DenoiserTraining
 from onestep.training.trainer import Trainer, process_state
 
@@ -90,7 +90,7 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
 
 
 def load_teacher(cfg: RunConfig):
-    from onestep.teacher import Teacher
+    from onestep.models.teacher import Teacher
 
     return Teacher.from_pretrained(cfg.teacher.path, guidance_scale=cfg.teacher.guidance_scale,
                                    dtype=DTYPES[cfg.teacher.dtype], allow_pickle=cfg.teacher.allow_pickle,
@@ -214,22 +214,46 @@ def build_distiller_task(cfg: RunConfig):
     if issubclass(distiller_cls, Backtracking):
         extra["path_dir"] = Path(cfg.output_dir) / "path"  # DisBack's stage-1 path, unless options.path_dir is set
         _check_writes_inside(cfg, cfg.options.path_dir)
+    init_generator = resolve_path(cfg.init_generator) if cfg.init_generator else None
+    init_critic = critic_file(resolve_path(cfg.init_critic)) if cfg.init_critic else None
     try:
         distiller = build_distiller(cfg.method, teacher, cfg.options, conditions=conditions, judge=judge,
                                     batch_size=cfg.data.batch_size, real=real,
                                     regression_cache=Path(cfg.output_dir) / "cache",
-                                    init_generator=resolve_path(cfg.init_generator) if cfg.init_generator else None,
-                                    init_critic=resolve_path(cfg.init_critic) if cfg.init_critic else None, **extra)
+                                    init_generator=init_generator, init_critic=init_critic, **extra)
     except ValueError as err:
         raise UserInputError(str(err)) from None
     use_attention(distiller, cfg.attention)
     return distiller
 
 
+def critic_file(run_dir: Path) -> Path:
+    """The fake score's weights in a run folder's newest complete checkpoint (a later stage's `init_critic`).
+
+    The trainer saves its updates' modules in order (accelerate's model.safetensors, model_1.safetensors, ...);
+    every distiller with a fake score (DMD/DMD2, MSD, SiD, SFD, DisBack) lists the generator first, the critic second.
+    """
+    from onestep.distillers import DISTILLERS
+    from onestep.distillers.dmd import DMD
+    from onestep.distillers.sid import SiD
+    from onestep.training.checkpoints import latest_checkpoint
+
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise UserInputError(f"init_critic {run_dir} is not a onestep run folder (no config.json)")
+    method = read_json(saved).get("method")
+    if method not in DISTILLERS or not issubclass(DISTILLERS[method].distiller_cls, (DMD, SiD)):
+        raise UserInputError(f"init_critic {run_dir}: a {method} run has no fake score to continue")
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None or not (checkpoint / "model_1.safetensors").is_file():
+        raise UserInputError(f"init_critic {run_dir} has no complete checkpoint")
+    return checkpoint / "model_1.safetensors"
+
+
 def use_attention(task, backend: str) -> None:
     """Run every attention layer of the task's networks on `backend`, chosen for the device accelerate will train on
     (the networks are still on the CPU here); the trainer's log states the backend (`task.attention_backend`)."""
-    from onestep.attention import set_task_attention_backend
+    from onestep.models.attention import set_task_attention_backend
 
     task.attention_backend = set_task_attention_backend(task, backend, process_state().device.type)
 
@@ -291,8 +315,8 @@ def train_students(cfg: RunConfig, overwrite: bool = False) -> dict:
 def assemble_students(cfg: RunConfig, out: Path | None = None) -> Path:
     """One MultiStudentPipeline from the students' exported pipelines and the run's router."""
     from onestep.distillers.msd import build_router
-    from onestep.export import export_students
-    from onestep.loading import load_model
+    from onestep.export.pipeline import export_students
+    from onestep.models.loading import load_model
 
     teacher = load_teacher(cfg)
     router = build_router(cfg.options, teacher, build_conditions(cfg, teacher, data_source(cfg, teacher)))

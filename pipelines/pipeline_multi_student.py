@@ -5,7 +5,7 @@ diffusers (`custom_pipeline="pipeline_multi_student", trust_remote_code=True`) w
 does not import `pipeline_onestep.py` either (each pipeline file must load alone), so it repeats the one-step
 read-out of `OneStepPipeline` (same conventions: VP discrete time, x0 read out by `prediction_type` in float32,
 images in [-1, 1] in model space, [0, 1] out) and evaluates the router from its stored config; fitting and
-validating routers is `onestep.routing`'s job, and the tests check both route identically.
+validating routers is `onestep.models.routing`'s job, and the tests check both route identically.
 
 Storing K students: one optional component slot per student, `unet_0` ... `unet_7` (`MAX_STUDENTS`), unused slots
 saved as `[null, null]`. Each student is then a plain diffusers `UNet2DModel` / `UNet2DConditionModel` in its own
@@ -47,10 +47,10 @@ Student = UNet2DModel | UNet2DConditionModel
 
 def route_requests(router: dict, class_labels: torch.Tensor | None,
                    prompt_embeds: torch.Tensor | None) -> torch.LongTensor:
-    """Student index per request from a stored router config (`onestep.routing.Router.to_config()`).
+    """Student index per request from a stored router config (`onestep.models.routing.Router.to_config()`).
 
-    The same arithmetic as `onestep.routing`: `class_range` k = label * K // num_classes; `class_mapping` a lookup
-    table; `text_pca` bits (projection of the token-mean prompt embedding, in float64, > median) read as binary.
+    The same arithmetic as `onestep.models.routing`: `class_range` k = label * K // num_classes; `class_mapping` a
+    lookup table; `text_pca` bits (projection of the token-mean prompt embedding, in float64, > median) read as binary.
     """
     kind = router["type"]
     if kind in ("class_range", "class_mapping"):
@@ -111,7 +111,7 @@ class MultiStudentPipeline(DiffusionPipeline):
             embedding and the time ids); the router pools the concatenated hidden states.
         timesteps (`list[int]`, defaults to `[999]`): the students' read-out timesteps, decreasing.
         num_classes (`int`, *optional*): real classes; read from `unet_0.config.num_class_embeds - 1` when not given.
-        router (`dict`): the router's config (`onestep.routing.Router.to_config()`); required, the default only
+        router (`dict`): the router's config (`onestep.models.routing.Router.to_config()`); required, the default only
             satisfies diffusers (a parameter without default would count as a component).
     """
 
@@ -174,7 +174,7 @@ class MultiStudentPipeline(DiffusionPipeline):
     def check_router(router: dict | None, num_students: int, num_classes: int | None) -> None:
         """The router must route to exactly these students and, for class routers, split exactly these classes."""
         if router is None:
-            raise ValueError("MultiStudentPipeline needs a router config (onestep.routing.Router.to_config())")
+            raise ValueError("MultiStudentPipeline needs a router config (onestep.models.routing.Router.to_config())")
         if router.get("num_students") != num_students:
             raise ValueError(f"router is for {router.get('num_students')} students, the pipeline has {num_students}")
         routed = router_num_classes(router)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import Condition
 from onestep.distillers.boot import SignalGenerator, training_grid, trajectory_gap
 from onestep.eval.sampling import balanced_labels
-from onestep.loading import load_model
+from onestep.models.conditioning import Condition
+from onestep.models.loading import load_model
+from onestep.models.teacher import Teacher
 from onestep.runs import RUN_CONFIG
-from onestep.teacher import Teacher
 
 
 def main() -> None:

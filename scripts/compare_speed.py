@@ -10,7 +10,7 @@ import json
 import statistics
 
 from onestep.bench.compare import images_per_second
-from onestep.inference import load_sampler
+from onestep.sampling.inference import load_sampler
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from onestep.data.digits import load_digits_tensors
-from onestep.inference import load_sampler
+from onestep.sampling.inference import load_sampler
 
 
 def probe_accuracy(real: torch.Tensor, fake: torch.Tensor, sigma: float, seed: int = 1, steps: int = 1500) -> float:

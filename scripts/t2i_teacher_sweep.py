@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from onestep.eval.t2i import digits_t2i_judge
+from onestep.eval.judge import digits_t2i_judge
 from onestep.files import write_json_atomic
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
 
 
 # Tiny models run fastest on one thread without oneDNN (its per-shape kernel builds dominate at this size),

@@ -26,7 +26,7 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.distillers.sid import SiDOptions
-from onestep.lora import LoRAConfig
+from onestep.models.lora import LoRAConfig
 from onestep.training.trainer import Trainer, TrainerConfig
 from onestep.training.updates import OptimizerConfig
 from tests.multiprocess_worker import tiny_teacher

@@ -24,7 +24,7 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.distillers.sid import SiDOptions
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
 from onestep.training.trainer import Trainer, TrainerConfig, process_state
 from onestep.training.updates import LossOutput, OptimizerConfig
 from tests.conftest import scheduler, tiny_unet

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from onestep.conditioning import Condition
-from onestep.loading import resolve_path
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.loading import resolve_path
+from onestep.models.teacher import Teacher
 
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"

@@ -13,13 +13,13 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
 )
 
-from onestep.attention import resolve_backend, set_attention_backend, set_task_attention_backend
 from onestep.config import load_config
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.errors import UserInputError
-from onestep.networks import reachable_modules
-from onestep.teacher import Teacher
+from onestep.models.attention import resolve_backend, set_attention_backend, set_task_attention_backend
+from onestep.models.networks import reachable_modules
+from onestep.models.teacher import Teacher
 from onestep.training.trainer import Trainer, TrainerConfig
 from tests.conftest import scheduler, tiny_text_unet, tiny_unet
 from tests.test_trainer import TwoModelTask

@@ -66,7 +66,7 @@ def test_memory_estimate_from_a_lora_reference():
 
 
 def test_real_size_shapes_match_the_published_parameter_counts():
-    from onestep.shapes import parameter_counts
+    from onestep.models.shapes import parameter_counts
 
     counts = parameter_counts("sd15")
     assert round(counts["unet"] / 1e6, 1) == 859.5 and round(counts["vae"] / 1e6, 1) == 83.7

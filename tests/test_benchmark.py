@@ -3,9 +3,9 @@
 import json
 
 from onestep.bench.compare import markdown_table, run_benchmark
-from onestep.export import export_generator
-from onestep.generator import Generator
-from onestep.teacher import Teacher
+from onestep.export.pipeline import export_generator
+from onestep.models.generator import Generator
+from onestep.models.teacher import Teacher
 
 
 def test_benchmark_rows_forgetting_and_outputs(tmp_path):

@@ -9,12 +9,12 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from onestep.conditioning import Condition
 from onestep.distillers import BOOTOptions, build_distiller
 from onestep.distillers.boot import bootstrap_weight, ddim_signal_step, signal_step_size, training_grid
+from onestep.models.conditioning import Condition
+from onestep.models.teacher import Teacher
+from onestep.models.unet import unet_forward
 from onestep.pipelines import OneStepPipeline
-from onestep.teacher import Teacher
-from onestep.unet import unet_forward
 from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 
@@ -232,7 +232,7 @@ def test_pipeline_readout_arguments_are_checked():
 
 def test_cli_smoke_run_exports_a_sampleable_pipeline(tmp_path):
     from onestep.cli import main
-    from onestep.inference import load_sampler
+    from onestep.sampling.inference import load_sampler
 
     out = tmp_path / "run"
     assert main(["train", str(CONFIG), f"output_dir={out}", "train.max_steps=3", "train.max_minutes=null",

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from onestep.distillers import build_distiller
 from onestep.distillers.disback import DisBackOptions, DisBackSiDOptions, load_strict
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
 from onestep.training.updates import OptimizerConfig
 from tests.conftest import scheduler, teacher_input_grads, tiny_unet
 
@@ -135,8 +135,8 @@ def test_convergence_counts_stage_one_and_finds_the_first_step_at_target(tmp_pat
 
 def test_path_is_recorded_from_the_generator_that_init_generator_loaded(tmp_path):
     from onestep.distillers.disback import PATH_INDEX, weights_digest
-    from onestep.export import export_generator
-    from onestep.generator import Generator
+    from onestep.export.pipeline import export_generator
+    from onestep.models.generator import Generator
 
     teacher = Teacher(tiny_unet(num_classes=3), scheduler())
     stage1 = Generator.from_teacher(teacher.unet, teacher.schedule, [400])

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from onestep.conditioning import Condition
 from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMD1Options, DMDOptions, distribution_matching_loss
-from onestep.teacher import Teacher
-from onestep.unet import unet_x0
+from onestep.models.conditioning import Condition
+from onestep.models.teacher import Teacher
+from onestep.models.unet import unet_x0
 from tests.conftest import critic_timesteps, scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 

@@ -5,15 +5,15 @@ import functools
 import pytest
 import torch
 
-from onestep.conditioning import Condition
-from onestep.denoising import denoising_loss
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
-from onestep.sampling import sample_teacher
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.denoising import denoising_loss
+from onestep.models.teacher import Teacher
+from onestep.models.unet import unet_forward
+from onestep.sampling.teacher import sample_teacher
 from onestep.training.trainer import Trainer, TrainerConfig
 from onestep.training.updates import OptimizerConfig
-from onestep.unet import unet_forward
 from tests.conftest import scheduler, tiny_unet
 
 

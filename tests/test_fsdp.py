@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from onestep.errors import UserInputError
-from onestep.lora import LoRAConfig
-from onestep.training.sharding import FullStateEMA, Skeleton, is_sharded, swapped_attributes
+from onestep.models.lora import LoRAConfig
+from onestep.models.networks import is_sharded
+from onestep.models.unet import call_frozen
+from onestep.training.sharding import FullStateEMA, Skeleton, swapped_attributes
 from onestep.training.trainer import _check_sharding
-from onestep.unet import call_frozen
 from tests.conftest import tiny_unet
 from tests.test_lora import _dmd
 

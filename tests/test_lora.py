@@ -11,11 +11,11 @@ from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.distillers.sid import SiDOptions
 from onestep.distillers.stages import init_generator
-from onestep.inference import load_sampler
-from onestep.loading import load_model
-from onestep.lora import LORA_WEIGHTS, LoRAConfig, load_lora_weights, lora_layers
+from onestep.models.loading import load_model
+from onestep.models.lora import LORA_WEIGHTS, LoRAConfig, load_lora_weights, lora_layers
+from onestep.models.teacher import Teacher
 from onestep.pipelines import OneStepPipeline
-from onestep.teacher import Teacher
+from onestep.sampling.inference import load_sampler
 from onestep.training.trainer import Trainer, TrainerConfig
 from tests.conftest import scheduler, tiny_unet
 

@@ -7,10 +7,10 @@ import yaml
 from huggingface_hub import ModelCard
 
 from onestep.cli import main
-from onestep.export import export_generator
-from onestep.generator import Generator
-from onestep.model_card import write_model_card
-from onestep.teacher import Teacher
+from onestep.export.model_card import write_model_card
+from onestep.export.pipeline import export_generator
+from onestep.models.generator import Generator
+from onestep.models.teacher import Teacher
 from tests.conftest import scheduler, tiny_clip, tiny_text_unet, tiny_vae
 from tests.test_cli import DEMO
 

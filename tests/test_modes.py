@@ -81,9 +81,9 @@ def test_coverage_of_a_known_biased_sample_set():
 
 
 def _run_folder(root, teacher_dir, unet, method="dmd2"):
-    from onestep.export import export_generator
-    from onestep.generator import Generator
-    from onestep.teacher import Teacher
+    from onestep.export.pipeline import export_generator
+    from onestep.models.generator import Generator
+    from onestep.models.teacher import Teacher
 
     teacher = Teacher.from_pretrained(teacher_dir)
     export_generator(Generator.from_teacher(unet, teacher.schedule, [999]), teacher, root / "pipeline")

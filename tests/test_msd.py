@@ -9,8 +9,8 @@ from onestep.distillers.msd import MSDOptions
 from onestep.distillers.regression import RegressionOptions
 from onestep.distillers.tsm import TSMOptions
 from onestep.eval.judge import Judge
-from onestep.teacher import Teacher
-from onestep.unet import num_parameters
+from onestep.models.teacher import Teacher
+from onestep.models.unet import num_parameters
 from tests.conftest import scheduler, teacher_input_grads, tiny_unet
 
 
@@ -118,7 +118,7 @@ def test_train_all_students_then_assemble_the_routed_pipeline(tmp_path):
     from pathlib import Path
 
     from onestep.cli import main
-    from onestep.loading import load_model
+    from onestep.models.loading import load_model
     from onestep.pipelines import MultiStudentPipeline
 
     config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "msd.yaml"

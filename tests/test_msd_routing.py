@@ -11,11 +11,11 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from onestep.export import export_students
+from onestep.export.pipeline import export_students
+from onestep.models.routing import ClassMappingRouter, ClassRangeRouter, TextPCARouter, pool, router_from_config
+from onestep.models.teacher import Teacher
 from onestep.pipelines import MultiStudentPipeline, OneStepPipeline
 from onestep.pipelines.pipeline_multi_student import route_requests
-from onestep.routing import ClassMappingRouter, ClassRangeRouter, TextPCARouter, pool, router_from_config
-from onestep.teacher import Teacher
 from tests.conftest import scheduler, tiny_clip, tiny_text_unet, tiny_unet
 
 

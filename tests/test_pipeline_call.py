@@ -84,8 +84,8 @@ def test_class_labels_repeat_per_image():
 
 # --- MultiStudentPipeline takes the same arguments (no per-step callback: each student runs its own requests) --------
 def test_multi_student_call_arguments(tmp_path):
+    from onestep.models.routing import ClassRangeRouter, TextPCARouter, pool
     from onestep.pipelines import MultiStudentPipeline
-    from onestep.routing import ClassRangeRouter, TextPCARouter, pool
 
     sched = scheduler(zero_snr=False)
     unets = [tiny_unet(num_classes=4, seed=k).eval() for k in range(2)]

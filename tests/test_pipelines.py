@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
-from onestep.export import export_generator, export_pipeline
-from onestep.generator import Generator
+from onestep.export.pipeline import export_generator, export_pipeline
+from onestep.models.generator import Generator
+from onestep.models.teacher import Teacher
 from onestep.pipelines import ClassConditionalDiffusionPipeline, OneStepPipeline
-from onestep.teacher import Teacher
 from tests.conftest import scheduler, tiny_text_unet, tiny_unet, tiny_vae
 
 

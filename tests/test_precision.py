@@ -14,10 +14,10 @@ from onestep.config import load_config
 from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
+from onestep.models.teacher import Teacher
+from onestep.models.unet import enable_gradient_checkpointing
 from onestep.runs import load_teacher
-from onestep.teacher import Teacher
 from onestep.training.trainer import Trainer, TrainerConfig
-from onestep.unet import enable_gradient_checkpointing
 from tests.conftest import scheduler, tiny_unet
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from onestep.schedules import VPSchedule
+from onestep.models.schedules import VPSchedule
 
 
 @pytest.fixture(params=["linear", "scaled_linear", "squaredcos_cap_v2"])

@@ -11,11 +11,11 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from onestep.cli import main
-from onestep.conditioning import Condition
 from onestep.errors import UserInputError
-from onestep.inference import load_sampler
-from onestep.loading import resolve_model
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.loading import resolve_model
+from onestep.models.teacher import Teacher
+from onestep.sampling.inference import load_sampler
 from tests.conftest import hub_snapshot, sd_folder, tiny_sdxl_unet
 
 

@@ -5,7 +5,7 @@ import torch
 
 from onestep.distillers import build_distiller
 from onestep.distillers.sfd import SFDOptions
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
 from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 
@@ -88,8 +88,8 @@ def test_bad_forget_settings_are_clear_errors(options, message):
 def test_two_stage_starts_the_generator_from_stage_one_and_the_fake_score_from_the_teacher(tmp_path):
     from onestep.distillers.stages import init_generator
     from onestep.errors import UserInputError
-    from onestep.export import export_generator
-    from onestep.generator import Generator
+    from onestep.export.pipeline import export_generator
+    from onestep.models.generator import Generator
 
     teacher = Teacher(tiny_unet(num_classes=4), scheduler())
     stage1 = build_distiller("sid", teacher, batch_size=2)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from onestep.conditioning import Condition
 from onestep.distillers import build_distiller
 from onestep.distillers.sid import SiDOptions, sid_loss
-from onestep.schedules import VPSchedule
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.schedules import VPSchedule
+from onestep.models.teacher import Teacher
 from tests.conftest import critic_timesteps, scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
 

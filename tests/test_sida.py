@@ -11,7 +11,8 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.sid import SiDOptions
 from onestep.distillers.sida import SiDAOptions
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
+from onestep.runs import critic_file
 from onestep.training.trainer import Trainer, TrainerConfig
 from tests.conftest import scheduler, teacher_input_grads, tiny_unet, train_steps_keep_teacher
 
@@ -141,7 +142,8 @@ def test_sid2a_starts_from_a_sid_runs_generator_and_fake_score(tmp_path):
     stage1.export_pipeline(tmp_path / "sid" / "pipeline")
     for head in ("mean", "bottleneck"):
         sida = build_distiller("sida", teacher, SiDAOptions(gan_head=head), real=_real(), batch_size=2,
-                               init_generator=tmp_path / "sid" / "pipeline", init_critic=tmp_path / "sid")
+                               init_generator=tmp_path / "sid" / "pipeline",
+                               init_critic=critic_file(tmp_path / "sid"))
         for loaded, trained in ((sida.generator.unet, stage1.generator.unet), (sida.fake.unet, stage1.fake.unet)):
             before = trained.state_dict()
             assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())

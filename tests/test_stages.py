@@ -9,7 +9,8 @@ from onestep.data.conditions import RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMDOptions
 from onestep.errors import UserInputError
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
+from onestep.runs import critic_file
 from onestep.training.trainer import Trainer, TrainerConfig
 from tests.conftest import scheduler, tiny_unet
 
@@ -27,7 +28,8 @@ def test_init_critic_continues_the_fake_score_of_a_run_and_starts_a_new_gan_head
 
     torch.manual_seed(1)
     stage2 = build_distiller("dmd2", teacher, DMDOptions(gan=True), real=_real(), batch_size=2,
-                             init_generator=tmp_path / "stage1" / "pipeline", init_critic=tmp_path / "stage1")
+                             init_generator=tmp_path / "stage1" / "pipeline",
+                             init_critic=critic_file(tmp_path / "stage1"))
     torch.manual_seed(1)
     fresh = build_distiller("dmd2", teacher, DMDOptions(gan=True), real=_real(), batch_size=2)
     trained = stage1.fake.unet.state_dict()
@@ -38,16 +40,16 @@ def test_init_critic_continues_the_fake_score_of_a_run_and_starts_a_new_gan_head
         assert torch.equal(a, b)  # stage 1 had no GAN head: it starts as in a fresh run
 
     with pytest.raises(UserInputError, match="not a onestep run folder"):
-        build_distiller("dmd2", teacher, DMDOptions(gan=False), init_critic=tmp_path / "stage1" / "pipeline")
+        critic_file(tmp_path / "stage1" / "pipeline")
     (tmp_path / "stage1" / "config.json").write_text(json.dumps({"method": "boot"}))
     with pytest.raises(UserInputError, match="no fake score"):
-        build_distiller("dmd2", teacher, DMDOptions(gan=False), init_critic=tmp_path / "stage1")
+        critic_file(tmp_path / "stage1")
     (tmp_path / "stage1" / "config.json").write_text(json.dumps({"method": "dmd2"}))
     with pytest.raises(UserInputError, match="does not match"):
         build_distiller("dmd2", Teacher(tiny_unet(num_classes=5), scheduler()), DMDOptions(gan=False),
-                        init_critic=tmp_path / "stage1")
+                        init_critic=critic_file(tmp_path / "stage1"))
     with pytest.raises(ValueError, match="no fake score to continue"):
-        build_distiller("boot", teacher, init_critic=tmp_path / "stage1")
+        build_distiller("boot", teacher, init_critic=critic_file(tmp_path / "stage1"))
 
 
 def test_an_all_students_msd_run_continues_each_students_critic(tmp_path):

@@ -13,11 +13,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from onestep.export import export_generator, export_pipeline
-from onestep.generator import Generator
+from onestep.export.pipeline import export_generator, export_pipeline
+from onestep.export.stock import export_stock_pipeline, stock_folder
+from onestep.models.generator import Generator
+from onestep.models.teacher import Teacher
 from onestep.pipelines import OneStepPipeline
-from onestep.stock_export import export_stock_pipeline, stock_folder
-from onestep.teacher import Teacher
 from tests.conftest import scheduler, sd_folder, tiny_clip, tiny_text_unet, tiny_unet, tiny_vae
 
 

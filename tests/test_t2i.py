@@ -250,7 +250,7 @@ def test_teacher_folder_is_stock_stable_diffusion(tiny_t2i_teacher):
 
 
 def test_text_encoder_is_frozen_and_null_text_is_the_empty_prompt(tiny_t2i_teacher):
-    from onestep.teacher import Teacher
+    from onestep.models.teacher import Teacher
 
     teacher = Teacher.from_pretrained(tiny_t2i_teacher / "teacher" / "pipeline")
     cond = teacher.condition(prompts=["a red seven", "a seven"])
@@ -310,8 +310,8 @@ def test_shipped_teacher_loads_in_stock_diffusers_and_in_onestep():
 
     from diffusers import StableDiffusionPipeline
 
-    from onestep.loading import resolve_path
-    from onestep.teacher import Teacher
+    from onestep.models.loading import resolve_path
+    from onestep.models.teacher import Teacher
 
     folder = resolve_path("builtin:digits-t2i")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix != ".png")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from onestep.conditioning import Condition
 from onestep.errors import UserInputError
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.teacher import Teacher
 from tests.conftest import save_folder, scheduler, tiny_text_unet, tiny_unet
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from onestep.attention import set_attention_backend, xformers_available
+from onestep.models.attention import set_attention_backend, xformers_available
 
 
 SIZE, BATCH, WARMUP, REPEATS = 32, 8, 2, 5  # fixed, so that numbers from different machines compare

@@ -16,9 +16,9 @@ from onestep.eval.fd import frechet_distance
 from onestep.eval.features import metric_key
 from onestep.eval.quantize import to_uint8
 from onestep.eval.sampling import balanced_labels
-from onestep.inference import FolderSampler, load_sampler
-from onestep.loading import resolve_path
+from onestep.models.loading import resolve_path
 from onestep.runs import RUN_CONFIG
+from onestep.sampling.inference import FolderSampler, load_sampler
 
 
 JUDGES = ("digits", "digits_mlp")  # the two digits judges every row is scored on (onestep.eval.classifier)

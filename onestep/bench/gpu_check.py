@@ -47,8 +47,8 @@ def attention_kernels(device: str) -> list[str]:
     """Per backend: the profiler's attention-looking kernels of one forward of an attention UNet."""
     from torch.profiler import ProfilerActivity, profile
 
-    from onestep.attention import BACKENDS, set_attention_backend
     from onestep.bench.attention import attention_unet
+    from onestep.models.attention import BACKENDS, set_attention_backend
 
     model = attention_unet().to(device)
     x = torch.randn(2, 3, 32, 32, device=device)
@@ -99,7 +99,7 @@ def digits_demo(out: Path, minutes: float, dry_run: bool) -> list[str]:
 def images_per_second_rows(out: Path, dry_run: bool) -> list[str]:
     """The demo's one-step student against its teacher at 50 DDIM steps (digits, batch 256; 16 in a dry run)."""
     from onestep.bench.compare import images_per_second
-    from onestep.inference import load_sampler
+    from onestep.sampling.inference import load_sampler
 
     pipeline = out / "digits_dmd2" / "pipeline"
     if not (pipeline / "model_index.json").is_file():

@@ -5,7 +5,8 @@ Two forms:
 - `onestep bench --suite memory CONFIG`: the config's own networks (e.g. digits), variants full / checkpointing /
   LoRA generator / LoRA generator and critics, one TTUR period each.
 - `onestep bench --suite memory --shape sd15|sdxl [--methods ...]`: real-size random-weight models
-  (`onestep.shapes`) in `configs/<shape>/<method>.yaml` at batch 1, through the cumulative variants of SHAPE_VARIANTS.
+  (`onestep.models.shapes`) in `configs/<shape>/<method>.yaml` at batch 1, through the cumulative variants of
+  SHAPE_VARIANTS.
   A variant whose estimate does not fit in the memory free now (or in `--max-gb`) is not run: it is estimated from
   the per-component figures of a measured variant of the same method and marked "estimated".
 
@@ -102,7 +103,7 @@ def _tensor_mib(tensors) -> float:
 
 def split(trainer) -> dict:
     """Weights / gradients / optimizer state held by a Trainer's task (MiB), and the parameter counts behind them."""
-    from onestep.networks import reachable_modules
+    from onestep.models.networks import reachable_modules
 
     networks = reachable_modules(trainer.task)
     weights = [t for net in networks for t in (*net.parameters(), *net.buffers())]
@@ -137,7 +138,7 @@ def _make_resident(trainer) -> None:
     """Copy every weight into process memory. Weights loaded in their file's dtype stay memory-mapped (safetensors):
     their pages count in the resident set only once touched, i.e. in the middle of the training steps, where they
     would pass for activations."""
-    from onestep.networks import reachable_modules
+    from onestep.models.networks import reachable_modules
 
     seen = set()
     for net in reachable_modules(trainer.task):
@@ -285,7 +286,7 @@ def _wait_for_free(mib: float, patience_s: float = 600.0) -> bool:
 
 def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None) -> list[str]:
     """The overrides that point configs/<shape>/<method>.yaml at a random-weight teacher and batch 1."""
-    from onestep.shapes import write_random_images, write_random_teacher
+    from onestep.models.shapes import write_random_images, write_random_teacher
 
     # written in bfloat16 (random weights; each variant loads them in its teacher.dtype): an SDXL UNet built in
     # float32 alone would take 10 GB
@@ -314,7 +315,7 @@ def run_shape_suite(shape: str, out: Path, methods: list[str], variants: list[st
                     latent_size: int | None = None, max_gb: float = 14.0, configs: Path = CONFIGS) -> dict:
     """Each method at `shape`: the reference variant first (measured when it fits), then the others, each measured
     in a fresh process when its estimate fits in min(free memory - 2 GiB, max_gb), estimated otherwise."""
-    from onestep.shapes import component_configs, parameter_counts
+    from onestep.models.shapes import component_configs, parameter_counts
 
     full_size = component_configs(shape)["unet"]["sample_size"]
     unet_parameters = parameter_counts(shape)["unet"]  # the reference's guard: 16 bytes each (DMD2 LoRA measured ~16)

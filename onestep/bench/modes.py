@@ -21,7 +21,7 @@ from onestep.data.modes import MODES, mode_weights
 from onestep.eval.modes import ModeCounts, count_modes, coverage
 from onestep.eval.quantize import to_uint8
 from onestep.files import atomic_file, write_json_atomic
-from onestep.inference import FolderSampler, load_sampler
+from onestep.sampling.inference import FolderSampler, load_sampler
 
 
 MAX_MODE_ERROR, MIN_SUBMODE_RATIO = 0.03, 0.7

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from onestep.conditioning import Condition
+from onestep.models.conditioning import Condition
 
 
 class ConditionSampler:

@@ -62,7 +62,7 @@ class DataSource:
 
     def _cached_rows(self, cache_dir: Path) -> Rows:
         from onestep.data.latent_cache import CachedMoments, build_latent_cache
-        from onestep.loading import DTYPES
+        from onestep.models.loading import DTYPES
 
         if self.teacher.vae is None:
             raise UserInputError("data.latent_cache needs a latent teacher (one with a VAE)")

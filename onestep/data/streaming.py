@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from onestep.conditioning import Condition
 from onestep.data.captioned import Columns
 from onestep.errors import UserInputError
+from onestep.models.conditioning import Condition
 
 
 def prepare_image(image, resolution: int, channels: int, center_crop: bool, random_flip: bool) -> torch.Tensor:

@@ -42,9 +42,9 @@ def build_distiller(name: str, teacher, options=None, init_generator: Path | Non
     """`build_distiller("dmd2", teacher, options)`: options default to the method's preset; kwargs go to the class
     (conditions, judge, real images, ...).
 
-    A later stage starts its generator from an exported pipeline (`init_generator`) and its fake score from a run
-    folder (`init_critic`, see onestep.distillers.stages); both load before `finalize`, which records what depends
-    on the starting generator (DisBack's path) and adds LoRA adapters.
+    A later stage starts its generator from an exported pipeline (`init_generator`) and its fake score from an
+    earlier run's weights file (`init_critic`, see onestep.distillers.stages); both load before `finalize`, which
+    records what depends on the starting generator (DisBack's path) and adds LoRA adapters.
     """
     if name not in DISTILLERS:
         raise ValueError(f"unknown distiller {name!r}; choose from {', '.join(sorted(DISTILLERS))}")

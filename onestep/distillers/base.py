@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import Condition
 from onestep.data.conditions import ConditionSampler
-from onestep.generator import Generator
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.generator import Generator
+from onestep.models.teacher import Teacher
 from onestep.training.updates import Update
 
 
@@ -59,12 +59,12 @@ class Distiller:
         """Train LoRA adapters instead of all weights as `options.lora` says (nothing at rank 0): on the generator's
         UNet and, with `lora.critic`, on each critic's UNet (a GAN head trains fully).
 
-        Called last by `finalize`: the adapters rename the UNets' parameters (onestep.lora).
+        Called last by `finalize`: the adapters rename the UNets' parameters (onestep.models.lora).
         """
         config = self.options.lora
         if not config.enabled:
             return
-        from onestep.lora import add_lora
+        from onestep.models.lora import add_lora
 
         critics = [u.module for u in self.updates() if u.module is not self.generator] if config.critic else []
         for network in (self.generator, *critics):
@@ -93,6 +93,6 @@ class Distiller:
         return None if self.judge is None else self.judge.generator_grid(self.generator, self.teacher)
 
     def export_pipeline(self, out_dir: Path) -> None:
-        from onestep.export import export_generator
+        from onestep.export.pipeline import export_generator
 
         export_generator(self.generator, self.teacher, out_dir, self.export_readout, self.options.lora.export)

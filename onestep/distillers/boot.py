@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from onestep.conditioning import Condition
 from onestep.distillers.base import Distiller
-from onestep.lora import LoRAConfig
-from onestep.schedules import VPSchedule
+from onestep.models.conditioning import Condition
+from onestep.models.lora import LoRAConfig
+from onestep.models.schedules import VPSchedule
+from onestep.models.unet import unet_forward
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import unet_forward
 
 
 WEIGHTINGS = ("inverse_delta_squared", "clipped", "none")
@@ -130,7 +130,7 @@ class BOOTOptions:
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=10.0))
     generator_ema: float | None = 0.99
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
     def validate(self) -> None:
         if self.num_grid_steps < 1:

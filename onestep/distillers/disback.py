@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from onestep.denoising import denoising_loss
 from onestep.distillers.dmd import DMD, DMDOptions
 from onestep.distillers.sid import SiD, SiDOptions
 from onestep.files import atomic_file, write_json_atomic
-from onestep.loading import DTYPES
+from onestep.models.denoising import denoising_loss
+from onestep.models.loading import DTYPES
+from onestep.models.unet import load_weights, unet_forward
 from onestep.training.updates import OptimizerConfig, make_optimizer
-from onestep.unet import load_weights, unet_forward
 
 
 PATH_INDEX = "path.json"  # written last: a path folder without it is incomplete and is recorded again

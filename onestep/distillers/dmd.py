@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onestep.conditioning import Condition
-from onestep.critics import FakeScore, gan_discriminator_loss, gan_generator_loss
-from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
 from onestep.distillers.regression import PairedRegression, RegressionOptions
-from onestep.lora import LoRAConfig
+from onestep.models.conditioning import Condition
+from onestep.models.critics import FakeScore, gan_discriminator_loss, gan_generator_loss
+from onestep.models.denoising import denoising_loss, sample_timesteps
+from onestep.models.lora import LoRAConfig
+from onestep.models.unet import call_frozen
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import call_frozen
 
 
 def distribution_matching_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class DMDOptions:
     gan_critic_weight: float = 1e-2
     gan_t_max: float = 1.0  # the GAN's noise t ~ U[0, gan_t_max T): DMD2's diffusion_gan_max_timestep / T
     regression: RegressionOptions = field(default_factory=RegressionOptions)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
     def validate(self) -> None:
         if not 0.0 <= self.dm_t_min < self.dm_t_max <= 1.0:

@@ -18,8 +18,8 @@ import torch
 from onestep.data.conditions import ConditionSampler
 from onestep.distillers.base import class_conditions
 from onestep.distillers.dmd import DMD, DMDOptions
-from onestep.generator import Generator
-from onestep.routing import ClassMappingRouter, ClassRangeRouter, Router, TextPCARouter, pool
+from onestep.models.generator import Generator
+from onestep.models.routing import ClassMappingRouter, ClassRangeRouter, Router, TextPCARouter, pool
 
 
 PARTITIONS = ("ranges", "mapping", "text_pca")
@@ -113,8 +113,8 @@ class MSD(DMD):
             self.generator = Generator(self._smaller_unet(options), teacher.schedule, options.generator_timesteps)
 
     def _smaller_unet(self, options: MSDOptions):
-        from onestep.loading import load_model, resolve_path
-        from onestep.unet import reduced_unet
+        from onestep.models.loading import load_model, resolve_path
+        from onestep.models.unet import reduced_unet
 
         if options.student_init:
             return load_model(resolve_path(options.student_init) / "unet").float().train()

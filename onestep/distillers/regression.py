@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save
 
 from onestep.data.conditions import ConditionSampler
 from onestep.files import atomic_file
-from onestep.sampling import sample_teacher
-from onestep.teacher import Teacher
+from onestep.models.teacher import Teacher
+from onestep.sampling.teacher import sample_teacher
 
 
 DISTANCES = ("mse", "pseudo_huber", "lpips")

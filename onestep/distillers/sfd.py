@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onestep.conditioning import Condition
 from onestep.data.conditions import ConditionSampler
 from onestep.distillers.sid import SiD, SiDOptions, sid_loss
+from onestep.models.conditioning import Condition
 from onestep.training.updates import LossOutput
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onestep.conditioning import Condition
-from onestep.critics import FakeScore
-from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.base import Distiller
-from onestep.lora import LoRAConfig
-from onestep.teacher import classifier_free_guidance
+from onestep.models.conditioning import Condition
+from onestep.models.critics import FakeScore
+from onestep.models.denoising import denoising_loss, sample_timesteps
+from onestep.models.lora import LoRAConfig
+from onestep.models.teacher import classifier_free_guidance
+from onestep.models.unet import call_frozen
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import call_frozen
 
 
 def sid_loss(x_g: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -67,7 +67,7 @@ class SiDOptions:
     # recompute activations in the backward pass of all three UNets: the generator loss differentiates through the
     # teacher and the fake score, so its activation memory is ~3 UNets' worth without it
     gradient_checkpointing: bool = False
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (onestep.lora)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
     def validate(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from onestep.conditioning import Condition
-from onestep.critics import GAN_HEADS, FakeScore, gan_discriminator_loss, gan_generator_loss
-from onestep.denoising import denoising_loss, sample_timesteps
 from onestep.distillers.sid import SiD, SiDOptions, sid_loss, sid_normaliser
+from onestep.models.conditioning import Condition
+from onestep.models.critics import GAN_HEADS, FakeScore, gan_discriminator_loss, gan_generator_loss
+from onestep.models.denoising import denoising_loss, sample_timesteps
+from onestep.models.unet import call_frozen
 from onestep.training.updates import LossOutput
-from onestep.unet import call_frozen
 
 
 SIGMA_DATA = 0.5  # EDM's, on images in [-1, 1]: the official discriminator weight lambda(sigma)

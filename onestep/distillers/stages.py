@@ -2,7 +2,8 @@
 
 DMD2's GAN stage reloads both the generator and the fake score of its first stage (tianweiy/DMD2,
 `--ckpt_only_path`); `init_generator` takes the generator from an exported pipeline, `init_critic` the fake score
-(and GAN head, if the earlier stage had one) from a run folder's newest complete checkpoint.
+(and GAN head, if the earlier stage had one) from a weights file (the composition root finds it in a run folder's
+newest complete checkpoint: methods know no checkpoint files).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from onestep.files import read_json
 
 def init_generator(generator, pipeline_dir: Path) -> None:
     """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
-    from onestep.loading import load_model
-    from onestep.lora import merged_folder_adapter
-    from onestep.unet import load_weights
+    from onestep.models.loading import load_model
+    from onestep.models.lora import merged_folder_adapter
+    from onestep.models.unet import load_weights
 
     index = pipeline_dir / "model_index.json"
     if not index.is_file():
@@ -34,38 +35,15 @@ def init_generator(generator, pipeline_dir: Path) -> None:
                              "architecture") from None
 
 
-def critic_file(run_dir: Path) -> Path:
-    """The fake score's weights in a run folder's newest complete checkpoint.
-
-    The trainer saves its updates' modules in order (accelerate's model.safetensors, model_1.safetensors, ...);
-    every distiller with a fake score (DMD/DMD2, MSD, SiD, SFD, DisBack) lists the generator first, the critic second.
-    """
-    from onestep.distillers import DISTILLERS
-    from onestep.distillers.dmd import DMD
-    from onestep.distillers.sid import SiD
-    from onestep.training.checkpoints import latest_checkpoint
-
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        raise UserInputError(f"init_critic {run_dir} is not a onestep run folder (no config.json)")
-    method = read_json(saved).get("method")
-    if method not in DISTILLERS or not issubclass(DISTILLERS[method].distiller_cls, (DMD, SiD)):
-        raise UserInputError(f"init_critic {run_dir}: a {method} run has no fake score to continue")
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None or not (checkpoint / "model_1.safetensors").is_file():
-        raise UserInputError(f"init_critic {run_dir} has no complete checkpoint")
-    return checkpoint / "model_1.safetensors"
-
-
-def init_critic(fake, run_dir: Path) -> None:
-    """Load an earlier run's fake score into `fake` (a FakeScore): its UNet strictly; a GAN head the earlier stage
-    did not train (stage 1 without the GAN term) keeps its fresh initialisation."""
+def init_critic(fake, path: Path) -> None:
+    """Load an earlier run's fake score (its weights file, found by the caller in that run's newest checkpoint) into
+    `fake` (a FakeScore): its UNet strictly; a GAN head the earlier stage did not train (stage 1 without the GAN term)
+    keeps its fresh initialisation."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from onestep.unet import load_weights
+    from onestep.models.unet import load_weights
 
-    path = critic_file(run_dir)
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as err:
@@ -75,5 +53,5 @@ def init_critic(fake, run_dir: Path) -> None:
     except RuntimeError:  # a shape mismatch
         missing, unexpected = ["(shapes)"], []
     if unexpected or any(not key.startswith("head.") for key in missing):
-        raise UserInputError(f"init_critic {run_dir}: its fake score does not match this run's (another teacher "
+        raise UserInputError(f"init_critic {path}: its fake score does not match this run's (another teacher "
                              "architecture, or LoRA adapters)")

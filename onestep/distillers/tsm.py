@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from onestep.data.conditions import ConditionSampler
-from onestep.denoising import sample_timesteps
-from onestep.teacher import Teacher
+from onestep.models.denoising import sample_timesteps
+from onestep.models.teacher import Teacher
+from onestep.models.unet import reduced_unet, unet_x0
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import reduced_unet, unet_x0
 
 
 @dataclass
@@ -76,6 +76,6 @@ class TeacherScoreMatching:
         return None if self.judge is None else self.judge.teacher_grid(self.student_view, steps=50)
 
     def export_pipeline(self, out_dir: Path) -> None:
-        from onestep.export import export_denoiser
+        from onestep.export.pipeline import export_denoiser
 
         export_denoiser(self.unet, self.teacher.scheduler, out_dir)

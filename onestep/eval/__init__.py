@@ -13,7 +13,7 @@ _EXPORTS = {
     "load_digits_classifier": "classifier",
     "to_uint8": "quantize",
     "uint8_to_float": "quantize",
-    "EvalError": "features",
+    "EvalError": "features",  # defined in onestep.errors
     "DigitsFeatures": "features",
     "FeatureOptions": "features",
     "register_features": "features",
@@ -42,6 +42,9 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+# The built-in per-sample metrics (digit_acc, colour_acc, colour_balance) register when any part of onestep.eval loads.
+from onestep.eval import t2i as _t2i  # noqa: E402,F401
 
 
 def __getattr__(name: str):

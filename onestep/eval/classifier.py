@@ -73,7 +73,7 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
 def load_judge(name: str = "digits") -> DigitsClassifier:
     """A shipped digits judge by its feature-network name ("digits", "digits_mlp")."""
     if name not in DIGITS_JUDGES:
-        from onestep.eval.features import EvalError
+        from onestep.errors import EvalError
 
         raise EvalError(f"no digits classifier for features {name!r}: choose from {', '.join(DIGITS_JUDGES)}")
     return load_digits_classifier(DIGITS_JUDGES[name])

@@ -16,17 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from onestep.errors import UserInputError
+from onestep.errors import EvalError
 from onestep.eval.quantize import uint8_to_float
 
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
 INCEPTION_SAFETENSORS_NAME = "inception-2015-12-05.safetensors"
-
-
-class EvalError(UserInputError):
-    """Evaluation cannot run as asked (bad images, reference or feature setup); the message is one line."""
 
 
 @dataclass

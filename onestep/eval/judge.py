@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import Condition
 from onestep.eval.features import metric_key, metric_name
 from onestep.eval.metrics import MetricContext, SampleBatch, SampleMetric
-from onestep.sampling import sample_teacher
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.teacher import Teacher
+from onestep.sampling.teacher import sample_teacher
 
 
 def cycle(items: list[str], n: int) -> list[str]:
@@ -268,3 +268,14 @@ class Judge:
 
         n, labels, prompts = self.grid_requests(per_class or self._grid_per_row())
         return to_uint8(self._generator_draw(generator, teacher)(n, labels, prompts))
+
+
+def digits_t2i_judge(num_samples: int = 1000, seed: int = 1234, batch_size: int = 500):
+    """The judge of the digits-t2i teacher and its students: `eval_prompts(num_samples)` (half coloured, half
+    uncoloured) from fixed noise, FD-t2i against all 7188 real coloured digits and the three metrics above."""
+    from onestep.data.digits_t2i import eval_prompts, validation_prompts
+    from onestep.eval.t2i import T2I_METRICS
+
+    return Judge(num_samples, "t2i", "digits_t2i", seed=seed, batch_size=batch_size,
+                 prompts=eval_prompts(num_samples)[0], validation_prompts=validation_prompts(),
+                 metrics=list(T2I_METRICS))

@@ -15,8 +15,8 @@ Adding the metrics of another evaluator (e.g. the miniature text-to-image teache
     what its prompt says; the metric reports the mean. List it in `eval.metrics` / `onestep fid --metrics
     shape_accuracy`. `ctx.extra` carries `eval.metric_options` (e.g. the folder of the evaluator's weights);
     `ctx.device` is where to put networks.
-Register at import time of a module that `onestep.eval.features` / this module import (configs are validated
-against the registries before training starts); keep heavy imports inside the build functions.
+Register at import time of a module that `onestep.eval` (the package) imports, as it imports `onestep.eval.t2i`
+(configs are validated against the registries before training starts); keep heavy imports inside the build functions.
 Every metric states its protocol (what it measured and how), which is stored next to its number.
 """
 
@@ -213,5 +213,3 @@ def run_metrics(metrics: list[SampleMetric], batches) -> tuple[dict[str, float],
             metric.update(batch)
     return {m.key: m.compute() for m in metrics}, {m.key: m.protocol() for m in metrics}
 
-
-from onestep.eval import t2i as _t2i  # noqa: E402,F401  (registers digit_acc, colour_acc, colour_balance)

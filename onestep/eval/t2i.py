@@ -118,14 +118,3 @@ class ColourBalance(SampleMetric):
 register_metric("digit_acc", _accuracy("digit_acc", "digit"))
 register_metric("colour_acc", _accuracy("colour_acc", "colour"))
 register_metric("colour_balance", ColourBalance)
-
-
-def digits_t2i_judge(num_samples: int = 1000, seed: int = 1234, batch_size: int = 500):
-    """The judge of the digits-t2i teacher and its students: `eval_prompts(num_samples)` (half coloured, half
-    uncoloured) from fixed noise, FD-t2i against all 7188 real coloured digits and the three metrics above."""
-    from onestep.data.digits_t2i import eval_prompts, validation_prompts
-    from onestep.eval.judge import Judge
-
-    return Judge(num_samples, "t2i", "digits_t2i", seed=seed, batch_size=batch_size,
-                 prompts=eval_prompts(num_samples)[0], validation_prompts=validation_prompts(),
-                 metrics=list(T2I_METRICS))

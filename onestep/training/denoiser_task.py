@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from onestep.conditioning import Condition
-from onestep.denoising import denoising_loss
+from onestep.models.conditioning import Condition
+from onestep.models.denoising import denoising_loss
+from onestep.models.unet import unet_forward
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
-from onestep.unet import unet_forward
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DenoiserTraining:
             unet_kwargs["num_class_embeds"] = num_classes + 1  # + the null class
         self.unet = UNet2DModel(**unet_kwargs)
         self.scheduler = DDPMScheduler(**options.scheduler)
-        from onestep.teacher import Teacher
+        from onestep.models.teacher import Teacher
 
         self.teacher_view = Teacher(self.unet, self.scheduler, num_classes=num_classes, frozen=False)
 
@@ -84,6 +84,6 @@ class DenoiserTraining:
         return self.evaluator.teacher_grid(self.teacher_view, steps=50)
 
     def export_pipeline(self, out_dir: Path) -> None:
-        from onestep.export import export_denoiser
+        from onestep.export.pipeline import export_denoiser
 
         export_denoiser(self.unet, self.scheduler, out_dir, getattr(torch, self.options.export_dtype))

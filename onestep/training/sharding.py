@@ -8,8 +8,8 @@ prepared and stays a whole, plain module on every process. Three things then nee
 - Export: the exported pipeline needs whole weights; every process takes part in gathering them
   (`accelerator.get_state_dict`), and the main process loads them into a plain copy of the network kept from before
   sharding (`Skeleton`, no memory until then).
-- Frozen calls of a trained network (`onestep.unet.call_frozen`) run through its own FSDP forward with
-  `requires_grad` off (`frozen_parameters`).
+- Frozen calls of a trained network (`onestep.models.unet.call_frozen`) run through its own FSDP forward with
+  `requires_grad` off (`onestep.models.networks.frozen_parameters`).
 FSDP1 (flat parameters, a wrapper module) is refused: the unwrapped module would hold flat shards.
 """
 
@@ -22,28 +22,6 @@ from collections.abc import Iterator
 import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether `module` was sharded by FSDP2's `fully_shard` (it is then an `FSDPModule` in place)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
-@contextlib.contextmanager
-def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """`requires_grad` off for `module`'s parameters inside the block, restored after. FSDP2 gives the gathered
-    parameters of a forward the `requires_grad` of their shards, so a forward run inside records no graph to them:
-    no gradient reaches them and no reduce-scatter runs for them."""
-    trained = [p for p in module.parameters() if p.requires_grad]
-    for p in trained:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trained:
-            p.requires_grad_(True)
 
 
 def clip_sharded_grad_norm_(accelerator, parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:

@@ -21,10 +21,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from onestep.denoising import denoising_loss
+from onestep.models.denoising import denoising_loss
+from onestep.models.unet import unet_forward
 from onestep.training.denoiser_task import DenoiserOptions
 from onestep.training.updates import LossOutput, Update
-from onestep.unet import unet_forward
 
 
 def random_text_encoder(tokenizer, seed: int, **config) -> CLIPTextModel:
@@ -42,8 +42,8 @@ class TextDenoiserTraining:
 
     def __init__(self, options: DenoiserOptions, images: torch.Tensor, captions: list[str], batch_size: int,
                  tokenizer, evaluator=None):
-        from onestep.loading import load_model
-        from onestep.teacher import Teacher
+        from onestep.models.loading import load_model
+        from onestep.models.teacher import Teacher
 
         if options.vae is None or not options.text_encoder:
             raise ValueError("a text-to-image teacher needs options.vae (a trained VAE folder) and "
@@ -100,7 +100,7 @@ class TextDenoiserTraining:
         """`grid_prompts()` (a row per digit: four colours, then four uncoloured) after 25 guided DDIM steps."""
         from onestep.data.digits_t2i import grid_prompts
         from onestep.eval.quantize import to_uint8
-        from onestep.sampling import sample_teacher
+        from onestep.sampling.teacher import sample_teacher
 
         self._to_device()
         prompts = grid_prompts()
@@ -117,7 +117,7 @@ class TextDenoiserTraining:
         float32, so a float16 text encoder would hand a default-loaded float32 UNet float16 embeddings."""
         from diffusers import StableDiffusionPipeline
 
-        from onestep.export import export_pipeline
+        from onestep.export.pipeline import export_pipeline
 
         dtype = getattr(torch, self.options.export_dtype)
         pipeline = StableDiffusionPipeline(

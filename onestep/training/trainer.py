@@ -18,7 +18,8 @@ from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_f
 
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
-from onestep.networks import reachable_modules
+from onestep.models.networks import reachable_modules
+from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
 from onestep.training.progress import Progress
 from onestep.training.sharding import (
@@ -30,7 +31,6 @@ from onestep.training.sharding import (
 )
 from onestep.training.tracking import TRACKERS, check_tracker, log_grid, tracker_config
 from onestep.training.updates import Update, make_lr_scheduler, make_optimizer
-from onestep.unet import diffusers_models, enable_gradient_checkpointing
 
 
 class TrainingTask(Protocol):
@@ -46,7 +46,7 @@ class TrainingTask(Protocol):
 
     # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
-    # optional: `attention_backend`, the attention implementation its networks run (onestep.attention); logged.
+    # optional: `attention_backend`, the attention implementation its networks run (onestep.models.attention); logged.
     #
     # Multi-process training (`accelerate launch` / `torchrun`): every process runs the same task on its own random
     # numbers (the seed is offset by the process index), so `data.batch_size` is per process and the global batch is
@@ -411,7 +411,7 @@ class Trainer:
             metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
                        "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
             write_json_atomic(self.output_dir / "metrics.json", metrics)
-            from onestep.model_card import write_model_card
+            from onestep.export.model_card import write_model_card
 
             run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
             write_model_card(self.output_dir / "pipeline", run_config, metrics)

@@ -119,7 +119,7 @@ class VaeTraining:
 
     def export_pipeline(self, out_dir: Path) -> None:
         """The AutoencoderKL folder (`save_pretrained`, safetensors) of `exported_vae` (what `evaluate` reports)."""
-        from onestep.export import atomic_folder
+        from onestep.files import atomic_folder
 
         vae = self.exported_vae()
         with atomic_folder(out_dir) as tmp:

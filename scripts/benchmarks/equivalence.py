@@ -1,10 +1,10 @@
 """Equivalence of the memory savers at real shape (a benchmark, not a CI test: minutes of CPU).
 
-On an SD1.5-shaped UNet (random weights, published config; `onestep.shapes`) at batch 1 with a 77-token text
+On an SD1.5-shaped UNet (random weights, published config; `onestep.models.shapes`) at batch 1 with a 77-token text
 condition, it checks and prints as one JSON line:
-  - gradient checkpointing (`onestep.unet.enable_gradient_checkpointing`) gives the same loss and gradients;
+  - gradient checkpointing (`onestep.models.unet.enable_gradient_checkpointing`) gives the same loss and gradients;
   - a LoRA UNet with trained (random, non-zero) adapters equals the merged plain UNet that export writes
-    (`onestep.lora.without_adapters(merge=True)`), and the adapter file route (`save_lora_weights` +
+    (`onestep.models.lora.without_adapters(merge=True)`), and the adapter file route (`save_lora_weights` +
     `load_lora_weights` onto the base);
   - a bf16 teacher's x0-prediction against the float32 one (relative L2 error, stated, not asserted).
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import Condition
-from onestep.lora import LoRAConfig, add_lora, load_lora_weights, save_lora_weights, without_adapters
-from onestep.schedules import VPSchedule
-from onestep.shapes import build_component, component_configs
-from onestep.unet import enable_gradient_checkpointing, unet_x0
+from onestep.models.conditioning import Condition
+from onestep.models.lora import LoRAConfig, add_lora, load_lora_weights, save_lora_weights, without_adapters
+from onestep.models.schedules import VPSchedule
+from onestep.models.shapes import build_component, component_configs
+from onestep.models.unet import enable_gradient_checkpointing, unet_x0
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from onestep.conditioning import Condition
-from onestep.schedules import VPSchedule
-from onestep.unet import trainable_copy, unet_x0
+from onestep.models.conditioning import Condition
+from onestep.models.schedules import VPSchedule
+from onestep.models.unet import trainable_copy, unet_x0
 
 
 class Generator(nn.Module):
@@ -31,7 +31,7 @@ class Generator(nn.Module):
     def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, timesteps=(999,),
                      share_frozen: bool = False) -> Generator:
         """A float32, trainable deep copy of the teacher's UNet, or one sharing its frozen weights (a LoRA base;
-        `onestep.unet.trainable_copy`). The teacher itself stays frozen."""
+        `onestep.models.unet.trainable_copy`). The teacher itself stays frozen."""
         return cls(trainable_copy(teacher_unet, share_frozen), schedule, timesteps)
 
     def input_noise(self, noise: torch.Tensor) -> torch.Tensor:

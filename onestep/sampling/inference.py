@@ -9,7 +9,7 @@ import torch
 
 from onestep.errors import UserInputError
 from onestep.files import read_json
-from onestep.loading import dtype_kwargs, resolve_model
+from onestep.models.loading import dtype_kwargs, resolve_model
 
 
 @dataclass
@@ -56,7 +56,7 @@ class FolderSampler:
                 kwargs = {"prompt": prompts}
             images = self._pipe(**kwargs, generator=generator, output_type="pt").images
             return images.float() * 2 - 1
-        from onestep.sampling import sample_teacher
+        from onestep.sampling.teacher import sample_teacher
 
         condition = self._teacher.condition(class_labels=labels, prompts=prompts)
         latents = sample_teacher(self._teacher, condition, n, self.steps, self.sampler, self.guidance_scale,
@@ -92,12 +92,12 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
             raise UserInputError(f"cannot load pipeline {path}: {str(err).splitlines()[0]}") from None
         pipe.set_progress_bar_config(disable=True)
         if class_name == "OneStepPipeline":
-            from onestep.lora import merged_folder_adapter
+            from onestep.models.lora import merged_folder_adapter
 
             pipe.register_modules(unet=merged_folder_adapter(pipe.unet, path))
         return FolderSampler(path, "onestep", pipe.config.num_classes, len(pipe.config.timesteps), _pipe=pipe,
                              is_text=getattr(pipe, "text_encoder", None) is not None)
-    from onestep.teacher import Teacher
+    from onestep.models.teacher import Teacher
 
     teacher = Teacher.from_pretrained(path)
     scale = teacher.guidance_scale if guidance_scale is None else guidance_scale

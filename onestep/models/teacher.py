@@ -8,10 +8,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from onestep.conditioning import Condition
+from onestep.models.conditioning import Condition
+from onestep.models.schedules import VPSchedule
+from onestep.models.unet import takes_text, unet_x0
 from onestep.pipelines.pipeline_onestep import encode_text, image_size, sdxl_time_ids, takes_added_conditions
-from onestep.schedules import VPSchedule
-from onestep.unet import takes_text, unet_x0
 
 
 def classifier_free_guidance(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,7 +82,7 @@ class Teacher(nn.Module):
         Weights load from safetensors only (`variant`, e.g. "fp16", picks `*.fp16.safetensors`);
         `allow_pickle=True` accepts `.bin` files you trust.
         """
-        from onestep.loading import load_diffusers_folder, resolve_model
+        from onestep.models.loading import load_diffusers_folder, resolve_model
 
         parts = load_diffusers_folder(resolve_model(path, revision), dtype=dtype, allow_pickle=allow_pickle,
                                       variant=variant)

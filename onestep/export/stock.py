@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, LCMScheduler, SchedulerMixin
 
-from onestep.export import atomic_folder
+from onestep.files import atomic_folder
 
 
 STOCK_SUFFIX = "_diffusers"

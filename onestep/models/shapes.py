@@ -15,7 +15,7 @@ import torch
 from onestep.errors import UserInputError
 
 
-SHAPES_DIR = Path(__file__).parent / "assets" / "shapes"
+SHAPES_DIR = Path(__file__).parent.parent / "assets" / "shapes"
 SHAPES = ("sd15", "sdxl", "tiny")  # tiny: the SD1.5 layout at test size (dry runs, CI)
 # component name -> (library, class) as a diffusers model_index.json names it
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),

@@ -31,7 +31,7 @@ FROM_DATA = ("teacher", "vae")  # trained from data, not distilled: no teacher, 
 
 def teacher_license(teacher_path: str | None) -> str | None:
     """The `license` of the teacher's own model card (README.md front matter), when it has one."""
-    from onestep.loading import resolve_path
+    from onestep.models.loading import resolve_path
 
     if not teacher_path:
         return None
@@ -119,9 +119,9 @@ def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stoc
 
 
 def write_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict | None = None) -> None:
-    """README.md in an exported folder and, where there is one, in its stock diffusers copy (onestep.stock_export).
+    """README.md in an exported folder and, where there is one, in its stock diffusers copy (onestep.export.stock).
     A folder that is not a pipeline (a `method: vae` run exports a bare AutoencoderKL) gets none."""
-    from onestep.stock_export import stock_folder
+    from onestep.export.stock import stock_folder
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():

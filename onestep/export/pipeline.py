@@ -24,55 +24,23 @@ An exported `MultiStudentPipeline` folder (`export_students`) loads the same thr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from onestep.errors import UserInputError
-from onestep.generator import Generator
-from onestep.lora import lora_layers, save_lora_weights, without_adapters
+from onestep.files import atomic_folder
+from onestep.models.generator import Generator
+from onestep.models.lora import lora_layers, save_lora_weights, without_adapters
+from onestep.models.routing import Router
+from onestep.models.teacher import Teacher
 from onestep.pipelines.pipeline_multi_student import MultiStudentPipeline
 from onestep.pipelines.pipeline_onestep import OneStepPipeline
-from onestep.routing import Router
-from onestep.teacher import Teacher
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh hidden sibling folder to fill; when the block succeeds it replaces `out_dir`.
-
-    An existing `out_dir` is moved aside and deleted only after the new folder is in place; on error the new folder
-    is removed and `out_dir` is left as it was.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"{out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}-{uuid.uuid4().hex[:12]}.tmp")
-    old = tmp.with_suffix(".old")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old.exists():
-                os.replace(old, out_dir)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike,
@@ -97,10 +65,10 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
 
     `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`).
     A LoRA generator's adapters are merged into the exported UNet (`lora="merge"`), or the folder holds the base UNet
-    and the adapters beside it in `pytorch_lora_weights.safetensors` (`lora="adapter"`; see onestep.lora).
+    and the adapters beside it in `pytorch_lora_weights.safetensors` (`lora="adapter"`; see onestep.models.lora).
 
     A one-step text-to-image student of an SD-family teacher is also written as a stock `StableDiffusion(XL)Pipeline`
-    folder beside `out_dir` (`out_dir` + "_diffusers"; see onestep.stock_export)."""
+    folder beside `out_dir` (`out_dir` + "_diffusers"; see onestep.export.stock)."""
     unet, write_extra = generator.unet, None
     if lora_layers(unet):
         unet = without_adapters(generator.unet, merge=lora == "merge")
@@ -110,7 +78,7 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
                                text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
     out_dir = export_pipeline(pipeline, out_dir, write_extra)
-    from onestep.stock_export import export_stock_pipeline
+    from onestep.export.stock import export_stock_pipeline
 
     export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock diffusers folder
     return out_dir

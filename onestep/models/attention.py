@@ -21,7 +21,7 @@ from diffusers.utils import is_xformers_available
 from torch import nn
 
 from onestep.errors import UserInputError
-from onestep.networks import reachable_modules
+from onestep.models.networks import reachable_modules
 
 
 BACKENDS = ("auto", "sdpa", "xformers", "eager")

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from onestep.conditioning import Condition
-from onestep.schedules import VPSchedule
+from onestep.models.conditioning import Condition
+from onestep.models.schedules import VPSchedule
 
 
 def sample_timesteps(batch: int, low: int, high: int, device: torch.device | str) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onestep.conditioning import Condition
-from onestep.schedules import VPSchedule
-from onestep.unet import trainable_copy, unet_forward, unet_x0
+from onestep.models.conditioning import Condition
+from onestep.models.schedules import VPSchedule
+from onestep.models.unet import trainable_copy, unet_forward, unet_x0
 
 
 class BottleneckClassifier(nn.Module):

@@ -12,8 +12,9 @@ import torch.utils.checkpoint
 from diffusers import ModelMixin
 from torch import nn
 
-from onestep.conditioning import Condition
-from onestep.schedules import VPSchedule
+from onestep.models.conditioning import Condition
+from onestep.models.networks import frozen_parameters, is_sharded
+from onestep.models.schedules import VPSchedule
 
 
 def takes_text(unet: nn.Module) -> bool:
@@ -75,10 +76,8 @@ def call_frozen(module: nn.Module, *args, checkpoint: bool = False, **kwargs):
     live parameters back, and send those parameters gradients.
 
     A module sharded by FSDP2 gathers its parameters in its own forward, which would replace detached ones: it runs
-    as it is, with `requires_grad` off for the call (and for its recomputation; `onestep.training.sharding`).
+    as it is, with `requires_grad` off for the call (and for its recomputation).
     """
-    from onestep.training.sharding import frozen_parameters, is_sharded
-
     layers = _checkpointing_layers(module)
     sharded = is_sharded(module)
     detached = {} if sharded else {name: p.detach() for name, p in module.named_parameters()}
@@ -99,9 +98,9 @@ def trainable_copy(unet: nn.Module, share_frozen: bool = False) -> nn.Module:
     """A float32, trainable deep copy of a (frozen) teacher UNet: a generator's or fake score's starting network.
 
     `share_frozen`: a copy of the module tree whose parameters and buffers ARE the teacher's (its dtype, frozen,
-    no memory), for networks that only train LoRA adapters added later (`onestep.lora.add_lora`). Weights loaded into
-    such a copy must go through `load_weights`, which gives it tensors of its own instead of writing into the
-    teacher's.
+    no memory), for networks that only train LoRA adapters added later (`onestep.models.lora.add_lora`). Weights
+    loaded into such a copy must go through `load_weights`, which gives it tensors of its own instead of writing into
+    the teacher's.
     """
     if share_frozen:
         return copy.deepcopy(unet, memo={id(t): t for t in (*unet.parameters(), *unet.buffers())}).train()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from onestep.conditioning import Condition
-from onestep.teacher import Teacher
+from onestep.models.conditioning import Condition
+from onestep.models.teacher import Teacher
 
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}

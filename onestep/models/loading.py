@@ -13,8 +13,8 @@ from onestep.files import read_json
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-BUILTIN = {"builtin:digits": Path(__file__).parent / "assets" / "digits_teacher",
-           "builtin:digits-t2i": Path(__file__).parent / "assets" / "digits_t2i_teacher"}
+BUILTIN = {"builtin:digits": Path(__file__).parent.parent / "assets" / "digits_teacher",
+           "builtin:digits-t2i": Path(__file__).parent.parent / "assets" / "digits_t2i_teacher"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 # the (text encoder, tokenizer) subfolders of a diffusers folder: SD 1.x/2.x have the first, SDXL both
 TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))

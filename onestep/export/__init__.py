@@ -1,0 +1,1 @@
+"""Pipeline exports: onestep's own pipeline folders, stock diffusers folders, model cards."""
