@@ -89,20 +89,10 @@ class RunConfig:
 
 
 def method_options(method: str) -> type:
-    """The options dataclass of a method name (`teacher` or a registered distiller)."""
-    if method == "teacher":
-        from onestep.training.denoiser_task import DenoiserOptions
+    """The options dataclass of a method name (`teacher`, `vae` or a registered distiller: onestep.tasks)."""
+    from onestep.tasks import task_options
 
-        return DenoiserOptions
-    if method == "vae":
-        from onestep.training.vae_task import VaeOptions
-
-        return VaeOptions
-    from onestep.distillers import DISTILLERS
-
-    if method not in DISTILLERS:
-        raise UserInputError(f"unknown method {method!r}; choose from teacher, vae, {', '.join(sorted(DISTILLERS))}")
-    return DISTILLERS[method].options_cls
+    return task_options(method)
 
 
 def _one_line(err: Exception) -> str:
