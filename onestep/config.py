@@ -88,11 +88,12 @@ class RunConfig:
     options: Any = field(default_factory=dict)  # the method's own options, validated against its dataclass
 
 
-def method_options(method: str) -> type:
-    """The options dataclass of a method name (`teacher`, `vae` or a registered distiller: onestep.tasks)."""
+def method_options(method: str, data_name: str | None = None) -> type:
+    """The options dataclass of a method name (`teacher`, `vae` or a registered distiller: onestep.tasks), on data
+    `data_name` where a kind of task is specific to it."""
     from onestep.tasks import task_options
 
-    return task_options(method)
+    return task_options(method, data_name)
 
 
 def _one_line(err: Exception) -> str:
@@ -178,7 +179,7 @@ def config_from(source: Any, overrides: list[str] = (), options_schema: type | N
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), source, OmegaConf.from_dotlist(list(overrides)))
         if options_schema is None:
-            options_schema = method_options(merged.method)
+            options_schema = method_options(merged.method, merged.data.name)
         merged.options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -72,6 +72,21 @@ def toy_kind():
     TASK_KINDS[:] = saved
 
 
+def test_a_kind_for_one_data_brings_its_own_options(toy_kind, tmp_path):
+    from onestep.training.denoiser_task import DenoiserOptions
+
+    # the text teacher's kind replaced by one with other options: configs on its data validate against them
+    register_task(TaskKind("text_denoiser", methods=lambda: ("teacher",), options=lambda method: ToyOptions,
+                           build=lambda cfg: ToyTask(cfg.options.width), data=("digits_t2i",)))
+    assert task_options("teacher", "digits_t2i") is ToyOptions and task_options("teacher", "digits") is DenoiserOptions
+    config = tmp_path / "teacher.yaml"
+    config.write_text(f"method: teacher\noutput_dir: {tmp_path / 'out'}\ndata:\n  name: digits_t2i\n"
+                      "options:\n  width: 4\n")
+    assert load_config(config).options == ToyOptions(width=4)
+    with pytest.raises(UserInputError, match="width"):  # on other data the teacher's own options apply
+        load_config(config, ["data.name=digits"])
+
+
 def test_a_registered_kind_is_configured_and_built_without_touching_runs(toy_kind, tmp_path):
     from onestep.runs import build_trainer
 

@@ -65,9 +65,10 @@ def _serving(method: str) -> list[TaskKind]:
     return kinds
 
 
-def task_options(method: str) -> type:
-    """The options dataclass of a config method."""
-    return _serving(method)[0].options(method)
+def task_options(method: str, data_name: str | None = None) -> type:
+    """The options dataclass of a config method (on data `data_name`, when the kinds differ by data)."""
+    kind = task_kind(method, data_name) if data_name is not None else _serving(method)[0]
+    return kind.options(method)
 
 
 def task_kind(method: str, data_name: str) -> TaskKind:
