@@ -8,6 +8,7 @@ dependency), resolved to the module it names.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache  # read once for all the checks below
 def import_graph() -> dict[str, set[str]]:
     """{module: the onestep modules it imports}, read from the source files."""
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
