@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,10 @@ def test_public_names(name):
 ])
 def test_layout_modules(module, name):
     assert hasattr(importlib.import_module(module), name)
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """A wheel holds only the packages pyproject.toml names: every folder of onestep/ with an __init__.py is one."""
+    packages = re.search(r"^packages = \[(.*)\]$", (PACKAGE.parent / "pyproject.toml").read_text(), re.M).group(1)
+    folders = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert folders - set(re.findall(r'"([\w.]+)"', packages)) == set()
