@@ -66,7 +66,8 @@ class TrainerConfig:
     # else no
     mixed_precision: str | None = None
     # each optimizer step sums the gradients of this many micro-batches (global batch = data.batch_size x this x
-    # processes); the cadence (`every`), the LR schedule and the EMA count optimizer steps, not micro-batches
+    # processes); the cadence (`every`), the LR schedule and the EMA count iterations / optimizer steps, not
+    # micro-batches
     gradient_accumulation_steps: int = 1
     log_every: int = 10
     report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers, beside the JSONL log always written
@@ -108,8 +109,8 @@ class Trainer:
                  run_config: dict | None = None):
         self.task, self.config, self.output_dir = task, config, Path(output_dir)
         self.run_config = run_config or {}
-        # the LR schedule counts optimizer steps whatever the number of processes (accelerate's default would step a
-        # prepared scheduler once per process, i.e. warm up N times faster under N processes)
+        # the LR schedule counts iterations whatever the number of processes (accelerate's default would step a
+        # prepared scheduler once per process, i.e. warm up N times faster under N processes, as DMD2's does)
         check_tracker(config.report_to)
         project = ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs"))
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False,
@@ -231,8 +232,6 @@ class Trainer:
             return self._skip(update, "gradient")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free them now: they would sit beside the next update's activations
-        if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps with overflowing gradients
-            self.lr_schedulers[update.name].step()
         if update.name in self.emas:
             ema, ema_params = self.emas[update.name]
             ema.step(ema_params)
@@ -241,6 +240,14 @@ class Trainer:
         logs[f"{update.name}/grad_norm"] = float(grad_norm)
         logs[f"{update.name}/lr"] = self.lr_schedulers[update.name].get_last_lr()[0]
         return logs
+
+    def _step_lr_schedulers(self) -> None:
+        """Every update's LR schedule advances once per iteration, whether or not the update ran in it (as DMD2
+        steps both schedulers every iteration): `warmup_steps` and `lr_decay_steps` count iterations, as
+        `max_steps` does. An fp16 step skipped for overflowing gradients does not advance its schedule."""
+        for name, scheduler in self.lr_schedulers.items():
+            if not self.optimizers[name].step_was_skipped:
+                scheduler.step()
 
     def _skip(self, update: Update, what: str) -> dict[str, float]:
         """A non-finite loss or gradient: skip this update, count it, stop after too many in a row."""
@@ -381,6 +388,7 @@ class Trainer:
             for update in self.updates:
                 if update.runs_at(self.step):
                     logs.update(self._run_update(update))
+            self._step_lr_schedulers()
             self.counter.step += 1
             self.counter.elapsed = time.perf_counter() - start
             running.update(logs)
