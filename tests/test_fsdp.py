@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from onestep.errors import UserInputError
@@ -18,7 +19,7 @@ from onestep.models.lora import LoRAConfig
 from onestep.models.networks import is_sharded
 from onestep.models.unet import call_frozen
 from onestep.training.sharding import FullStateEMA, Skeleton, swapped_attributes
-from onestep.training.trainer import _check_sharding
+from onestep.training.trainer import _check_sharding, _guard_shared_base
 from tests.conftest import tiny_unet
 from tests.test_lora import _dmd
 
@@ -92,14 +93,25 @@ def test_frozen_calls_of_a_sharded_critic_send_it_no_gradient(runs, method):
             "generator": [True, True], "critic": [False, False]}
 
 
-def test_fsdp_path_is_refused_for_fsdp1_and_a_shared_lora_base():
-    dmd = _dmd(LoRAConfig(rank=2, critic=True), gan=True)
+def test_fsdp_and_deepspeed_paths_are_refused_for_fsdp1_and_a_shared_lora_base():
+    """FSDP would shard, DeepSpeed cast (and under ZeRO-3 partition) the teacher's tensors a shared LoRA base holds;
+    on the other paths a shared base only registers the resume guard (tests/test_lora.py)."""
     with pytest.raises(UserInputError, match="fsdp_version: 2"):
-        _check_sharding(SimpleNamespace(is_fsdp2=False), dmd, dmd.updates())
-    with pytest.raises(UserInputError, match="share_base=false"):
-        _check_sharding(SimpleNamespace(is_fsdp2=True), dmd, dmd.updates())
+        _check_sharding(SimpleNamespace(is_fsdp2=False))
+    _check_sharding(SimpleNamespace(is_fsdp2=True))
+    dmd = _dmd(LoRAConfig(rank=2, critic=True), gan=True)
     own = _dmd(LoRAConfig(rank=2, critic=True, share_base=False), gan=True)
-    _check_sharding(SimpleNamespace(is_fsdp2=True), own, own.updates())
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MULTI_GPU):
+        hooks = []
+        accelerator = SimpleNamespace(distributed_type=kind, register_load_state_pre_hook=hooks.append)
+        if kind == DistributedType.MULTI_GPU:
+            _guard_shared_base(accelerator, dmd, dmd.updates())
+            assert len(hooks) == 1
+        else:
+            with pytest.raises(UserInputError, match=f"under {kind.value}.*share_base=false"):
+                _guard_shared_base(accelerator, dmd, dmd.updates())
+        _guard_shared_base(accelerator, own, own.updates())  # own copies of the base: nothing to guard
+        assert len(hooks) == (kind == DistributedType.MULTI_GPU)
 
 
 def test_unsharded_networks_keep_their_plain_paths():

@@ -178,6 +178,36 @@ def test_adapted_networks_share_the_teachers_frozen_weights_and_leave_them_untou
     assert base.keys() == exported.keys() and all(torch.equal(v, exported[k]) for k, v in base.items())
 
 
+def test_a_resume_never_writes_into_the_shared_teacher(tmp_path):
+    """accelerate's load_state copies each checkpointed tensor into the network in place, and with `share_base` the
+    checkpoint's copy of the base is the teacher's tensor: a checkpoint whose base differs (another teacher) is
+    refused in one line and the teacher keeps its weights; a normal resume goes on."""
+    from safetensors.torch import load_file, save_file
+
+    from onestep.errors import UserInputError
+
+    run = tmp_path / "run"
+    Trainer(_dmd(LoRAConfig(rank=2, critic=True), gan=True), run, TrainerConfig(max_steps=1)).train()
+    Trainer(_dmd(LoRAConfig(rank=2, critic=True), gan=True), run, TrainerConfig(max_steps=2)).train()  # resumes
+    assert [json.loads(line)["event"] for line in (run / "log.jsonl").read_text().splitlines()
+            if json.loads(line).get("event") in ("started", "resumed")] == ["started", "resumed"]
+
+    dmd = _dmd(LoRAConfig(rank=2, critic=True), gan=True)
+    teacher = {id(t) for t in dmd.teacher.unet.parameters()}
+    shared = [n for n, p in dmd.generator.state_dict(keep_vars=True).items() if id(p) in teacher]
+    assert "unet.conv_in.weight" in shared or "unet.conv_in.base_layer.weight" in shared
+    file = run / "checkpoints" / "checkpoint-0000002" / "model.safetensors"  # the generator's
+    state = load_file(file)
+    for name in shared:
+        if "conv_in" in name:
+            state[name] = state[name] + 1.0  # as another teacher's checkpoint would hold
+    save_file(state, file)
+    before = {k: v.clone() for k, v in dmd.teacher.unet.state_dict().items()}
+    with pytest.raises(UserInputError, match="holds a different unet.conv_in.*teacher is left as it is"):
+        Trainer(dmd, run, TrainerConfig(max_steps=3)).train()
+    assert all(torch.equal(v, before[k]) for k, v in dmd.teacher.unet.state_dict().items())
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.1)])
 def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, tolerance):
     """Equivalence of `share_base` (the base in the teacher's dtype) with float32 copies of it: the same generator

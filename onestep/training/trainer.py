@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,12 @@ from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.models.networks import reachable_modules
 from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
-from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
+from onestep.training.checkpoints import (
+    latest_checkpoint,
+    read_state,
+    refuse_changed_frozen_tensors,
+    save_checkpoint,
+)
 from onestep.training.progress import Progress
 from onestep.training.sharding import (
     FullStateEMA,
@@ -131,7 +137,8 @@ class Trainer:
         self.optimizers, self.lr_schedulers, self.modules, self.emas = {}, {}, {}, {}
         self.skeletons: dict[str, Skeleton] = {}  # FSDP: plain copies of the trained networks, for the export
         if self.sharded:
-            _check_sharding(self.accelerator, task, self.updates)
+            _check_sharding(self.accelerator)
+        _guard_shared_base(self.accelerator, task, self.updates)
         for update in self.updates:
             if self.sharded:
                 self.skeletons[update.name] = Skeleton(update.module)
@@ -436,16 +443,30 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def _check_sharding(accelerator: Accelerator, task: TrainingTask, updates: list[Update]) -> None:
-    """What FSDP needs: FSDP2 (`fsdp_version: 2`), and trained networks that hold no tensor of a frozen one."""
+def _check_sharding(accelerator: Accelerator) -> None:
+    """What FSDP needs: FSDP2 (`fsdp_version: 2`); trained networks that hold no tensor of a frozen one are checked
+    by `Trainer._guard_shared_frozen_tensors`."""
     if not accelerator.is_fsdp2:
         raise UserInputError("onestep trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
                              "(FSDP1's flat parameters break the frozen calls, EMA and export)")
+
+
+def _guard_shared_base(accelerator: Accelerator, task: TrainingTask, updates: list[Update]) -> None:
+    """Trained networks holding a frozen network's tensors (`lora.share_base`): refused under FSDP (they would be
+    sharded) and DeepSpeed (its engine casts the whole module it wraps to bf16 / fp16 and under ZeRO-3 partitions
+    it, shared teacher tensors included); elsewhere a resume must not write into them
+    (`refuse_changed_frozen_tensors`, an accelerate load_state pre-hook)."""
     trained = [u.module for u in updates]
     frozen = [m for m in reachable_modules(task) if not any(m is t for t in trained)]
-    if shared_with_frozen(trained, frozen):
-        raise UserInputError("under FSDP the LoRA networks cannot share the teacher's weights (they would be "
-                             "sharded): set options.lora.share_base=false")
+    if not shared_with_frozen(trained, frozen):
+        return
+    for kind, why in ((DistributedType.FSDP, "they would be sharded"),
+                      (DistributedType.DEEPSPEED, "its engine casts and partitions them")):
+        if accelerator.distributed_type == kind:
+            raise UserInputError(f"under {kind.value} the LoRA networks cannot share the teacher's weights ({why}): "
+                                 "set options.lora.share_base=false")
+    held = {id(t) for m in frozen for t in (*m.parameters(), *m.buffers())}
+    accelerator.register_load_state_pre_hook(functools.partial(refuse_changed_frozen_tensors, frozen=held))
 
 
 def _check_launch(num_processes: int) -> None:
