@@ -51,6 +51,15 @@ def test_fsdp_trains_like_ddp(runs, method):
     ddp, fsdp = (load_file(runs / backend / method / "weights.safetensors") for backend in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys() and any(k.startswith("critic.head.") for k in ddp) == (method == "dmd2")
     assert any(".lora_A." in k for k in ddp) == (method == "sid")  # SiD: LoRA adapters over a frozen base
+    # both trained: every network moved from where it started (the teacher's weights; SiD's LoRA B matrices start at
+    # 0) by 5x the tolerance below (atol 2e-5), so agreeing weights are not just two untouched copies
+    start = {f"{name}.unet.{k}": v for name in ("generator", "critic") for k, v in tiny_unet(num_classes=3)
+             .state_dict().items()}
+    for name in ("generator", "critic"):
+        for weights in (ddp, fsdp):
+            moved = [(weights[k] - start.get(k, 0.0)).abs().max() for k in weights if k.startswith(name + ".")
+                     and (".lora_B." in k if method == "sid" else k in start)]
+            assert moved and max(moved) > 1e-4, name
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-5, msg=key)
     for backend, kind in (("ddp", "MULTI_CPU"), ("fsdp", "FSDP")):
@@ -133,9 +142,21 @@ def test_unsharded_networks_keep_their_plain_paths():
 
     skeleton = Skeleton(unet)
     assert all(p.device.type == "meta" for p in skeleton.module.parameters())
-    plain = skeleton.materialize(unet.state_dict())
+    # gathered weights unlike the live ones (the export's EMA weights): the skeleton holds and computes with them
+    torch.manual_seed(2)
+    gathered = {k: v + 0.01 * torch.randn_like(v) for k, v in unet.state_dict().items()}
+    plain = skeleton.materialize({k: v.clone() for k, v in gathered.items()})
+    assert plain is not unet and all(p.device.type == "cpu" for p in plain.parameters())
+    assert plain.state_dict().keys() == gathered.keys()
+    assert all(torch.equal(v, gathered[k]) for k, v in plain.state_dict().items())
+    reference = tiny_unet()
+    reference.load_state_dict(gathered)
+    with torch.no_grad():
+        labels = torch.tensor([0, 1])
+        expected = reference(x, t, class_labels=labels).sample
+        assert torch.equal(plain(x, t, class_labels=labels).sample, expected)
+        assert not torch.allclose(unet(x, t, class_labels=labels).sample, expected)  # not the live weights
     holder = SimpleNamespace(unet=unet)
     with swapped_attributes(holder, {id(unet): plain}):
         assert holder.unet is plain
     assert holder.unet is unet
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), unet.state_dict().values(), strict=True))
