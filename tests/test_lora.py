@@ -208,12 +208,14 @@ def test_a_resume_never_writes_into_the_shared_teacher(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in dmd.teacher.unet.state_dict().items())
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.1)])
-def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, tolerance):
+@pytest.mark.parametrize("dtype, loss_tolerance, grad_tolerance",
+                         [(torch.float32, 1e-6, 1e-6), (torch.bfloat16, 0.01, 0.06)])
+def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, loss_tolerance, grad_tolerance):
     """Equivalence of `share_base` (the base in the teacher's dtype) with float32 copies of it: the same generator
-    and critic losses and adapter gradients, exactly for a float32 teacher, within `tolerance` (relative) for a
-    bfloat16 one (the base then computes in bfloat16, as the teacher does; measured here: losses within 0.5%,
-    adapter gradients 2% (critic) and 4% (generator) apart in relative L2)."""
+    and critic losses and adapter gradients, exactly for a float32 teacher, within the tolerances (relative) for a
+    bfloat16 one (the base then computes in bfloat16, as the teacher does; measured here: losses 0.48% (generator)
+    and 0.09% (critic) apart, adapter gradients 4.2% and 2.0% in relative L2; an adapter scale 3% off on the
+    shared path alone moves them to 4.9% and 6.9%)."""
     def losses_and_grads(share: bool):
         torch.manual_seed(0)
         teacher = Teacher(tiny_unet(num_classes=3).to(dtype), scheduler())
@@ -231,5 +233,5 @@ def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, t
         return out
 
     for (loss_s, grad_s), (loss_c, grad_c) in zip(losses_and_grads(True), losses_and_grads(False), strict=True):
-        assert torch.allclose(loss_s, loss_c, rtol=tolerance, atol=1e-7)
-        assert (grad_s - grad_c).norm() <= tolerance * grad_c.norm()
+        assert torch.allclose(loss_s, loss_c, rtol=loss_tolerance, atol=1e-7)
+        assert (grad_s - grad_c).norm() <= grad_tolerance * grad_c.norm()

@@ -100,6 +100,8 @@ class SiDA(SiD):
                                  "score_gap": (mu_real - mu_fake).abs().mean().item()})
 
     def critic_loss(self, fake) -> LossOutput:
+        if self.options.gan_critic_weight == 0:  # SiD's step exactly: no real images drawn, no discriminator pass
+            return super().critic_loss(fake)
         with torch.no_grad():
             x_g, _, condition = self.draw(self.generator)
         schedule, batch = self.teacher.schedule, x_g.shape[0]
