@@ -196,12 +196,11 @@ def test_a_resume_never_writes_into_the_shared_teacher(tmp_path):
     teacher = {id(t) for t in dmd.teacher.unet.parameters()}
     shared = [n for n, p in dmd.generator.state_dict(keep_vars=True).items() if id(p) in teacher]
     assert "unet.conv_in.weight" in shared or "unet.conv_in.base_layer.weight" in shared
-    file = run / "checkpoints" / "checkpoint-0000002" / "model.safetensors"  # the generator's
-    state = load_file(file)
-    for name in shared:
-        if "conv_in" in name:
+    for file in (run / "checkpoints" / "checkpoint-0000002").glob("model*.safetensors"):  # generator's, critic's
+        state = load_file(file)
+        for name in [n for n in state if n in shared and "conv_in" in n]:
             state[name] = state[name] + 1.0  # as another teacher's checkpoint would hold
-    save_file(state, file)
+        save_file(state, file)
     before = {k: v.clone() for k, v in dmd.teacher.unet.state_dict().items()}
     with pytest.raises(UserInputError, match="holds a different unet.conv_in.*teacher is left as it is"):
         Trainer(dmd, run, TrainerConfig(max_steps=3)).train()
