@@ -15,8 +15,9 @@ mean, one logit per position; omega SiD's normaliser. Weights: the official loss
 it, hence the batch means. The official critic loss weights both terms by EDM's lambda(sigma):
 lambda(sigma) [sum_CHW (x0_psi - x)^2 + w_D BCE / 2] (sida_loss.py lines 115 and 123). Our DSM is the teacher's own
 parameterisation averaged over CHW, DSM = mean_CHW (x0_psi - x)^2 / k(t) with k(t) the x0 error per unit of it
-(`x0_error_scale`: sigma^2/alpha^2 for epsilon, sigma^2 for v, 1 for x0), so the discriminator term carries
-1 / (CHW k(t)): at every t the two terms stand in the official ratio. Differences: docs/faithfulness.md.
+(sigma^2/alpha^2 for epsilon, sigma^2 for v, 1 for x0; `inverse_x0_error_scale` is 1 / k), so the discriminator
+term carries 1 / (CHW k(t)): at every t the two terms stand in the official ratio. As officially: alpha 1, no
+clipping of the generator's gradient. Differences: docs/faithfulness.md.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def inverse_x0_error_scale(schedule, t: torch.Tensor) -> torch.Tensor:
 
 
 class SiDA(SiD):
-    """SiD with the fake score's encoder as a discriminator (SiD²A: start with init_generator= and init_critic=)."""
+    """SiD with the fake score's encoder as a discriminator (SiD²A: start with init_generator= a SiD run's export)."""
 
     options_cls = SiDAOptions
 
