@@ -8,7 +8,9 @@ sigma_t = sqrt(1 - alphas_cumprod[t]); the generator is read out as an x0-predic
 `prediction_type`, in float32. Images live in [-1, 1] in model space and come out in [0, 1].
 
 Two read-outs (`readout` in the config; folders without it are "x0"):
-  "x0"      DMD2/SiD-style generators: x = sigma_{t_0} z, x0 = G(x, t_0) read out at t_0 (the recursion below).
+  "x0"      DMD2/SiD-style generators: x = sigma_{t_0} z, x0 = G(x, t_0) read out at t_0 (the recursion below);
+            with `input_scaling` "unit" (folders without it are "sigma") the first input is z itself, as DMD2's
+            SDXL one-step student (conditioning timestep 399 on unit-variance noise).
   "signal"  BOOT students g(eps, t): the UNet sees the noise eps itself at timestep t and its output is read out
             as x0 at the terminal timestep T-1 (as if eps were x_{T-1}); g(eps, t) is the signal y_t of the
             teacher's DDIM trajectory from eps, and the sample is y at the one configured timestep (0).
@@ -43,6 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 READOUTS = ("x0", "signal")
+INPUT_SCALINGS = ("sigma", "unit")
 
 
 def tokenize(tokenizer, prompt: list[str]) -> torch.Tensor:
@@ -129,6 +132,8 @@ class OneStepPipeline(DiffusionPipeline):
             `num_classes` being the null class; read from `unet.config.num_class_embeds - 1` when not given.
         readout (`str`, defaults to `"x0"`): `"x0"` for the recursion above; `"signal"` for a BOOT student, one
             call y = G(z, t_0) read out at the terminal timestep with z itself as input (see the module docstring).
+        input_scaling (`str`, defaults to `"sigma"`): the x0 read-out's first input, `"sigma"` = sigma_{t_0} z or
+            `"unit"` = z itself (a generator trained on unit-variance noise at t_0, as DMD2's SDXL student).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -138,7 +143,7 @@ class OneStepPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
                  timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
-                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None):
+                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None, input_scaling: str = "sigma"):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -146,8 +151,11 @@ class OneStepPipeline(DiffusionPipeline):
             num_classes = unet.config.num_class_embeds - 1
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {input_scaling!r}")
         steps = self.check_timesteps(timesteps, readout)
-        self.register_to_config(timesteps=steps, num_classes=num_classes, readout=readout)
+        self.register_to_config(timesteps=steps, num_classes=num_classes, readout=readout,
+                                input_scaling=input_scaling)
         self.vae_scale_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
 
@@ -276,7 +284,7 @@ class OneStepPipeline(DiffusionPipeline):
         if self.config.readout == "signal":
             return on_step(0, timesteps[0], self.predict_signal(noise, timesteps[0], unet_kwargs))
         device, shape = noise.device, noise.shape
-        x = self.alpha_sigma(timesteps[0])[1].to(device) * noise
+        x = noise if self.config.input_scaling == "unit" else self.alpha_sigma(timesteps[0])[1].to(device) * noise
         x0 = on_step(0, timesteps[0], self.predict_x0(x, timesteps[0], unet_kwargs))
         for i, t in enumerate(timesteps[1:], start=1):
             alpha, sigma = (v.to(device) for v in self.alpha_sigma(t))
@@ -334,7 +342,8 @@ class OneStepPipeline(DiffusionPipeline):
             num_images_per_prompt (`int`, defaults to 1): images per prompt, per prompt embedding or per class
                 label (each condition repeated, in order).
             latents (`torch.Tensor`, *optional*): the standard-normal noise z to start from, (images, C, H, W) in
-                model space; drawn with `generator` when not given. The generator's input is sigma_{t_0} z.
+                model space; drawn with `generator` when not given. The generator's input is sigma_{t_0} z (z itself
+                with `input_scaling` "unit").
             prompt_embeds (`torch.Tensor`, *optional*): precomputed text-encoder hidden states (batch, tokens, dim)
                 instead of `prompt`.
             pooled_prompt_embeds (`torch.Tensor`, *optional*): SDXL-style generators with `prompt_embeds`: the

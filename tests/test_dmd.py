@@ -114,26 +114,61 @@ def test_critic_denoising_timesteps_cover_all_training_timesteps():
     assert t.min() >= 0 and t.max() <= 999 and t.min() < 20 and t.max() > 980
 
 
+def _spy_gan(dmd):
+    """Record (input, t, logits) of every discriminator call of the fake score, and the real images drawn."""
+    seen, reals = [], []
+    forward, sample = dmd.fake.forward, dmd.real.sample
+
+    def spy(x_t, t, condition, output="x0"):
+        out = forward(x_t, t, condition, output)
+        if "logits" in output:
+            seen.append((x_t.detach().clone(), t.clone(), out.detach()))
+        return out
+
+    def spy_real(n, device):
+        reals.append(sample(n, device))
+        return reals[-1]
+
+    dmd.fake.forward, dmd.real.sample = spy, spy_real
+    return seen, reals
+
+
 @pytest.mark.parametrize("gan_t_max, high", [(1.0, 1000), (0.05, 50), (0.0, 1)])
 def test_gan_noise_timesteps_follow_gan_t_max(gan_t_max, high):
     """DMD2's diffusion_gan_max_timestep: the discriminator's real and fake inputs, and the generator's GAN term,
-    are noised at t ~ U[0, gan_t_max T); 0 means the clean sample (t = 0)."""
+    are x_t = alpha_t x + sigma_t eps at t ~ U[0, gan_t_max T), eps ~ N(0, I); 0 means the clean sample itself at
+    t = 0 (DMD2 without --diffusion_gan)."""
     dmd = _dmd(DMDOptions(gan_t_max=gan_t_max), batch=400)
-    seen = []
-    forward = dmd.fake.forward
-
-    def spy(x_t, t, condition, output="x0"):
-        if "logits" in output:
-            seen.append(t.clone())
-        return forward(x_t, t, condition, output)
-
-    dmd.fake.forward = spy
+    seen, reals = _spy_gan(dmd)
     dmd.generator_loss(dmd.generator)
+    x = dmd._fresh[0]  # the generator step's sample, which the critic step reuses
     dmd.critic_loss(dmd.fake)
     assert len(seen) == 3  # generator's fake, critic's fake, critic's real
-    for t in seen:
+    schedule = dmd.teacher.schedule
+    for (x_t, t, _), clean in zip(seen, (x, x, reals[0][0]), strict=True):
         assert t.min() >= 0 and t.max() < high
         assert t.max() >= 0.9 * (high - 1)  # the whole range is drawn, not a corner of it
+        if gan_t_max == 0:
+            assert torch.equal(x_t, clean)  # not noised at all (sigma_0 > 0 would add noise)
+            continue
+        eps = (x_t - schedule.alpha(t) * clean) / schedule.sigma(t)
+        assert abs(eps.mean()) < 0.02 and abs(eps.std() - 1) < 0.02  # unit noise (25,600 values per call)
+
+
+def test_dmd2_gan_losses_equal_their_direct_recomputation():
+    """DMD2's GAN terms (sd_guidance.py): generator w_G softplus(-D(fake)).mean(); discriminator
+    w_D [softplus(D(fake)).mean() + softplus(-D(real)).mean()], added to the DM and denoising losses."""
+    dmd = _dmd(DMDOptions(gan_generator_weight=0.3, gan_critic_weight=0.7), batch=6)
+    seen, _ = _spy_gan(dmd)
+    out_g = dmd.generator_loss(dmd.generator)
+    out_c = dmd.critic_loss(dmd.fake)
+    (_, _, gen_logits), (_, _, fake_logits), (_, _, real_logits) = seen
+    softplus = torch.nn.functional.softplus
+    expected_g = out_g.logs["dm"] + 0.3 * softplus(-gen_logits).mean()
+    expected_c = out_c.logs["denoising"] + 0.7 * (softplus(fake_logits).mean() + softplus(-real_logits).mean())
+    assert abs(out_g.loss.item() - expected_g.item()) < 1e-5 * max(1.0, abs(expected_g.item()))
+    assert abs(out_c.loss.item() - expected_c.item()) < 1e-5 * max(1.0, abs(expected_c.item()))
+    assert out_g.logs["gan"] == pytest.approx(softplus(-gen_logits).mean().item(), rel=1e-5)
 
 
 def test_generator_reads_x0_at_t_init_from_pure_noise():

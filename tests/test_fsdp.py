@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from onestep.errors import UserInputError
@@ -18,7 +19,7 @@ from onestep.models.lora import LoRAConfig
 from onestep.models.networks import is_sharded
 from onestep.models.unet import call_frozen
 from onestep.training.sharding import FullStateEMA, Skeleton, swapped_attributes
-from onestep.training.trainer import _check_sharding
+from onestep.training.trainer import _check_sharding, _guard_shared_base
 from tests.conftest import tiny_unet
 from tests.test_lora import _dmd
 
@@ -50,6 +51,15 @@ def test_fsdp_trains_like_ddp(runs, method):
     ddp, fsdp = (load_file(runs / backend / method / "weights.safetensors") for backend in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys() and any(k.startswith("critic.head.") for k in ddp) == (method == "dmd2")
     assert any(".lora_A." in k for k in ddp) == (method == "sid")  # SiD: LoRA adapters over a frozen base
+    # both trained: every network moved from where it started (the teacher's weights; SiD's LoRA B matrices start at
+    # 0) by 5x the tolerance below (atol 2e-5), so agreeing weights are not just two untouched copies
+    start = {f"{name}.unet.{k}": v for name in ("generator", "critic") for k, v in tiny_unet(num_classes=3)
+             .state_dict().items()}
+    for name in ("generator", "critic"):
+        for weights in (ddp, fsdp):
+            moved = [(weights[k] - start.get(k, 0.0)).abs().max() for k in weights if k.startswith(name + ".")
+                     and (".lora_B." in k if method == "sid" else k in start)]
+            assert moved and max(moved) > 1e-4, name
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-5, msg=key)
     for backend, kind in (("ddp", "MULTI_CPU"), ("fsdp", "FSDP")):
@@ -92,14 +102,25 @@ def test_frozen_calls_of_a_sharded_critic_send_it_no_gradient(runs, method):
             "generator": [True, True], "critic": [False, False]}
 
 
-def test_fsdp_path_is_refused_for_fsdp1_and_a_shared_lora_base():
-    dmd = _dmd(LoRAConfig(rank=2, critic=True), gan=True)
+def test_fsdp_and_deepspeed_paths_are_refused_for_fsdp1_and_a_shared_lora_base():
+    """FSDP would shard, DeepSpeed cast (and under ZeRO-3 partition) the teacher's tensors a shared LoRA base holds;
+    on the other paths a shared base only registers the resume guard (tests/test_lora.py)."""
     with pytest.raises(UserInputError, match="fsdp_version: 2"):
-        _check_sharding(SimpleNamespace(is_fsdp2=False), dmd, dmd.updates())
-    with pytest.raises(UserInputError, match="share_base=false"):
-        _check_sharding(SimpleNamespace(is_fsdp2=True), dmd, dmd.updates())
+        _check_sharding(SimpleNamespace(is_fsdp2=False))
+    _check_sharding(SimpleNamespace(is_fsdp2=True))
+    dmd = _dmd(LoRAConfig(rank=2, critic=True), gan=True)
     own = _dmd(LoRAConfig(rank=2, critic=True, share_base=False), gan=True)
-    _check_sharding(SimpleNamespace(is_fsdp2=True), own, own.updates())
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MULTI_GPU):
+        hooks = []
+        accelerator = SimpleNamespace(distributed_type=kind, register_load_state_pre_hook=hooks.append)
+        if kind == DistributedType.MULTI_GPU:
+            _guard_shared_base(accelerator, dmd, dmd.updates())
+            assert len(hooks) == 1
+        else:
+            with pytest.raises(UserInputError, match=f"under {kind.value}.*share_base=false"):
+                _guard_shared_base(accelerator, dmd, dmd.updates())
+        _guard_shared_base(accelerator, own, own.updates())  # own copies of the base: nothing to guard
+        assert len(hooks) == (kind == DistributedType.MULTI_GPU)
 
 
 def test_unsharded_networks_keep_their_plain_paths():
@@ -121,9 +142,21 @@ def test_unsharded_networks_keep_their_plain_paths():
 
     skeleton = Skeleton(unet)
     assert all(p.device.type == "meta" for p in skeleton.module.parameters())
-    plain = skeleton.materialize(unet.state_dict())
+    # gathered weights unlike the live ones (the export's EMA weights): the skeleton holds and computes with them
+    torch.manual_seed(2)
+    gathered = {k: v + 0.01 * torch.randn_like(v) for k, v in unet.state_dict().items()}
+    plain = skeleton.materialize({k: v.clone() for k, v in gathered.items()})
+    assert plain is not unet and all(p.device.type == "cpu" for p in plain.parameters())
+    assert plain.state_dict().keys() == gathered.keys()
+    assert all(torch.equal(v, gathered[k]) for k, v in plain.state_dict().items())
+    reference = tiny_unet()
+    reference.load_state_dict(gathered)
+    with torch.no_grad():
+        labels = torch.tensor([0, 1])
+        expected = reference(x, t, class_labels=labels).sample
+        assert torch.equal(plain(x, t, class_labels=labels).sample, expected)
+        assert not torch.allclose(unet(x, t, class_labels=labels).sample, expected)  # not the live weights
     holder = SimpleNamespace(unet=unet)
     with swapped_attributes(holder, {id(unet): plain}):
         assert holder.unet is plain
     assert holder.unet is unet
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), unet.state_dict().values(), strict=True))

@@ -178,12 +178,43 @@ def test_adapted_networks_share_the_teachers_frozen_weights_and_leave_them_untou
     assert base.keys() == exported.keys() and all(torch.equal(v, exported[k]) for k, v in base.items())
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.1)])
-def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, tolerance):
+def test_a_resume_never_writes_into_the_shared_teacher(tmp_path):
+    """accelerate's load_state copies each checkpointed tensor into the network in place, and with `share_base` the
+    checkpoint's copy of the base is the teacher's tensor: a checkpoint whose base differs (another teacher) is
+    refused in one line and the teacher keeps its weights; a normal resume goes on."""
+    from safetensors.torch import load_file, save_file
+
+    from onestep.errors import UserInputError
+
+    run = tmp_path / "run"
+    Trainer(_dmd(LoRAConfig(rank=2, critic=True), gan=True), run, TrainerConfig(max_steps=1)).train()
+    Trainer(_dmd(LoRAConfig(rank=2, critic=True), gan=True), run, TrainerConfig(max_steps=2)).train()  # resumes
+    assert [json.loads(line)["event"] for line in (run / "log.jsonl").read_text().splitlines()
+            if json.loads(line).get("event") in ("started", "resumed")] == ["started", "resumed"]
+
+    dmd = _dmd(LoRAConfig(rank=2, critic=True), gan=True)
+    teacher = {id(t) for t in dmd.teacher.unet.parameters()}
+    shared = [n for n, p in dmd.generator.state_dict(keep_vars=True).items() if id(p) in teacher]
+    assert "unet.conv_in.weight" in shared or "unet.conv_in.base_layer.weight" in shared
+    for file in (run / "checkpoints" / "checkpoint-0000002").glob("model*.safetensors"):  # generator's, critic's
+        state = load_file(file)
+        for name in [n for n in state if n in shared and "conv_in" in n]:
+            state[name] = state[name] + 1.0  # as another teacher's checkpoint would hold
+        save_file(state, file)
+    before = {k: v.clone() for k, v in dmd.teacher.unet.state_dict().items()}
+    with pytest.raises(UserInputError, match="holds a different unet.conv_in.*teacher is left as it is"):
+        Trainer(dmd, run, TrainerConfig(max_steps=3)).train()
+    assert all(torch.equal(v, before[k]) for k, v in dmd.teacher.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype, loss_tolerance, grad_tolerance",
+                         [(torch.float32, 1e-6, 1e-6), (torch.bfloat16, 0.01, 0.06)])
+def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, loss_tolerance, grad_tolerance):
     """Equivalence of `share_base` (the base in the teacher's dtype) with float32 copies of it: the same generator
-    and critic losses and adapter gradients, exactly for a float32 teacher, within `tolerance` (relative) for a
-    bfloat16 one (the base then computes in bfloat16, as the teacher does; measured here: losses within 0.5%,
-    adapter gradients 2% (critic) and 4% (generator) apart in relative L2)."""
+    and critic losses and adapter gradients, exactly for a float32 teacher, within the tolerances (relative) for a
+    bfloat16 one (the base then computes in bfloat16, as the teacher does; measured here: losses 0.48% (generator)
+    and 0.09% (critic) apart, adapter gradients 4.2% and 2.0% in relative L2; an adapter scale 3% off on the
+    shared path alone moves them to 4.9% and 6.9%)."""
     def losses_and_grads(share: bool):
         torch.manual_seed(0)
         teacher = Teacher(tiny_unet(num_classes=3).to(dtype), scheduler())
@@ -201,5 +232,5 @@ def test_a_shared_base_gives_the_losses_and_gradients_of_float32_copies(dtype, t
         return out
 
     for (loss_s, grad_s), (loss_c, grad_c) in zip(losses_and_grads(True), losses_and_grads(False), strict=True):
-        assert torch.allclose(loss_s, loss_c, rtol=tolerance, atol=1e-7)
-        assert (grad_s - grad_c).norm() <= tolerance * grad_c.norm()
+        assert torch.allclose(loss_s, loss_c, rtol=loss_tolerance, atol=1e-7)
+        assert (grad_s - grad_c).norm() <= grad_tolerance * grad_c.norm()

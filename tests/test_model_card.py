@@ -38,6 +38,7 @@ def test_card_of_a_text_student_with_its_stock_copy(tmp_path, monkeypatch):
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     assert "dmd2" in card.data.tags and "Distribution Matching Distillation" in card.text
     assert "| clip_score | 0.3125 |" in card.text and "| fid | 12.5 |" in card.text and "step 7" in card.text
+    assert "reads out at timesteps [999] from sigma_t0 z" in card.text
     config = re.search(r"```yaml\n(.*?)```", card.text, flags=re.S).group(1)
     assert yaml.safe_load(config) == run_config
     assert (run / "pipeline_diffusers" / "README.md").read_text() == (run / "pipeline" / "README.md").read_text()
@@ -85,3 +86,16 @@ def test_card_of_a_model_trained_from_data_names_no_teacher(tmp_path):
     card = ModelCard.load(tmp_path / "pipeline" / "README.md")
     assert card.data.base_model is None and "builtin:digits" not in card.text.split("## Training config")[0]
     assert card.text.lstrip().startswith("# teacher model trained on `digits_t2i`\n\nTrained with onestep: denoising")
+
+
+def test_card_states_a_unit_variance_input(tmp_path):
+    """A generator fed z itself (DMD2's SDXL student) says so: a user feeding sigma_t0 z would get other images."""
+    encoder, tokenizer = tiny_clip(tmp_path)
+    teacher = Teacher(tiny_text_unet().eval(), scheduler("epsilon", zero_snr=False), vae=tiny_vae().eval(),
+                      text_encoder=encoder, tokenizer=tokenizer)
+    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(399,), input_scaling="unit")
+    export_generator(generator, teacher, tmp_path / "run" / "pipeline")
+    write_model_card(tmp_path / "run" / "pipeline", {"method": "dmd2"})
+    text = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "reads out at timesteps [399] from unit-variance noise z itself" in text and "sigma_t0 z (" not in text
+    assert text == (tmp_path / "run" / "pipeline_diffusers" / "README.md").read_text()

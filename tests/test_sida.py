@@ -54,15 +54,17 @@ def test_generator_loss_equals_its_direct_recomputation(head):
         x_g, mu_real = x_g.detach(), mu_real.detach()
         omega = 1 / (x_g - mu_real).abs().mean((1, 2, 3))
         diff = mu_real - mu_fake
-        sid = (omega[:, None, None, None] * diff * ((mu_real - x_g) - 1.2 * diff)).sum((1, 2, 3))
+        sid = (omega[:, None, None, None] * diff * ((mu_real - x_g) - 1.0 * diff)).sum((1, 2, 3))  # alpha 1
         gan = 64 * omega * F.softplus(-logits.clamp(-10, 10)).mean()  # CHW = 1 * 8 * 8
         expected = (sid + 0.05 * gan).mean()
     assert logits.shape == ((4, 4, 4) if head == "mean" else (4,))  # mean: one logit per bottleneck position
     assert torch.allclose(out.loss, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_critic_loss_equals_its_direct_recomputation_and_real_images_reach_the_discriminator():
-    sida = _sida(critic_timesteps="all")
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_critic_loss_equals_its_direct_recomputation_and_real_images_reach_the_discriminator(prediction_type):
+    sida = _sida(Teacher(tiny_unet(num_classes=3), scheduler(prediction_type, zero_snr=False)),
+                 critic_timesteps="all")
     draws = _record(sida, "draw")
     reals = _record(sida.real, "sample")
     fake_calls = _record(sida.fake, "forward")
@@ -74,19 +76,26 @@ def test_critic_loss_equals_its_direct_recomputation_and_real_images_reach_the_d
     _, (fake_args, _, (raw, fake_logits)), (real_args, _, real_logits) = fake_calls
     x_t, t = fake_args[:2]
     real_t, t_real, seen_condition = real_args[:3]
-    schedule = sida.teacher.schedule
-    a, s = schedule.alpha(t), schedule.sigma(t)
+    abar = sida.teacher.scheduler.alphas_cumprod.double()[t].float()[:, None, None, None]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
     noise = (x_t - a * x_g) / s
     assert torch.equal(t_real, t)  # the real images at the critic's t ...
     assert torch.allclose(real_t, a * real + s * noise, atol=1e-5)  # ... with the same noise, as the official code
     assert torch.equal(seen_condition.class_labels, real_condition.class_labels)
     assert real.abs().sum() > 0 and not torch.allclose(real_t, x_t)
     with torch.no_grad():
-        dsm = (raw - schedule.from_x0(x_g, x_t, t)).square().mean()
+        # the official loss per sample (sida_loss.py): lambda(sigma) [sum_CHW (x0_psi - x)^2 + w_D * BCE / 2]
+        x0_psi = {"epsilon": (x_t - s * raw) / a, "v_prediction": a * x_t - s * raw, "sample": raw}[prediction_type]
+        x0_sq = (x0_psi - x_g).square().sum((1, 2, 3))
         disc = 0.5 * (F.softplus(fake_logits) + F.softplus(-real_logits)).mean()
-        weight = (4 + (a / s).square()).mean() / 64
-        expected = dsm + 2.0 * weight * disc
-    assert torch.allclose(out.loss, expected, rtol=1e-5)
+        ve_sigma = (s / a).flatten()
+        lam = 1 / 0.5**2 + 1 / ve_sigma.square()
+        official = lam * (x0_sq + 2.0 * disc)
+        # ours per sample: the official one divided by lambda * CHW * k(t), k = |x0 error|^2 per unit of the
+        # teacher-parameterisation error (whose mean over CHW is our DSM): at every t the same D : DSM ratio
+        k = {"epsilon": ve_sigma.square(), "v_prediction": s.flatten().square(), "sample": torch.ones_like(lam)}
+        expected = (official / (lam * 64 * k[prediction_type])).mean()
+    assert torch.allclose(out.loss, expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["mean", "bottleneck"])
@@ -116,40 +125,62 @@ def test_adversarial_term_changes_the_generator_gradient():
     assert not torch.allclose(*grads)
 
 
-def test_adversarial_weight_zero_is_sid_exactly():
+def test_adversarial_weight_zero_is_sid_exactly(tmp_path):
+    """Weights 0 (and SiD's alpha and clipping) train SiD exactly over a run from one seed: the same losses at every
+    step and the same weights after it (no extra random draws, e.g. of real images, that would shift later steps)."""
     teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    sid_options = SiDOptions()
     runs = []
-    for method, options in (("sid", SiDOptions()), ("sida", SiDAOptions(gan_generator_weight=0, gan_critic_weight=0))):
-        torch.manual_seed(0)
+    for method, options in (("sid", sid_options),
+                            ("sida", SiDAOptions(gan_generator_weight=0, gan_critic_weight=0, alpha=sid_options.alpha,
+                                                 generator_optimizer=sid_options.generator_optimizer))):
         distiller = build_distiller(method, teacher, options, real=_real(), batch_size=4)
-        result = []
-        for loss, module in ((distiller.generator_loss, distiller.generator), (distiller.critic_loss, distiller.fake)):
-            torch.manual_seed(1)
-            out = loss(module).loss
-            out.backward()
-            result.append((out.detach(), [p.grad.clone() for p in module.unet.parameters() if p.grad is not None]))
-        runs.append(result)
-    for (loss_a, grads_a), (loss_b, grads_b) in zip(*runs, strict=True):
-        assert torch.equal(loss_a, loss_b)
-        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+        out = tmp_path / method
+        Trainer(distiller, out, TrainerConfig(max_steps=4, log_every=1, checkpoint_every=0)).train()
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        losses = [(r["generator/loss"], r["critic/loss"]) for r in log if "critic/loss" in r]
+        runs.append((losses, distiller.generator.state_dict(), distiller.fake.unet.state_dict()))
+    (sid_losses, *sid_weights), (sida_losses, *sida_weights) = runs
+    assert len(sid_losses) == 4 and sid_losses == sida_losses
+    for a, b in zip(sid_weights, sida_weights, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
 
 
-def test_sid2a_starts_from_a_sid_runs_generator_and_fake_score(tmp_path):
+@pytest.mark.parametrize("continue_critic", [False, True])
+def test_sid2a_starts_from_a_sid_runs_generator_and_from_the_teacher_or_its_fake_score(tmp_path, continue_critic):
+    """Official SiD²A (sida_training_loop.py, --sid_model) loads only G and G_ema from the SiD run and starts the fake
+    score from the teacher; `init_critic` continues the SiD run's fake score instead (sid2a_continue.yaml)."""
     teacher = Teacher(tiny_unet(num_classes=3), scheduler())
     stage1 = build_distiller("sid", teacher, SiDOptions(), batch_size=2)
     Trainer(stage1, tmp_path / "sid", TrainerConfig(max_steps=2, checkpoint_every=0)).train()
     (tmp_path / "sid" / "config.json").write_text(json.dumps({"method": "sid"}))
     stage1.export_pipeline(tmp_path / "sid" / "pipeline")
+    teacher_state = teacher.unet.state_dict()
     for head in ("mean", "bottleneck"):
         sida = build_distiller("sida", teacher, SiDAOptions(gan_head=head), real=_real(), batch_size=2,
                                init_generator=tmp_path / "sid" / "pipeline",
-                               init_critic=critic_file(tmp_path / "sid"))
-        for loaded, trained in ((sida.generator.unet, stage1.generator.unet), (sida.fake.unet, stage1.fake.unet)):
-            before = trained.state_dict()
-            assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
-        assert any(not torch.equal(v, teacher.unet.state_dict()[k].float())
-                   for k, v in sida.fake.unet.state_dict().items())  # stage 1 moved it away from the teacher
+                               init_critic=critic_file(tmp_path / "sid") if continue_critic else None)
+        fake_source = stage1.fake.unet.state_dict() if continue_critic else teacher_state
+        for loaded, source in ((sida.generator.unet.state_dict(), stage1.generator.unet.state_dict()),
+                               (sida.fake.unet.state_dict(), fake_source)):
+            assert loaded.keys() == source.keys()
+            assert all(torch.equal(v, source[k].float()) for k, v in loaded.items())
+        assert any(not torch.equal(v, teacher_state[k].float())
+                   for k, v in stage1.fake.unet.state_dict().items())  # stage 1 moved its fake score off the teacher
         sida.critic_loss(sida.fake).loss.backward()  # and it trains on from there
+
+
+def test_official_defaults_alpha_one_and_no_generator_clipping():
+    """Every official SiDA / SiD²A script runs --alpha 1; the official loop clips only the fake score's gradients.
+    The shipped recipes keep both (a config's optimizer block merges into these defaults)."""
+    from onestep.config import load_config
+
+    options = SiDAOptions()
+    assert options.alpha == 1.0 and SiDOptions().alpha == 1.2
+    assert options.generator_optimizer.grad_clip is None and options.critic_optimizer.grad_clip == 10.0
+    for name in ("sida", "sid2a", "sid2a_continue"):
+        cfg = load_config(f"configs/digits/{name}.yaml")
+        assert cfg.options.alpha == 1.0 and cfg.options.generator_optimizer.grad_clip is None, name
 
 
 def test_options_are_checked():

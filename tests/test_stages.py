@@ -75,3 +75,18 @@ def test_a_warm_start_starts_every_student_from_the_one_run(tmp_path):
         sub = student_config(cfg, k)
         assert (sub.init_generator, sub.init_critic, sub.output_dir) == (str(warm / "pipeline"), str(warm),
                                                                          f"out/student_{k}")
+
+
+def test_init_generator_refuses_a_generator_trained_on_the_other_input_scaling(tmp_path):
+    """A DMD2 SDXL student (fed z itself) given to a run whose generator is fed sigma_t0 z would see the wrong
+    input: refused, and accepted where the conventions agree."""
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler("epsilon", zero_snr=False))
+    real = RealImages(torch.rand(8, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (8,)))
+    unit = DMDOptions(generator_timesteps=[399], generator_input="unit")
+    build_distiller("dmd2", teacher, unit, real=real).export_pipeline(tmp_path / "unit")
+    assert json.loads((tmp_path / "unit" / "model_index.json").read_text())["input_scaling"] == "unit"
+    with pytest.raises(UserInputError, match="input_scaling unit"):
+        build_distiller("dmd2", teacher, DMDOptions(generator_timesteps=[399]), real=real,
+                        init_generator=tmp_path / "unit")
+    assert build_distiller("dmd2", teacher, unit, real=real,
+                           init_generator=tmp_path / "unit").generator.input_scaling == "unit"

@@ -36,14 +36,27 @@ def text_teacher(clip, kind: str, zero_snr: bool) -> Teacher:
                    text_encoder=encoder, tokenizer=tokenizer)
 
 
-# SD1.5's case (epsilon, t0 = T-1), a zero-terminal-SNR v-prediction teacher at T-1, and a read-out at t0 = 399
+def trained_generator(teacher: Teacher, t0: int, input_scaling: str) -> Generator:
+    """A generator whose weights moved off the teacher's (as training would move them)."""
+    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(t0,), input_scaling=input_scaling)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return generator.eval()
+
+
+# SD1.5's case (epsilon, t0 = T-1), a zero-terminal-SNR v-prediction teacher at T-1, and a read-out at t0 = 399; each
+# with the generator fed sigma_t0 z ("sigma") or z itself ("unit": DMD2's SDXL one-step student)
+@pytest.mark.parametrize("input_scaling", ["sigma", "unit"])
 @pytest.mark.parametrize(("kind", "zero_snr", "t0", "stock_scheduler"),
                          [("epsilon", False, 999, EulerDiscreteScheduler), ("v_prediction", True, 999, LCMScheduler),
                           ("epsilon", False, 399, EulerDiscreteScheduler)])
 @torch.no_grad()
-def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_snr, t0, stock_scheduler):
+def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_snr, t0, stock_scheduler,
+                                                    input_scaling):
     teacher = text_teacher(clip, kind, zero_snr)
-    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(t0,)).eval()
+    generator = trained_generator(teacher, t0, input_scaling)
     folder = export_generator(generator, teacher, tmp_path / "pipeline")
     stock_dir = tmp_path / "pipeline_diffusers"
     assert stock_folder(folder) == stock_dir and (stock_dir / "model_index.json").is_file()
@@ -62,6 +75,12 @@ def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_s
     x0 = student(prompt=prompts, latents=z, output_type="latent").images
     stock_x0 = stock(prompts, num_inference_steps=1, guidance_scale=0.0, latents=z, output_type="latent").images
     assert torch.allclose(stock_x0, x0, rtol=1e-5, atol=1e-5 * x0.abs().max().item())
+    # both are the generator as it trained: its own sample of z, and not that of the other input convention
+    trained = generator(z, teacher.condition(prompts=prompts))
+    assert torch.allclose(x0, trained, rtol=1e-5, atol=1e-5 * x0.abs().max().item())
+    if kind == "epsilon":  # (a zero-terminal-SNR T-1 has sigma_t0 = 1: there the two conventions coincide)
+        generator.input_scaling = {"sigma": "unit", "unit": "sigma"}[input_scaling]
+        assert not torch.allclose(generator(z, teacher.condition(prompts=prompts)), trained, atol=1e-3)
     # the stock folder shares the exported weights
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert os.path.samefile(folder / weights, stock_dir / weights) or \
@@ -72,15 +91,16 @@ def test_stock_pipeline_one_step_equals_the_student(tmp_path, clip, kind, zero_s
 # embedding and time ids; DMD2's one-step SDXL reads out at 399), at the default and at another image size
 # (a bfloat16 teacher leaves its VAE and text encoders in bfloat16 beside the float32 generator: the stock folder holds
 # float32 copies, and equals the student loaded in float32)
-@pytest.mark.parametrize(("kind", "t0", "stock_cls", "dtype"),
-                         [("sd15", 999, StableDiffusionPipeline, torch.float32),
-                          ("sdxl", 399, StableDiffusionXLPipeline, torch.bfloat16)])
+@pytest.mark.parametrize(("kind", "t0", "stock_cls", "dtype", "input_scaling"),
+                         [("sd15", 999, StableDiffusionPipeline, torch.float32, "sigma"),
+                          ("sdxl", 399, StableDiffusionXLPipeline, torch.bfloat16, "sigma"),
+                          ("sdxl", 399, StableDiffusionXLPipeline, torch.bfloat16, "unit")])
 @torch.no_grad()
-def test_stock_export_of_sd_family_teacher_folders(tmp_path, monkeypatch, kind, t0, stock_cls, dtype):
+def test_stock_export_of_sd_family_teacher_folders(tmp_path, monkeypatch, kind, t0, stock_cls, dtype, input_scaling):
     import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl as sdxl
 
     teacher = Teacher.from_pretrained(sd_folder(tmp_path / kind, kind), dtype=dtype)
-    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(t0,)).eval()
+    generator = trained_generator(teacher, t0, input_scaling)
     folder = export_generator(generator, teacher, tmp_path / "pipeline")
     student = OneStepPipeline.from_pretrained(folder, dtype=torch.float32)
     # SDXL would add an invisible watermark where its package is installed: the folder turns it off

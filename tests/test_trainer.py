@@ -264,19 +264,24 @@ def test_lr_decay_follows_the_diffusers_schedule_and_resumes(tmp_path):
         task = DecayingTask(**schedule)
         Trainer(task, out, TrainerConfig(max_steps=steps, log_every=1, checkpoint_every=0)).train()
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        # a record carries the last value of each update's logs: records 1, 4, 7, ... follow a generator step
+        # a record carries the last value of each update's logs: records 1, 4, 7, ... follow a generator step, whose
+        # logged lr is the one that step used
         return task, [r["generator/lr"] for r in log if "generator/lr" in r and r["step"] % 3 == 1]
 
-    # generator steps at 0, 3, 6, 9, 12: linear to 0 over 4 of its optimizer steps, then held at 0
-    _, lrs = train(tmp_path / "linear", 13, lr_scheduler="linear", lr_decay_steps=4)
-    assert lrs == pytest.approx([7.5e-3, 5e-3, 2.5e-3, 0.0, 0.0])
-    _, lrs = train(tmp_path / "warm", 13, lr_scheduler="cosine", lr_decay_steps=5, warmup_steps=1)
-    assert lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)])
+    # generator steps at iterations 0, 3, 6, 9, 12; its schedule advances every iteration (as DMD2's): linear to 0
+    # over 12 iterations, then held at 0
+    _, lrs = train(tmp_path / "linear", 13, lr_scheduler="linear", lr_decay_steps=12)
+    assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3, 0.0])
+    # warm-up over 3 iterations (one generator step, not three), then half a cosine over the next 12 iterations
+    _, lrs = train(tmp_path / "warm", 13, lr_scheduler="cosine", lr_decay_steps=15, warmup_steps=3)
+    assert lrs == pytest.approx([0.0] + [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    _, lrs = train(tmp_path / "warmup_only", 13, warmup_steps=6)  # constant_with_warmup, DMD2's
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2, 1e-2])
     _, lrs = train(tmp_path / "constant", 7)
     assert lrs == [1e-2] * 3
-    straight, _ = train(tmp_path / "a", 13, lr_scheduler="linear", lr_decay_steps=4)
-    train(tmp_path / "b", 5, lr_scheduler="linear", lr_decay_steps=4)
-    resumed, lrs = train(tmp_path / "b", 13, lr_scheduler="linear", lr_decay_steps=4)
+    straight, _ = train(tmp_path / "a", 13, lr_scheduler="linear", lr_decay_steps=12)
+    train(tmp_path / "b", 5, lr_scheduler="linear", lr_decay_steps=12)
+    resumed, lrs = train(tmp_path / "b", 13, lr_scheduler="linear", lr_decay_steps=12)
     assert torch.equal(straight.gen.weight, resumed.gen.weight) and lrs[-1] == 0.0
     for bad, match in (({"lr_scheduler": "exponential"}, "lr_scheduler must be one of"),
                        ({"lr_scheduler": "linear"}, "needs lr_decay_steps")):

@@ -27,7 +27,7 @@ DISTILLERS: dict[str, Registration] = {
     "dmd": Registration(DMD, DMD1Options),
     "dmd2": Registration(DMD, DMDOptions),
     "sid": Registration(SiD, SiDOptions),
-    "sida": Registration(SiDA, SiDAOptions),  # SiD²A: init_generator= and init_critic= from a sid run
+    "sida": Registration(SiDA, SiDAOptions),  # SiD²A: init_generator= a sid run (init_critic= to continue its critic)
     "sfd": Registration(SFD, SFDOptions),
     "msd": Registration(MSD, MSDOptions),
     "tsm": Registration(TeacherScoreMatching, TSMOptions),  # MSD's stage 0 for smaller students

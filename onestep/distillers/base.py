@@ -28,11 +28,13 @@ class Distiller:
     export_readout = "x0"  # how the exported OneStepPipeline reads the generator out (see OneStepPipeline)
 
     def __init__(self, teacher: Teacher, options, conditions: ConditionSampler | None = None, judge=None,
-                 generator_timesteps: list[int] | tuple[int, ...] = (999,), batch_size: int = 64):
+                 generator_timesteps: list[int] | tuple[int, ...] = (999,), batch_size: int = 64,
+                 generator_input: str = "sigma"):
         self.teacher, self.options, self.judge, self.batch_size = teacher, options, judge, batch_size
         self.conditions = conditions or class_conditions(teacher)
         self.generator = Generator.from_teacher(teacher.unet, teacher.schedule, generator_timesteps,
-                                                share_frozen=self.shares_base(critic=False))
+                                                share_frozen=self.shares_base(critic=False),
+                                                input_scaling=generator_input)
 
     def shares_base(self, critic: bool) -> bool:
         """Whether the generator's (or, `critic`, a fake score's) UNet starts as a copy sharing the teacher's frozen

@@ -20,6 +20,7 @@ from onestep.distillers.regression import PairedRegression, RegressionOptions
 from onestep.models.conditioning import Condition
 from onestep.models.critics import FakeScore, gan_discriminator_loss, gan_generator_loss
 from onestep.models.denoising import denoising_loss, sample_timesteps
+from onestep.models.generator import INPUT_SCALINGS
 from onestep.models.lora import LoRAConfig
 from onestep.models.unet import call_frozen
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
@@ -44,6 +45,9 @@ class DMDOptions:
     """`options:` of a dmd2 config (DMD2 preset: TTUR 5, GAN on, no regression)."""
 
     generator_timesteps: list[int] = field(default_factory=lambda: [999])
+    # the generator's input at generator_timesteps[0]: "sigma" = sigma_t0 z (the marginal at t0), "unit" = z itself
+    # (DMD2's SDXL one-step student, conditioned at t0 = 399 on unit-variance noise; its exports follow)
+    generator_input: str = "sigma"
     dm_t_min: float = 0.02  # DM timestep range as a share of T
     dm_t_max: float = 0.98
     generator_every: int = 5  # TTUR: the critic takes every step, the generator every N-th
@@ -55,7 +59,8 @@ class DMDOptions:
     gan: bool = True
     gan_generator_weight: float = 3e-3
     gan_critic_weight: float = 1e-2
-    gan_t_max: float = 1.0  # the GAN's noise t ~ U[0, gan_t_max T): DMD2's diffusion_gan_max_timestep / T
+    # the GAN's noise t ~ U[0, gan_t_max T): DMD2's diffusion_gan_max_timestep / T; 0 = the clean sample at t = 0
+    gan_t_max: float = 1.0
     regression: RegressionOptions = field(default_factory=RegressionOptions)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
@@ -64,6 +69,9 @@ class DMDOptions:
             raise ValueError(f"need 0 <= dm_t_min < dm_t_max <= 1, got {self.dm_t_min}, {self.dm_t_max}")
         if not 0.0 <= self.gan_t_max <= 1.0:
             raise ValueError(f"gan_t_max must be in [0, 1], got {self.gan_t_max}")
+        if self.generator_input not in INPUT_SCALINGS:
+            raise ValueError(f"generator_input must be one of {', '.join(INPUT_SCALINGS)}, "
+                             f"got {self.generator_input!r}")
         if self.generator_every < 1:
             raise ValueError(f"generator_every must be >= 1, got {self.generator_every}")
         for name in ("generator_optimizer", "critic_optimizer"):
@@ -88,7 +96,8 @@ class DMD(Distiller):
 
     def __init__(self, teacher, options: DMDOptions, conditions=None, judge=None, batch_size: int = 64, real=None,
                  regression_cache=None):
-        super().__init__(teacher, options, conditions, judge, options.generator_timesteps, batch_size)
+        super().__init__(teacher, options, conditions, judge, options.generator_timesteps, batch_size,
+                         options.generator_input)
         self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule, gan_head=options.gan,
                                             share_frozen=self.shares_base(critic=True))
         if options.gan and real is None:
@@ -99,7 +108,7 @@ class DMD(Distiller):
         T = teacher.schedule.num_train_timesteps
         # [dm_t_min T, dm_t_max T] inclusive: DMD2 samples t in [20, 980]
         self.dm_range = (round(options.dm_t_min * T), min(round(options.dm_t_max * T), T - 1) + 1)
-        self.gan_range = (0, max(1, round(options.gan_t_max * T)))  # gan_t_max 0: the clean sample (t = 0)
+        self.gan_range = (0, max(1, round(options.gan_t_max * T)))
         self._fresh: tuple[torch.Tensor, Condition] | None = None  # the generator step's sample, reused by the critic
 
     def updates(self) -> list[Update]:
@@ -107,6 +116,14 @@ class DMD(Distiller):
         return [Update("generator", self.generator, self.generator_loss, o.generator_optimizer, o.generator_every,
                        o.generator_ema),
                 Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
+
+    def gan_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t) the discriminator reads: x noised at t ~ U[0, gan_t_max T) (DMD2's `--diffusion_gan`), or with
+        gan_t_max 0 the clean x itself at t = 0 (DMD2 without it: sd_guidance.py `compute_cls_logits`)."""
+        t = sample_timesteps(x.shape[0], *self.gan_range, self.device)
+        if self.options.gan_t_max == 0:
+            return x, t
+        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t
 
     # --- generator ----------------------------------------------------------------------------------------------
     def _generator_sample(self, generator) -> tuple[torch.Tensor, Condition]:
@@ -125,8 +142,7 @@ class DMD(Distiller):
         loss_dm = distribution_matching_loss(x, mu_real, mu_fake).mean()
         loss, logs = loss_dm, {"dm": loss_dm.item()}
         if self.options.gan:
-            t_gan = sample_timesteps(x.shape[0], *self.gan_range, self.device)
-            x_gan = self.teacher.schedule.add_noise(x, torch.randn_like(x), t_gan)
+            x_gan, t_gan = self.gan_input(x)
             logits = call_frozen(self.fake, x_gan, t_gan, condition, output="logits")
             loss_gan = gan_generator_loss(logits).mean()
             loss = loss + self.options.gan_generator_weight * loss_gan
@@ -149,12 +165,9 @@ class DMD(Distiller):
         loss_dsm = denoising_loss(raw, self.teacher.schedule, x, condition).mean()
         loss, logs = loss_dsm, {"denoising": loss_dsm.item()}
         if self.options.gan:
-            schedule = self.teacher.schedule
             real, real_condition = self.real.sample(x.shape[0], self.device)
-            t_fake, t_real = (sample_timesteps(x.shape[0], *self.gan_range, self.device) for _ in range(2))
-            fake_logits = fake(schedule.add_noise(x, torch.randn_like(x), t_fake), t_fake, condition, output="logits")
-            real_t = schedule.add_noise(real, torch.randn_like(real), t_real)
-            real_logits = fake(real_t, t_real, real_condition, output="logits")
+            fake_logits = fake(*self.gan_input(x), condition, output="logits")
+            real_logits = fake(*self.gan_input(real), real_condition, output="logits")
             loss_d = gan_discriminator_loss(fake_logits, real_logits).mean()
             loss = loss + self.options.gan_critic_weight * loss_d
             logs.update(gan_d=loss_d.item(), d_real=real_logits.mean().item(), d_fake=fake_logits.mean().item())

@@ -50,6 +50,8 @@ class MSDOptions(DMDOptions):
             raise ValueError("give student_channels (random init) or student_init (TSM weights), not both")
         if self.student_channels and self.lora.enabled:
             raise ValueError("lora adapts trained weights; a student_channels student starts from random ones")
+        if self.generator_input != "sigma":
+            raise ValueError("generator_input must be sigma: the MultiStudentPipeline feeds its students sigma_t0 z")
         if self.lora.enabled and self.lora.export == "adapter":
             raise ValueError("lora.export must be merge: the students are assembled into one MultiStudentPipeline")
 

@@ -15,7 +15,8 @@ from onestep.files import read_json
 
 
 def init_generator(generator, pipeline_dir: Path) -> None:
-    """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps must match."""
+    """Load an exported OneStepPipeline's UNet into `generator`, strictly; its read-out timesteps and input scaling
+    must match."""
     from onestep.models.loading import load_model
     from onestep.models.lora import merged_folder_adapter
     from onestep.models.unet import load_weights
@@ -23,10 +24,15 @@ def init_generator(generator, pipeline_dir: Path) -> None:
     index = pipeline_dir / "model_index.json"
     if not index.is_file():
         raise UserInputError(f"init_generator {pipeline_dir} is not an exported pipeline folder (no model_index.json)")
-    timesteps = read_json(index).get("timesteps")
+    config = read_json(index)
+    timesteps = config.get("timesteps")
     if timesteps != generator.timesteps:
         raise UserInputError(f"init_generator {pipeline_dir} reads out at timesteps {timesteps} but this run's "
                              f"generator at {generator.timesteps}")
+    input_scaling = config.get("input_scaling", "sigma")
+    if input_scaling != generator.input_scaling:
+        raise UserInputError(f"init_generator {pipeline_dir} was trained on input_scaling {input_scaling} noise but "
+                             f"this run's generator takes {generator.input_scaling} (options.generator_input)")
     unet = merged_folder_adapter(load_model(pipeline_dir / "unet"), pipeline_dir)
     try:
         load_weights(generator.unet, unet.state_dict(), strict=True)

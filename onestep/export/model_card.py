@@ -93,6 +93,15 @@ def _loading_section(folder: Path, stock: Path | None, text: bool) -> str:
     return "\n".join(parts)
 
 
+def _input_note(index: dict) -> str:
+    """How an x0 read-out generator takes its noise (OneStepPipeline's `input_scaling`)."""
+    if index.get("readout", "x0") != "x0":
+        return ""
+    if index.get("input_scaling", "sigma") == "unit":
+        return " from unit-variance noise z itself (as DMD2's SDXL one-step student), not sigma_t0 z"
+    return " from sigma_t0 z (z unit-variance noise, sigma_t0 the noise level of the first read-out timestep)"
+
+
 def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stock: Path | None = None) -> ModelCard:
     """The card of an exported folder from the run's config (`config.json`) and metrics (`metrics.json`)."""
     index = json.loads((folder / "model_index.json").read_text())
@@ -109,7 +118,7 @@ def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stoc
                if teacher is None and method in FROM_DATA else
                [f"# {method} student of `{teacher}`", "",
                 f"A generator distilled with onestep by {METHODS.get(method, method)}"
-                + (f"; the generator reads out at timesteps {readout}." if readout else ".")])
+                + (f"; the generator reads out at timesteps {readout}{_input_note(index)}." if readout else ".")])
     body = "\n".join([
         *summary, "",
         "## Metrics", "", _metrics_section(metrics),

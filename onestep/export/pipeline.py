@@ -76,7 +76,8 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
-                               timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
+                               timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout,
+                               input_scaling=getattr(generator, "input_scaling", "sigma"))  # BOOT's has none
     out_dir = export_pipeline(pipeline, out_dir, write_extra)
     from onestep.export.stock import export_stock_pipeline
 

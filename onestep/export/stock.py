@@ -19,6 +19,10 @@ from `alphas_cumprod`). A stock pipeline starts from `latents = z * scheduler.in
   `LCMScheduler`, whose UNet input is z itself (= sigma_{T-1} z, sigma_{T-1} = 1) and whose boundary scalings at
   t = T-1, c_skip = 0.25 / (10 t)^2 ~ 2.5e-9 and c_out = 1 - O(1e-9), reduce its last step to the x0 read-out.
 LCM and DDIM feed z unscaled, so they are the student only where sigma_t0 = 1; Euler is used everywhere else.
+- a generator fed z itself at t0 (`input_scaling` "unit", DMD2's SDXL one-step student at t0 = 399): Euler with Karras
+  sigmas (`sigma_max` = s(t0)) and `leading` spacing, whose `init_noise_sigma` is sqrt(s^2 + 1): the UNet input
+  latents / sqrt(s^2 + 1) is z itself, and the Euler step lands on the same x0 read-out (DMD2's README loads its
+  student with LCMScheduler and `timesteps=[399]`, which also feeds z; the Euler folder needs no call-time argument).
 
 The stock folder shares the exported weights (hard links where the file system allows, else copies): only
 `model_index.json` and `scheduler/` are its own, and float32 copies of the components a half-precision teacher
@@ -53,22 +57,24 @@ def stock_folder(pipeline_dir: str | os.PathLike) -> Path:
     return pipeline_dir.with_name(pipeline_dir.name + STOCK_SUFFIX)
 
 
-def stock_scheduler(teacher_config: dict, t0: int) -> SchedulerMixin | None:
-    """A stock scheduler whose one step (num_inference_steps=1) reads x0 out at t0 from sigma_t0 z, as the student
-    does; None when the teacher's noise schedule cannot be carried over exactly."""
+def stock_scheduler(teacher_config: dict, t0: int, input_scaling: str = "sigma") -> SchedulerMixin | None:
+    """A stock scheduler whose one step (num_inference_steps=1) reads x0 out at t0 from sigma_t0 z (or from z itself,
+    `input_scaling` "unit"), as the student does; None when the teacher's noise schedule cannot be carried over
+    exactly."""
     teacher = DDPMScheduler.from_config(teacher_config)
     abar = teacher.alphas_cumprod.double()
     last = len(abar) - 1
-    if t0 == last and abar[last] == 0:
+    if t0 == last and abar[last] == 0:  # sigma_t0 = 1: both input scalings feed z
         scheduler = LCMScheduler.from_config(teacher_config, clip_sample=False, thresholding=False,
                                              original_inference_steps=len(abar))
     else:
         # every option that would move the sigmas off the teacher's schedule set explicitly (a teacher's own Euler
         # config may carry others)
-        euler = {"timestep_spacing": "trailing", "steps_offset": 1, "interpolation_type": "linear",
-                 "timestep_type": "discrete", "final_sigmas_type": "zero", "use_exponential_sigmas": False,
-                 "use_beta_sigmas": False, "use_karras_sigmas": t0 != last}
-        if t0 != last:
+        karras = t0 != last or input_scaling == "unit"
+        euler = {"timestep_spacing": "leading" if input_scaling == "unit" else "trailing", "steps_offset": 1,
+                 "interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
+                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_karras_sigmas": karras}
+        if karras:
             euler.update(sigma_max=float(((1 - abar[t0]) / abar[t0]).sqrt()),
                          sigma_min=float(((1 - abar[0]) / abar[0]).sqrt()))
         scheduler = EulerDiscreteScheduler.from_config(teacher_config, **euler)
@@ -117,7 +123,7 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
             or (pipeline_dir / LORA_ADAPTER).exists()):
         return None
     teacher_config = DDPMScheduler.load_config(pipeline_dir / "scheduler")
-    scheduler = stock_scheduler(teacher_config, index["timesteps"][0])
+    scheduler = stock_scheduler(teacher_config, index["timesteps"][0], index.get("input_scaling", "sigma"))
     if scheduler is None:
         return None
     sdxl = bool((index.get("text_encoder_2") or [None])[0])

@@ -10,15 +10,22 @@ from onestep.models.schedules import VPSchedule
 from onestep.models.unet import trainable_copy, unet_x0
 
 
+INPUT_SCALINGS = ("sigma", "unit")
+
+
 class Generator(nn.Module):
-    """G(z, c) = x0-read-out of the UNet at t_0 on input sigma_{t_0} z (DMD2: t_0 = T-1; SiD: VE sigma 2.5).
+    """G(z, c) = x0-read-out of the UNet at t_0 on input sigma_{t_0} z (DMD2: t_0 = T-1; SiD: VE sigma 2.5), or with
+    `input_scaling="unit"` on z itself (DMD2's SDXL one-step student: z ~ N(0, I) read out at t_0 = 399).
 
     With several `timesteps` it is DMD2's multi-step generator: x0 at t_i is re-noised to t_{i+1} with *fresh*
     noise (x = alpha x0 + sigma eps) and read out again. The exported OneStepPipeline runs exactly this recursion.
     """
 
-    def __init__(self, unet: nn.Module, schedule: VPSchedule, timesteps: list[int] | tuple[int, ...] = (999,)):
+    def __init__(self, unet: nn.Module, schedule: VPSchedule, timesteps: list[int] | tuple[int, ...] = (999,),
+                 input_scaling: str = "sigma"):
         super().__init__()
+        if input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"input_scaling must be one of {', '.join(INPUT_SCALINGS)}, got {input_scaling!r}")
         if not timesteps or any(not 0 <= t < schedule.num_train_timesteps for t in timesteps):
             raise ValueError(f"generator timesteps must lie in [0, {schedule.num_train_timesteps}), got {timesteps}")
         if list(timesteps) != sorted(timesteps, reverse=True):
@@ -26,21 +33,25 @@ class Generator(nn.Module):
         self.unet = unet
         self.schedule = schedule
         self.timesteps = list(timesteps)
+        self.input_scaling = input_scaling
 
     @classmethod
     def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, timesteps=(999,),
-                     share_frozen: bool = False) -> Generator:
+                     share_frozen: bool = False, input_scaling: str = "sigma") -> Generator:
         """A float32, trainable deep copy of the teacher's UNet, or one sharing its frozen weights (a LoRA base;
         `onestep.models.unet.trainable_copy`). The teacher itself stays frozen."""
-        return cls(trainable_copy(teacher_unet, share_frozen), schedule, timesteps)
+        return cls(trainable_copy(teacher_unet, share_frozen), schedule, timesteps, input_scaling)
 
     def input_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """The UNet input at t_0: pure noise scaled to the marginal noise level sigma_{t_0}."""
+        """The UNet input at t_0: pure noise scaled to the marginal noise level sigma_{t_0} ("sigma"), or the noise
+        itself ("unit")."""
+        if self.input_scaling == "unit":
+            return noise
         return self.schedule.sigma(self.timesteps[0], noise.dim()).to(noise.device) * noise
 
     def forward(self, noise: torch.Tensor, condition: Condition, step: int = 0,
                 x_t: torch.Tensor | None = None) -> torch.Tensor:
-        """x0 from step `step` of the recursion; `x_t` is the (re-noised) input there, `sigma_{t_0} z` by default."""
+        """x0 from step `step` of the recursion; `x_t` is the (re-noised) input there, `input_noise(z)` by default."""
         x_t = self.input_noise(noise) if x_t is None else x_t
         return unet_x0(self.unet, self.schedule, x_t, torch.tensor(self.timesteps[step], device=noise.device),
                        condition)

@@ -8,6 +8,9 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 
@@ -75,3 +78,25 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def refuse_changed_frozen_tensors(models: list[nn.Module], input_dir: str, frozen: set[int]) -> None:
+    """accelerate `load_state` pre-hook: refuse a checkpoint whose copy of a tensor the trained networks share with a
+    frozen one (a LoRA base shared with the teacher, `lora.share_base`) differs from it. load_state copies every
+    checkpointed tensor into the network in place, so it would write another teacher's weights into this run's
+    frozen teacher; equal values (a normal resume) leave it as it is. `frozen`: ids of the frozen tensors;
+    `models`: the prepared networks, in the order of their files (model.safetensors, model_1.safetensors, ...)."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        shared = {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) in frozen}
+        file = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+        if not shared or not file.is_file():  # (no safetensors file: accelerate's own load reports it)
+            continue
+        with safe_open(file, "pt") as saved:
+            keys = set(saved.keys())
+            for name, tensor in shared.items():
+                if name not in keys or not torch.equal(saved.get_tensor(name), tensor.detach().cpu()):
+                    raise UserInputError(f"checkpoint {Path(input_dir).name} holds a different {name} than this "
+                                         f"run's teacher (a LoRA base shared with it, lora.share_base): not resumed, "
+                                         "the teacher is left as it is")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,12 @@ from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.models.networks import reachable_modules
 from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
-from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
+from onestep.training.checkpoints import (
+    latest_checkpoint,
+    read_state,
+    refuse_changed_frozen_tensors,
+    save_checkpoint,
+)
 from onestep.training.progress import Progress
 from onestep.training.sharding import (
     FullStateEMA,
@@ -66,7 +72,8 @@ class TrainerConfig:
     # else no
     mixed_precision: str | None = None
     # each optimizer step sums the gradients of this many micro-batches (global batch = data.batch_size x this x
-    # processes); the cadence (`every`), the LR schedule and the EMA count optimizer steps, not micro-batches
+    # processes); the cadence (`every`), the LR schedule and the EMA count iterations / optimizer steps, not
+    # micro-batches
     gradient_accumulation_steps: int = 1
     log_every: int = 10
     report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers, beside the JSONL log always written
@@ -108,8 +115,8 @@ class Trainer:
                  run_config: dict | None = None):
         self.task, self.config, self.output_dir = task, config, Path(output_dir)
         self.run_config = run_config or {}
-        # the LR schedule counts optimizer steps whatever the number of processes (accelerate's default would step a
-        # prepared scheduler once per process, i.e. warm up N times faster under N processes)
+        # the LR schedule counts iterations whatever the number of processes (accelerate's default would step a
+        # prepared scheduler once per process, i.e. warm up N times faster under N processes, as DMD2's does)
         check_tracker(config.report_to)
         project = ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs"))
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False,
@@ -130,7 +137,8 @@ class Trainer:
         self.optimizers, self.lr_schedulers, self.modules, self.emas = {}, {}, {}, {}
         self.skeletons: dict[str, Skeleton] = {}  # FSDP: plain copies of the trained networks, for the export
         if self.sharded:
-            _check_sharding(self.accelerator, task, self.updates)
+            _check_sharding(self.accelerator)
+        _guard_shared_base(self.accelerator, task, self.updates)
         for update in self.updates:
             if self.sharded:
                 self.skeletons[update.name] = Skeleton(update.module)
@@ -231,8 +239,6 @@ class Trainer:
             return self._skip(update, "gradient")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free them now: they would sit beside the next update's activations
-        if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps with overflowing gradients
-            self.lr_schedulers[update.name].step()
         if update.name in self.emas:
             ema, ema_params = self.emas[update.name]
             ema.step(ema_params)
@@ -241,6 +247,14 @@ class Trainer:
         logs[f"{update.name}/grad_norm"] = float(grad_norm)
         logs[f"{update.name}/lr"] = self.lr_schedulers[update.name].get_last_lr()[0]
         return logs
+
+    def _step_lr_schedulers(self) -> None:
+        """Every update's LR schedule advances once per iteration, whether or not the update ran in it (as DMD2
+        steps both schedulers every iteration): `warmup_steps` and `lr_decay_steps` count iterations, as
+        `max_steps` does. An fp16 step skipped for overflowing gradients does not advance its schedule."""
+        for name, scheduler in self.lr_schedulers.items():
+            if not self.optimizers[name].step_was_skipped:
+                scheduler.step()
 
     def _skip(self, update: Update, what: str) -> dict[str, float]:
         """A non-finite loss or gradient: skip this update, count it, stop after too many in a row."""
@@ -381,6 +395,7 @@ class Trainer:
             for update in self.updates:
                 if update.runs_at(self.step):
                     logs.update(self._run_update(update))
+            self._step_lr_schedulers()
             self.counter.step += 1
             self.counter.elapsed = time.perf_counter() - start
             running.update(logs)
@@ -428,16 +443,30 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def _check_sharding(accelerator: Accelerator, task: TrainingTask, updates: list[Update]) -> None:
-    """What FSDP needs: FSDP2 (`fsdp_version: 2`), and trained networks that hold no tensor of a frozen one."""
+def _check_sharding(accelerator: Accelerator) -> None:
+    """What FSDP needs: FSDP2 (`fsdp_version: 2`); trained networks that hold no tensor of a frozen one are checked
+    by `Trainer._guard_shared_frozen_tensors`."""
     if not accelerator.is_fsdp2:
         raise UserInputError("onestep trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
                              "(FSDP1's flat parameters break the frozen calls, EMA and export)")
+
+
+def _guard_shared_base(accelerator: Accelerator, task: TrainingTask, updates: list[Update]) -> None:
+    """Trained networks holding a frozen network's tensors (`lora.share_base`): refused under FSDP (they would be
+    sharded) and DeepSpeed (its engine casts the whole module it wraps to bf16 / fp16 and under ZeRO-3 partitions
+    it, shared teacher tensors included); elsewhere a resume must not write into them
+    (`refuse_changed_frozen_tensors`, an accelerate load_state pre-hook)."""
     trained = [u.module for u in updates]
     frozen = [m for m in reachable_modules(task) if not any(m is t for t in trained)]
-    if shared_with_frozen(trained, frozen):
-        raise UserInputError("under FSDP the LoRA networks cannot share the teacher's weights (they would be "
-                             "sharded): set options.lora.share_base=false")
+    if not shared_with_frozen(trained, frozen):
+        return
+    for kind, why in ((DistributedType.FSDP, "they would be sharded"),
+                      (DistributedType.DEEPSPEED, "its engine casts and partitions them")):
+        if accelerator.distributed_type == kind:
+            raise UserInputError(f"under {kind.value} the LoRA networks cannot share the teacher's weights ({why}): "
+                                 "set options.lora.share_base=false")
+    held = {id(t) for m in frozen for t in (*m.parameters(), *m.buffers())}
+    accelerator.register_load_state_pre_hook(functools.partial(refuse_changed_frozen_tensors, frozen=held))
 
 
 def _check_launch(num_processes: int) -> None:

@@ -21,8 +21,10 @@ class OptimizerConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     # diffusers.optimization.get_scheduler's name: constant_with_warmup (no decay), linear (to 0, then 0), cosine
-    # (half a cosine to 0), polynomial (to 1e-7, then held), ...; a decaying schedule ends after `lr_decay_steps`
-    # optimizer steps of this update (warmup included; a generator updated every 5th step takes max_steps / 5)
+    # (half a cosine to 0), polynomial (to 1e-7, then held), ...; `warmup_steps` and `lr_decay_steps` (warmup
+    # included) count training iterations, as max_steps does, whatever this update's cadence: every schedule
+    # advances once per iteration, as DMD2's do (a generator updated every 5th step warms up over warmup_steps / 5
+    # of its own steps)
     lr_scheduler: str = "constant_with_warmup"
     lr_decay_steps: int | None = None
     grad_clip: float | None = 10.0
@@ -45,7 +47,7 @@ def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer,
                       config: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """The update's learning-rate schedule through diffusers' `get_scheduler`, stepped once per optimizer step."""
+    """The update's learning-rate schedule through diffusers' `get_scheduler`, stepped once per training iteration."""
     from diffusers.optimization import SchedulerType, get_scheduler
 
     names = [t.value for t in SchedulerType if t is not SchedulerType.PIECEWISE_CONSTANT]
