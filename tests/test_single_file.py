@@ -54,6 +54,8 @@ def test_single_file_student_loads_back_with_from_single_file(tmp_path, kind, t0
         keys = list(weights.keys())
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
                for k in keys) and any(k.startswith(layout) for k in keys)
+    with safe_open(file, "pt") as weights:  # the original VAE's attention is 1x1 convolutions
+        assert weights.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape()[2:] == [1, 1]
 
     stock_dir = stock_folder(folder)
     loaded = pipeline_cls.from_single_file(str(file), config=str(stock_dir), local_files_only=True)
