@@ -108,6 +108,16 @@ def test_single_file_teacher_needs_its_config_folder_in_one_line(tmp_path, sd15_
         Teacher.from_pretrained(tmp_path / "model.ckpt", config=sd15_folder)
 
 
+def test_a_single_file_teacher_trains_through_the_command_line(tmp_path):
+    assert main(["tiny", "sd15", str(tmp_path / "tiny")]) == 0
+    file = single.export_single_file(tmp_path / "tiny", tmp_path / "model.safetensors")
+    assert main(["train", DEMO_SID, f"teacher.path={file}", f"teacher.config={tmp_path / 'tiny'}",
+                 f"output_dir={tmp_path / 'run'}", "--tiny", str(tmp_path / "tiny")]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["teacher"]
+    assert saved["path"] == str(file) and saved["config"] == str(tmp_path / "tiny")
+    assert (tmp_path / "run" / "pipeline.safetensors").is_file()
+
+
 def test_export_refuses_a_layout_that_does_not_convert_back(tmp_path, sd15_folder, monkeypatch):
     """The exported names are checked with diffusers' converters: a wrong name is an error, and nothing is written."""
     monkeypatch.setitem(single.UNET_RESNET, "conv2", "out_layers.2")

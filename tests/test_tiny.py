@@ -45,6 +45,10 @@ def test_tiny_folders_load_with_diffusers_own_pipelines(tmp_path, capsys, kind):
         assert main(["train", str(CONFIGS / "sd15" / "sid.yaml"), "--tiny", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "flow-matching transformer" in err, err
+        assert main(["train", str(CONFIGS / "sd15" / "sid.yaml"), f"teacher.path={out}", "teacher.dtype=float32",
+                     f"output_dir={tmp_path / 'run'}", f"data.prompts={out / 'prompts.txt'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "holds a transformer denoiser" in err, err
 
 
 def test_tiny_never_writes_into_an_existing_folder(tmp_path, capsys):

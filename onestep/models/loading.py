@@ -166,6 +166,9 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
     `model_index.json` (SDXL's unconditional embedding)."""
     if not path.is_dir():
         raise UserInputError(f"teacher folder not found: {path}")
+    if not (path / "unet").is_dir() and (path / "transformer").is_dir():
+        raise UserInputError(f"{path} holds a transformer denoiser (SD3 / FLUX: flow matching); onestep distills UNet "
+                             "teachers for now")
     for needed in ("unet", "scheduler"):
         if not (path / needed).is_dir():
             raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
