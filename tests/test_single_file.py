@@ -126,6 +126,15 @@ def test_export_refuses_a_layout_that_does_not_convert_back(tmp_path, sd15_folde
     assert not list(tmp_path.glob("*model.safetensors*"))
 
 
+def test_a_layout_without_an_original_equivalent_warns_and_keeps_the_export(tmp_path, monkeypatch):
+    teacher, _ = student_export(tmp_path, "sd15", 999)
+    monkeypatch.setitem(single.UNET_RESNET, "conv2", "out_layers.2")  # as a UNet the original layout cannot hold
+    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(999,))
+    with pytest.warns(UserWarning, match="no single-file export beside .*again: the original layout of unet"):
+        folder = export_generator(generator, teacher, tmp_path / "again")
+    assert stock_folder(folder).is_dir() and not single.single_file(folder).exists()
+
+
 def test_no_single_file_where_there_is_no_stock_folder(tmp_path):
     from tests.conftest import scheduler, tiny_unet, tiny_vae
 

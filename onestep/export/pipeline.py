@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -85,7 +86,10 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     if stock is not None and write_extra is None:  # (an adapter run's stock folder holds the base UNet)
         from onestep.export.single_file import export_single_file, single_file
 
-        export_single_file(stock, single_file(out_dir))  # and OUT_DIR.safetensors (ComfyUI, A1111)
+        try:  # and OUT_DIR.safetensors (ComfyUI, A1111)
+            export_single_file(stock, single_file(out_dir))
+        except (ValueError, KeyError) as err:  # a UNet / VAE with no original-layout equivalent: the rest stands
+            warnings.warn(f"no single-file export beside {out_dir}: {err}", stacklevel=2)
     return out_dir
 
 
