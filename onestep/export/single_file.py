@@ -119,8 +119,8 @@ def open_clip_state(state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_SDXL
         if key in tables["layers"]:
             out[prefix + tables["layers"][key]] = value.T.contiguous() if key == "text_projection.weight" else value
             continue
-        if ".k_proj." in key or ".v_proj." in key:
-            continue  # fused with q below
+        if ".k_proj." in key or ".v_proj." in key or key.endswith("position_ids"):
+            continue  # k, v: fused with q below; position ids: a buffer OpenCLIP does not store
         name = key
         for diffusers_name, original in renames:
             name = name.replace(diffusers_name, original)
