@@ -16,7 +16,12 @@ def _train(args: argparse.Namespace) -> int:
     from onestep.config import load_config
     from onestep.runs import is_main_process, train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = args.overrides
+    if args.tiny:  # a tiny random folder's teacher, data and settings first; the command line's overrides win
+        from onestep.tiny import tiny_overrides
+
+        overrides = [*tiny_overrides(args.tiny, args.config), *overrides]
+    cfg = load_config(args.config, overrides)
     _quiet_loading()  # a text teacher's "Loading weights" bar would stand between a bad input and its one line
     final = train(cfg, overwrite=args.overwrite)
     if is_main_process():  # one result line, however many processes trained
@@ -201,6 +206,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny(args: argparse.Namespace) -> int:
+    from onestep.tiny import write_tiny
+
+    _quiet_loading()
+    print(json.dumps(write_tiny(args.kind, args.out)))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from onestep.bench.compare import run_benchmark, step_overhead
     from onestep.config import load_config
@@ -273,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--overwrite", action="store_true",
                        help="start over in an output_dir that holds another run (removes its checkpoints)")
+    train.add_argument("--tiny", default=None, metavar="FOLDER",
+                       help="run the recipe for 2 steps on a folder written by `onestep tiny` (its teacher and data, "
+                            "eval off, output in FOLDER/runs/)")
     train.set_defaults(run=_train)
 
     def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -317,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--out", default=None, help="default: RUN_DIR/pipeline")
     export.set_defaults(run=_export)
+
+    tiny = sub.add_parser("tiny", help="write a tiny random diffusers folder of a layout, to try recipes on")
+    tiny.add_argument("kind", choices=["sd15", "sdxl", "sd3", "flux"])
+    tiny.add_argument("out", help="a new folder")
+    tiny.set_defaults(run=_tiny)
 
     bench = sub.add_parser("bench", help="teacher vs students: FD, NFE, images/s; Markdown table + PNG chart")
     bench.add_argument("runs", nargs="*",

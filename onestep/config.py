@@ -45,6 +45,9 @@ class TeacherConfig:
     # a diffusers folder, builtin:digits for the shipped teacher, or a Hub id (owner/name) in the local Hugging Face
     # cache (HF_HUB_CACHE / HF_HOME; never downloaded)
     path: str = "builtin:digits"
+    # a single-file checkpoint as `path` (model.safetensors, original SD / SDXL layout): a diffusers folder (or cached
+    # Hub id) of its model type whose configs, tokenizers and scheduler it loads with; nothing is downloaded
+    config: str | None = None
     variant: str | None = None  # weights variant, e.g. fp16: loads *.fp16.safetensors
     revision: str | None = None  # Hub ids only: the cached branch, tag or commit (default main)
     guidance_scale: float = 1.0

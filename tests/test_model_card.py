@@ -44,9 +44,10 @@ def test_card_of_a_text_student_with_its_stock_copy(tmp_path, monkeypatch):
     assert (run / "pipeline_diffusers" / "README.md").read_text() == (run / "pipeline" / "README.md").read_text()
 
     blocks = python_blocks(card.text)
-    assert len(blocks) == 3 and "trust_remote_code=True" in blocks[1] and "StableDiffusionPipeline" in blocks[2]
+    assert len(blocks) == 4 and "trust_remote_code=True" in blocks[1] and "StableDiffusionPipeline" in blocks[2]
+    assert "from_single_file" in blocks[3]  # the student as one original-layout file (onestep.export.single_file)
     monkeypatch.chdir(run)  # the card names the folders relative to the run folder
-    for block in (blocks[0], blocks[2]):  # (the custom_pipeline load is tested in test_pipelines)
+    for block in (blocks[0], blocks[2], blocks[3]):  # (the custom_pipeline load is tested in test_pipelines)
         scope = {}
         exec(block, scope)
         assert scope["pipe"] is not None and ("images" in scope or "image" in scope)

@@ -81,15 +81,34 @@ def _loading_section(folder: Path, stock: Path | None, text: bool) -> str:
                      f'pipe = DiffusionPipeline.from_pretrained("{folder.name}", custom_pipeline="{custom}", '
                      f"trust_remote_code=True)\n```\n")
     if stock is not None:
+        from onestep.export.single_file import single_file
+        from onestep.models.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+
         stock_index = json.loads((stock / "model_index.json").read_text())
-        parts.append(f"With stock diffusers and no custom code (`{stock.name}/`: the same weights, with the "
-                     f"scheduler `{stock_index['scheduler'][1]}` set so that its one step is the student's read-out):"
-                     "\n\n```python\n"
+        lora = (stock / LORA_WEIGHTS).is_file()  # lora.export=adapter: the base UNet, and the student as a LoRA
+        single = single_file(folder)
+        parts.append(f"With stock diffusers and no custom code (`{stock.name}/`: "
+                     + ("the base UNet and the student's LoRA" if lora else "the same weights")
+                     + f", with the scheduler `{stock_index['scheduler'][1]}` set so that its one step is the "
+                     "student's read-out):\n\n```python\n"
                      f"from diffusers import {stock_index['_class_name']}\n\n"
                      f'pipe = {stock_index["_class_name"]}.from_pretrained("{stock.name}")\n'
-                     f'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0).images[0]\n```\n'
+                     + (f'pipe.load_lora_weights("{stock.name}")  # without it: the teacher\'s one step\n'
+                        if lora else "")
+                     + 'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0).images[0]\n```\n'
                      "The student runs without classifier-free guidance (`guidance_scale` <= 1): the teacher's "
                      "guidance, if any, was distilled in.\n")
+        if lora:
+            parts.append(f"The LoRA applies to the stock teacher too (`load_lora_weights`); `{stock.name}/"
+                         f"{KOHYA_WEIGHTS}` is the same LoRA in kohya's layout (ComfyUI, A1111).\n")
+        if single.is_file():
+            parts.append(f"`{single.name}` is the student as one file in the original SD / SDXL layout (ComfyUI, "
+                         f"A1111: one step, CFG 1):\n\n```python\n"
+                         f"from diffusers import {stock_index['_class_name']}\n\n"
+                         f'pipe = {stock_index["_class_name"]}.from_single_file("{single.name}", '
+                         f'config="{stock.name}", local_files_only=True)\n'
+                         'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0).images[0]\n'
+                         "```\n")
     return "\n".join(parts)
 
 

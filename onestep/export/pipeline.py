@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     and the adapters beside it in `pytorch_lora_weights.safetensors` (`lora="adapter"`; see onestep.models.lora).
 
     A one-step text-to-image student of an SD-family teacher is also written as a stock `StableDiffusion(XL)Pipeline`
-    folder beside `out_dir` (`out_dir` + "_diffusers"; see onestep.export.stock)."""
+    folder beside `out_dir` (`out_dir` + "_diffusers"; see onestep.export.stock) and as one original-layout file
+    (`out_dir` + ".safetensors"; see onestep.export.single_file)."""
     unet, write_extra = generator.unet, None
     if lora_layers(unet):
         unet = without_adapters(generator.unet, merge=lora == "merge")
@@ -81,7 +83,14 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     out_dir = export_pipeline(pipeline, out_dir, write_extra)
     from onestep.export.stock import export_stock_pipeline
 
-    export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock diffusers folder
+    stock = export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock folder
+    if stock is not None and write_extra is None:  # (an adapter run's stock folder holds the base UNet)
+        from onestep.export.single_file import export_single_file, single_file
+
+        try:  # and OUT_DIR.safetensors (ComfyUI, A1111)
+            export_single_file(stock, single_file(out_dir))
+        except (ValueError, KeyError) as err:  # a UNet / VAE with no original-layout equivalent: the rest stands
+            warnings.warn(f"no single-file export beside {out_dir}: {err}", stacklevel=2)
     return out_dir
 
 

@@ -113,14 +113,21 @@ def _link_or_copy(src: str, dst: str) -> None:
 def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path | None:
     """Write the stock `StableDiffusion(XL)Pipeline` folder of an exported OneStepPipeline folder (default
     `stock_folder(pipeline_dir)`); returns it, or None where the folder is not a one-step SD-family student (a
-    class-conditional or pixel generator, several read-out timesteps, a BOOT signal read-out, a LoRA adapter kept
-    beside the base UNet) or its schedule has no stock equivalent."""
+    class-conditional or pixel generator, several read-out timesteps, a BOOT signal read-out) or its schedule has no
+    stock equivalent.
+
+    A folder that keeps its LoRA beside the base UNet (`lora.export: adapter`) gives a stock folder of the base UNet
+    with the LoRA in diffusers' format (`pytorch_lora_weights.safetensors`, the file `load_lora_weights(folder)`
+    picks) and in kohya's (`lora_kohya.safetensors`, for ComfyUI / A1111): the student is
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder); pipe.load_lora_weights(folder)
+
+    and the same LoRA applied to the stock teacher, with this folder's one-step scheduler, gives it too."""
     pipeline_dir = Path(pipeline_dir)
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     text_to_image = all((index.get(name) or [None])[0] for name in ("vae", "text_encoder", "tokenizer"))
     if (index.get("_class_name") != "OneStepPipeline" or not text_to_image or index.get("readout", "x0") != "x0"
-            or len(index.get("timesteps", [])) != 1 or index.get("num_classes") is not None
-            or (pipeline_dir / LORA_ADAPTER).exists()):
+            or len(index.get("timesteps", [])) != 1 or index.get("num_classes") is not None):
         return None
     teacher_config = DDPMScheduler.load_config(pipeline_dir / "scheduler")
     scheduler = stock_scheduler(teacher_config, index["timesteps"][0], index.get("input_scaling", "sigma"))
@@ -145,5 +152,10 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
             else:  # a half-precision teacher's VAE / text encoder beside the float32 generator (see above)
                 _save_float32(pipeline_dir / name, tmp / name, *index[name])
         scheduler.save_pretrained(tmp / "scheduler")
+        if (pipeline_dir / LORA_ADAPTER).is_file():
+            from onestep.models.lora import KOHYA_WEIGHTS, save_kohya_lora
+
+            _link_or_copy(str(pipeline_dir / LORA_ADAPTER), str(tmp / LORA_ADAPTER))
+            save_kohya_lora(pipeline_dir, tmp / KOHYA_WEIGHTS)
         (tmp / "model_index.json").write_text(json.dumps(stock_index, indent=2) + "\n")
     return out_dir

@@ -166,6 +166,9 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
     `model_index.json` (SDXL's unconditional embedding)."""
     if not path.is_dir():
         raise UserInputError(f"teacher folder not found: {path}")
+    if not (path / "unet").is_dir() and (path / "transformer").is_dir():
+        raise UserInputError(f"{path} holds a transformer denoiser (SD3 / FLUX: flow matching); onestep distills UNet "
+                             "teachers for now")
     for needed in ("unet", "scheduler"):
         if not (path / needed).is_dir():
             raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
@@ -194,3 +197,42 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
         parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
     return parts
 
+
+
+def load_single_file(path: Path, config: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
+                     allow_pickle: bool = False) -> dict:
+    """unet, scheduler, vae, text encoders and tokenizers of a single-file checkpoint in the original SD / SDXL layout
+    (`model.safetensors` as model sites share them), read by diffusers' `from_single_file` with the configs,
+    tokenizers and scheduler of `config`: a diffusers folder of the same model type (its weights are not needed:
+    `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "*.json" "*.txt"`), or a Hub id in the local
+    cache. Offline: nothing is downloaded (diffusers would fetch the configs from the Hub without `config`)."""
+    if not path.is_file():
+        raise UserInputError(f"teacher file not found: {path}")
+    if config is None:
+        raise UserInputError(f"{path} is a single-file checkpoint: set teacher.config to a diffusers folder (or a "
+                             "cached Hub id) of its model type, for its configs and tokenizers; nothing is downloaded")
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise UserInputError(f"{path} is not a .safetensors file; pickle checkpoints can run code on load: convert it "
+                             "or pass --allow-pickle if you trust the file")
+    import diffusers
+
+    config_dir = resolve_model(config)
+    if not (config_dir / "model_index.json").is_file():
+        raise UserInputError(f"teacher.config {config} is not a diffusers folder (no model_index.json)")
+    pipeline_cls = getattr(diffusers, str(read_json(config_dir / "model_index.json").get("_class_name")), None)
+    if pipeline_cls is None or not hasattr(pipeline_cls, "from_single_file"):
+        raise UserInputError(f"teacher.config {config}: diffusers reads no single files for its pipeline class")
+    try:
+        pipe = pipeline_cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                             **dtype_kwargs(dtype))
+    except Exception as err:  # a corrupt file, another model type than the config's, a missing config file
+        raise UserInputError(f"cannot load {path} with the configs of {config_dir}: "
+                             f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}") from None
+    names = ("unet", "scheduler", "vae", *(name for pair in TEXT_PARTS for name in pair))
+    parts = {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+    if "unet" not in parts:
+        raise UserInputError(f"teacher.config {config}: onestep distills UNet teachers; "
+                             f"{pipeline_cls.__name__} has none")
+    check_added_conditions(parts, path)
+    parts["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+    return parts

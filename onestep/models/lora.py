@@ -18,6 +18,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from onestep.errors import UserInputError
@@ -145,3 +146,28 @@ def load_lora_weights(unet: nn.Module, folder: Path) -> None:
     settings = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
     inject_adapter_in_model(LoraConfig(**settings), unet)
     set_peft_model_state_dict(unet, {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
+
+KOHYA_WEIGHTS = "lora_kohya.safetensors"  # not `*pytorch_lora_weights.safetensors`: diffusers' default stays the above
+
+
+def save_kohya_lora(folder: Path, out_file: Path) -> None:
+    """The adapters of `folder/pytorch_lora_weights.safetensors` in kohya's layout, the LoRA format of ComfyUI, A1111
+    and kohya's sd-scripts: `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` and each module's
+    `.alpha` (scale alpha / rank), converted by diffusers' `convert_state_dict_to_kohya` (which writes alpha = rank;
+    set here to the adapters' own alpha). diffusers' `load_lora_weights` reads it back through its kohya converter."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    state, _, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(str(folder), weight_name=LORA_WEIGHTS,
+                                                                         return_lora_metadata=True)
+    prefix = StableDiffusionLoraLoaderMixin.unet_name + "."
+    settings = {k.removeprefix(prefix): v for k, v in (metadata or {}).items() if k.startswith(prefix)}
+    if settings.get("rank_pattern") or settings.get("alpha_pattern"):
+        raise ValueError("per-module LoRA ranks or alphas have no single kohya alpha")
+    kohya = convert_state_dict_to_kohya(state)
+    alpha = torch.tensor(float(settings.get("lora_alpha") or settings["r"]))
+    kohya = {k: alpha.clone() if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, out_file, metadata={"format": "pt", "ss_network_dim": str(settings["r"]),
+                                         "ss_network_alpha": str(alpha.item())})

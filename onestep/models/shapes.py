@@ -16,12 +16,13 @@ from onestep.errors import UserInputError
 
 
 SHAPES_DIR = Path(__file__).parent.parent / "assets" / "shapes"
-SHAPES = ("sd15", "sdxl", "tiny")  # tiny: the SD1.5 layout at test size (dry runs, CI)
-# component name -> (library, class) as a diffusers model_index.json names it
-_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "CLIPTextModel"),
-            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "tiny": "StableDiffusionPipeline"}
+# tiny*: each layout at test size (dry runs, CI, `onestep tiny`); tiny is SD1.5's
+SHAPES = ("sd15", "sdxl", "tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux")
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "tiny": "StableDiffusionPipeline",
+             "tiny_sdxl": "StableDiffusionXLPipeline", "tiny_sd3": "StableDiffusion3Pipeline",
+             "tiny_flux": "FluxPipeline"}
+# pipeline settings of model_index.json as the published folders have them (SDXL base: zeros for the empty prompt)
+INDEX_CONFIG = {"StableDiffusionXLPipeline": {"force_zeros_for_empty_prompt": True}}
 
 
 def component_configs(shape: str) -> dict[str, dict]:
@@ -31,23 +32,32 @@ def component_configs(shape: str) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in sorted((SHAPES_DIR / shape).glob("*.json"))}
 
 
+def component_class(config: dict) -> tuple[str, str]:
+    """(library, class) of a stored component config, as a diffusers model_index.json names it: diffusers configs
+    carry `_class_name`, transformers configs `architectures`."""
+    if "_class_name" in config:
+        return "diffusers", config["_class_name"]
+    return "transformers", config["architectures"][0]
+
+
 def build_component(name: str, config: dict) -> torch.nn.Module:
     """One component with random weights, in torch's current default dtype and device (`meta` counts for free)."""
-    library, class_name = _CLASSES[name]
+    library, class_name = component_class(config)
     if library == "diffusers":
         import diffusers
 
         return getattr(diffusers, class_name).from_config(config)
     import transformers
 
-    return getattr(transformers, class_name)(transformers.CLIPTextConfig(**config))
+    settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    return getattr(transformers, class_name)(transformers.AutoConfig.for_model(config["model_type"], **settings))
 
 
 def parameter_counts(shape: str) -> dict[str, int]:
     """Parameters per component, counted on the meta device (no memory, a second or two)."""
     with torch.device("meta"):
         return {name: sum(p.numel() for p in build_component(name, config).parameters())
-                for name, config in component_configs(shape).items() if name in _CLASSES}
+                for name, config in component_configs(shape).items() if name != "scheduler"}
 
 
 def write_tokenizer(folder: Path, max_length: int = 77) -> None:
@@ -65,6 +75,28 @@ def write_tokenizer(folder: Path, max_length: int = 77) -> None:
                   model_max_length=max_length).save_pretrained(folder)
 
 
+def write_t5_tokenizer(folder: Path) -> None:
+    """A T5 (sentencepiece-style unigram) tokenizer over lower-case letters and digits, each also word-initial."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -1.5) for c in chars]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+
+
+def write_tokenizers(folder: Path, configs: dict[str, dict], index: dict) -> None:
+    """The tokenizer of each text encoder (`text_encoder_2` -> `tokenizer_2`): CLIP or T5 as the encoder is."""
+    for name, config in configs.items():
+        if name.startswith("text_encoder"):
+            tokenizer = name.replace("text_encoder", "tokenizer")
+            t5 = config.get("model_type") == "t5"
+            (write_t5_tokenizer if t5 else write_tokenizer)(folder / tokenizer)
+            index[tokenizer] = ["transformers", "T5TokenizerFast" if t5 else "CLIPTokenizer"]
+
+
 def write_random_teacher(shape: str, folder: Path, latent_size: int | None = None,
                          dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
     """A standard diffusers folder of `shape` with random weights (safetensors, `dtype`), loadable as a teacher.
@@ -76,7 +108,7 @@ def write_random_teacher(shape: str, folder: Path, latent_size: int | None = Non
     configs = component_configs(shape)
     if latent_size is not None:
         configs["unet"] = {**configs["unet"], "sample_size": latent_size}
-    index = {"_class_name": PIPELINES[shape]}
+    index = {"_class_name": PIPELINES[shape], **INDEX_CONFIG.get(PIPELINES[shape], {})}
     if (folder / "model_index.json").is_file():
         return folder
     torch.manual_seed(seed)
@@ -93,13 +125,11 @@ def write_random_teacher(shape: str, folder: Path, latent_size: int | None = Non
                 continue
             module = build_component(name, config)
             module.save_pretrained(folder / name, safe_serialization=True)
-            index[name] = list(_CLASSES[name])
+            index[name] = list(component_class(config))
             del module
     finally:
         torch.set_default_dtype(default)
-    for tokenizer in ("tokenizer", "tokenizer_2") if "text_encoder_2" in configs else ("tokenizer",):
-        write_tokenizer(folder / tokenizer)
-        index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    write_tokenizers(folder, configs, index)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))  # last: marks the folder complete
     return folder
 

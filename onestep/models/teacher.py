@@ -74,18 +74,24 @@ class Teacher(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, guidance_scale: float = 1.0,
                         dtype: torch.dtype = torch.float32, allow_pickle: bool = False, variant: str | None = None,
-                        revision: str | None = None) -> Teacher:
+                        revision: str | None = None, config: str | os.PathLike | None = None) -> Teacher:
         """Read a standard diffusers folder (`unet/`, `scheduler/`, optional `vae/`, `text_encoder/`, `tokenizer/`,
         `text_encoder_2/`, `tokenizer_2/`): a local folder, `builtin:digits`, or a Hub id already in the local
         Hugging Face cache (`revision` picks its snapshot; nothing is downloaded).
 
         Weights load from safetensors only (`variant`, e.g. "fp16", picks `*.fp16.safetensors`);
         `allow_pickle=True` accepts `.bin` files you trust.
-        """
-        from onestep.models.loading import load_diffusers_folder, resolve_model
 
-        parts = load_diffusers_folder(resolve_model(path, revision), dtype=dtype, allow_pickle=allow_pickle,
-                                      variant=variant)
+        `path` may also be a single-file checkpoint in the original SD / SDXL layout (`model.safetensors`); `config`
+        then names a diffusers folder of its model type for the configs and tokenizers (see `load_single_file`).
+        """
+        from onestep.models.loading import load_diffusers_folder, load_single_file, resolve_model
+
+        folder = resolve_model(path, revision)
+        if folder.is_file() or (folder.suffix in (".safetensors", ".ckpt") and not folder.exists()):
+            parts = load_single_file(folder, config, dtype=dtype, allow_pickle=allow_pickle)
+        else:
+            parts = load_diffusers_folder(folder, dtype=dtype, allow_pickle=allow_pickle, variant=variant)
         return cls(**parts, guidance_scale=guidance_scale)
 
     # --- shapes -----------------------------------------------------------------------------------------------

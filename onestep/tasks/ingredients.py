@@ -39,7 +39,8 @@ def load_teacher(cfg: RunSettings):
 
     return Teacher.from_pretrained(cfg.teacher.path, guidance_scale=cfg.teacher.guidance_scale,
                                    dtype=DTYPES[cfg.teacher.dtype], allow_pickle=cfg.teacher.allow_pickle,
-                                   variant=cfg.teacher.variant, revision=cfg.teacher.revision)
+                                   variant=cfg.teacher.variant, revision=cfg.teacher.revision,
+                                   config=cfg.teacher.config)
 
 
 def build_conditions(cfg: RunSettings, teacher, source=None):
