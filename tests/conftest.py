@@ -184,6 +184,16 @@ def _stats_cache(tmp_path_factory):
     os.environ["ONESTEP_CACHE"] = str(tmp_path_factory.mktemp("onestep_cache"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each test starts without an AcceleratorState: accelerate keeps one per process, and a run that asks for
+    other settings (bf16 after fp32) would otherwise be refused by the state an earlier test left."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def teacher_input_grads(unet, run) -> list[torch.Tensor | None]:
     """The gradient reaching each call's input x_t *through `unet` alone* while `run()` computes a loss and calls
     backward: one entry per call, None where the input carries no gradient (the teacher ran without one)."""
