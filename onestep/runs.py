@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from onestep.errors import UserInputError
 from onestep.export.model_card import write_model_card
 from onestep.files import read_json, write_json_atomic
 from onestep.models.loading import DTYPES, resolve_path
+from onestep.run_folder import identity_differences, move_aside, resume_notes
 from onestep.training.denoiser_task import DenoiserTraining
 from onestep.training.trainer import Trainer, process_state
 
@@ -39,8 +41,6 @@ def load_real_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None, i
     raise UserInputError(f"data.name must be digits, digits_t2i or image_folder, got {cfg.data.name!r}")
 
 
-# what makes two configs the same run (not its length)
-IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "init_critic", "options")
 RUN_CONFIG = "config.json"
 
 
@@ -62,31 +62,36 @@ def with_current_defaults(saved: dict) -> dict:
 def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
     """Refuse to resume into / overwrite an output folder that holds a different run, unless told to.
 
-    With `overwrite` the run starts over: the folder's old checkpoints are removed (nothing else is touched).
+    With `overwrite` the run starts over in an empty folder: what the folder held is moved aside to a sibling folder
+    (onestep.run_folder.move_aside), never deleted.
     """
     out = Path(cfg.output_dir)
     saved = out / RUN_CONFIG
     if overwrite:
-        import shutil
-
         if is_main_process():
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            move_aside(out)
         return
     if not out.exists():
         return
     if not saved.is_file():
         if any(out.iterdir()):
-            raise UserInputError(f"output_dir {out} is not empty and holds no onestep run; pass --overwrite to use it")
+            raise UserInputError(f"output_dir {out} is not empty and holds no onestep run; pass --overwrite to move "
+                                 "it aside")
         return
     try:
         previous = json.loads(saved.read_text())
     except ValueError:  # not JSON, not UTF-8
-        raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to replace it") from None
+        raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to move it "
+                             "aside") from None
     previous, current = with_current_defaults(previous), to_dict(cfg)
-    changed = [k for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
+    changed = identity_differences(previous, current)
     if changed:
-        raise UserInputError(f"output_dir {out} belongs to a different run (its {', '.join(changed)} differ); "
-                             "choose another output_dir or pass --overwrite")
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise UserInputError(f"output_dir {out} belongs to a different run (differs in {shown}); choose another "
+                             "output_dir or pass --overwrite (moves the old run aside)")
+    if is_main_process():
+        for note in resume_notes(previous, current):
+            print(f"onestep: {note}", file=sys.stderr)
 
 
 def load_teacher(cfg: RunConfig):

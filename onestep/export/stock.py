@@ -20,11 +20,12 @@ from `alphas_cumprod`). A stock pipeline starts from `latents = z * scheduler.in
   t = T-1, c_skip = 0.25 / (10 t)^2 ~ 2.5e-9 and c_out = 1 - O(1e-9), reduce its last step to the x0 read-out.
 LCM and DDIM feed z unscaled, so they are the student only where sigma_t0 = 1; Euler is used everywhere else.
 
-The stock folder shares the exported weights (hard links where the file system allows, else copies): only
-`model_index.json` and `scheduler/` are its own, and float32 copies of the components a half-precision teacher
-(`teacher.dtype`) left in float16 / bfloat16: a stock pipeline runs every component in the text encoder's dtype, so
-a bfloat16 text encoder beside the float32 generator would fail at its first call. The folder is float32 throughout;
-`from_pretrained(..., torch_dtype=torch.bfloat16)` loads it in half precision.
+The stock folder shares the exported weights (hard links where the file system allows, else copies), whose VAE,
+text encoders and tokenizers are the teacher folder's own files whatever `teacher.dtype` (onestep.export.frozen):
+only `model_index.json` and `scheduler/` are its own, and float32 copies of components whose files on disk are
+float16 / bfloat16 (a teacher saved in half precision): a stock pipeline runs every component in the text encoder's
+dtype, so a bfloat16 text encoder beside the float32 generator would fail at its first call. The folder is float32
+throughout; `from_pretrained(..., torch_dtype=torch.bfloat16)` loads it in half precision.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, LCMScheduler, SchedulerMixin
 
-from onestep.files import atomic_folder
+from onestep.files import atomic_folder, link_or_copy
 
 
 STOCK_SUFFIX = "_diffusers"
@@ -97,13 +98,6 @@ def _save_float32(src: Path, dst: Path, library: str, class_name: str) -> None:
     model.save_pretrained(dst)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
-
-
 def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path | None:
     """Write the stock `StableDiffusion(XL)Pipeline` folder of an exported OneStepPipeline folder (default
     `stock_folder(pipeline_dir)`); returns it, or None where the folder is not a one-step SD-family student (a
@@ -135,7 +129,7 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
     with atomic_folder(out_dir) as tmp:
         for name in components:
             if name.startswith("tokenizer") or not _half_precision(pipeline_dir / name):
-                shutil.copytree(pipeline_dir / name, tmp / name, copy_function=_link_or_copy)
+                shutil.copytree(pipeline_dir / name, tmp / name, copy_function=link_or_copy)
             else:  # a half-precision teacher's VAE / text encoder beside the float32 generator (see above)
                 _save_float32(pipeline_dir / name, tmp / name, *index[name])
         scheduler.save_pretrained(tmp / "scheduler")

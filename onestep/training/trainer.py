@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -302,6 +303,7 @@ class Trainer:
         self.accelerator.load_state(str(found))
         state = read_state(found)
         assert self.counter.step == state["step"]
+        self._use_configured_lrs()
         self.history = list(state.get("history", []))  # checkpoints written before it was kept: none
         try:  # a run that finished at this step also has its final evaluation, made after the checkpoint
             finished = json.loads((self.output_dir / "metrics.json").read_text())
@@ -310,6 +312,48 @@ class Trainer:
         if isinstance(finished, dict) and finished.get("step") == self.step:
             self.history = list(finished.get("history", self.history))
         return True
+
+    def _use_configured_lrs(self) -> None:
+        """The configured learning rates after a resume (the checkpoint's optimizer and schedule state hold the old
+        ones): the schedule continues at its step with the new base rate."""
+        for update in self.updates:
+            scheduler = self.lr_schedulers[update.name].scheduler  # accelerate's wrapper around the LambdaLR
+            lr = update.optimizer.lr
+            if all(base == lr for base in scheduler.base_lrs):
+                continue
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def _at_budget(self) -> str | None:
+        """Which budget a (resumed) run has already reached, if any."""
+        cfg = self.config
+        if self.step >= cfg.max_steps:
+            return f"train.max_steps={cfg.max_steps}"
+        if cfg.max_minutes is not None and self.counter.elapsed >= 60 * cfg.max_minutes:
+            return f"train.max_minutes={cfg.max_minutes}"
+        return None
+
+    def _announce_resume(self) -> dict | None:
+        """Say on the console where a resumed run continues. A run that already reached its budget says so and,
+        where its end was recorded (metrics.json at this step), returns its final metrics without recomputing them."""
+        budget = self._at_budget()
+        if budget is None:
+            self._say(f"resumed from step {self.step} of {self.config.max_steps} in {self.output_dir}")
+            return None
+        self._say(f"{self.output_dir} already reached its budget ({budget}) at step {self.step}: nothing to train; "
+                  "raise train.max_steps / train.max_minutes to continue it")
+        try:
+            finished = json.loads((self.output_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        recorded = isinstance(finished, dict) and finished.get("step") == self.step
+        return finished["final"] if recorded and isinstance(finished.get("final"), dict) else None
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"onestep: {message}", file=sys.stderr, flush=True)
 
     def evaluate(self) -> dict[str, float]:
         with self.ema_weights():
@@ -366,8 +410,12 @@ class Trainer:
                    "num_processes": self.accelerator.num_processes,
                    "distributed_type": self.accelerator.distributed_type.value,
                    **({"attention": attention} if attention else {})})
+        if resumed:
+            finished = self._announce_resume()
+            if finished is not None:
+                return finished
         progress = Progress(cfg.max_steps, cfg.max_minutes, self.step, cfg.progress_every_s,
-                            enabled=self.accelerator.is_main_process)
+                            enabled=self.accelerator.is_main_process and self._at_budget() is None)
         start = time.perf_counter() - self.counter.elapsed
         running: dict[str, float] = {}
         while self.step < cfg.max_steps:
