@@ -46,12 +46,32 @@ from onestep.files import atomic_folder, link_or_copy
 
 STOCK_SUFFIX = "_diffusers"
 LORA_ADAPTER = "pytorch_lora_weights.safetensors"
+# model_index.json's mark of a stock folder written here (diffusers ignores keys starting with "_"): its one scheduler
+# step is the student, so `onestep sample` / `fid` run it with num_inference_steps=1, not as a 50-step teacher
+ONE_STEP_MARK = "_onestep_one_step_student"
 
 
 def stock_folder(pipeline_dir: str | os.PathLike) -> Path:
     """Where the stock copy of an exported folder goes: `OUTPUT_DIR/pipeline` -> `OUTPUT_DIR/pipeline_diffusers`."""
     pipeline_dir = Path(pipeline_dir)
     return pipeline_dir.with_name(pipeline_dir.name + STOCK_SUFFIX)
+
+
+def is_one_step_stock(folder: str | os.PathLike) -> bool:
+    """Whether a diffusers folder is a stock export of a one-step student: marked in its model_index.json, or
+    (written before the mark) `NAME_diffusers/` beside the one-step OneStepPipeline folder `NAME/` it copies."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        if index.get(ONE_STEP_MARK):
+            return True
+        if not folder.name.endswith(STOCK_SUFFIX):
+            return False
+        source = folder.with_name(folder.name.removesuffix(STOCK_SUFFIX))
+        source = json.loads((source / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return source.get("_class_name") == "OneStepPipeline" and len(source.get("timesteps", [])) == 1
 
 
 def stock_scheduler(teacher_config: dict, t0: int) -> SchedulerMixin | None:
@@ -119,7 +139,7 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
     stock_index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
                    "_diffusers_version": diffusers.__version__,
                    **{name: index[name] for name in components},
-                   "scheduler": ["diffusers", type(scheduler).__name__],
+                   "scheduler": ["diffusers", type(scheduler).__name__], ONE_STEP_MARK: True,
                    "feature_extractor": [None, None], "image_encoder": [None, None]}
     if sdxl:  # an invisible watermark, where its package is installed, would change the student's images
         stock_index["add_watermarker"] = False
