@@ -48,6 +48,7 @@ class TrainingTask(Protocol):
     # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
     # optional: `attention_backend`, the attention implementation its networks run (onestep.models.attention); logged.
+    # optional: `sample_labels() -> list[str] | None`, the prompt of each `sample_images()` image (written under it).
     #
     # Multi-process training (`accelerate launch` / `torchrun`): every process runs the same task on its own random
     # numbers (the seed is offset by the process index), so `data.batch_size` is per process and the global batch is
@@ -60,29 +61,29 @@ class TrainingTask(Protocol):
 class TrainerConfig:
     """Loop settings (the `train:` section of a config)."""
 
-    max_steps: int = 1000
+    max_steps: int = 1000  # training steps (may be raised on a resume)
     max_minutes: float | None = None  # stop early (cleanly, with a checkpoint) after this wall time
-    seed: int = 0
+    seed: int = 0  # noise and data order (offset per process)
     # no | fp16 | bf16; unset: whatever the launcher says (`accelerate launch --mixed_precision`, accelerate config),
     # else no
     mixed_precision: str | None = None
     # each optimizer step sums the gradients of this many micro-batches (global batch = data.batch_size x this x
     # processes); the cadence (`every`), the LR schedule and the EMA count optimizer steps, not micro-batches
     gradient_accumulation_steps: int = 1
-    log_every: int = 10
+    log_every: int = 10  # steps between log.jsonl lines
     report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers, beside the JSONL log always written
     progress_every_s: float = 30.0  # when stderr is not a terminal: one progress line this often instead of a bar
     eval_every: int = 0  # 0 = only at the end
     sample_every: int = 0  # 0 = only at the end
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    max_nonfinite_in_a_row: int = 20
-    resume: bool = True
+    checkpoint_every: int = 500  # steps between checkpoints (0: at the end only)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    max_nonfinite_in_a_row: int = 20  # stop after N skipped non-finite updates
+    resume: bool = True  # continue from the newest checkpoint in output_dir
     # memory and speed (all off by default): recompute the activations of every network's blocks in the backward pass
     # instead of keeping them; compile the trained networks' forward with torch.compile and this backend
     gradient_checkpointing: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
+    compile: bool = False  # torch.compile the trained networks
+    compile_backend: str = "inductor"  # torch.compile's backend
 
 
 class _StepCounter:
@@ -369,7 +370,8 @@ class Trainer:
         if images is not None and self.accelerator.is_main_process:
             from onestep.eval.grid import save_grid
 
-            save_grid(images, self.output_dir / name)
+            labels = self.task.sample_labels() if hasattr(self.task, "sample_labels") else None
+            save_grid(images, self.output_dir / name, labels=labels)
             log_grid(self.accelerator, "samples", images, self.step)
 
     @contextlib.contextmanager
