@@ -76,3 +76,30 @@ def test_exported_files_keep_the_umasks_mode(tmp_path, umask_022):
     assert set(modes.values()) == {"0o644"}, modes
     folders = [p for p in (tmp_path / "run").rglob("*") if p.is_dir()]
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {"0o755"}
+
+
+@torch.no_grad()
+def test_variant_and_pickle_components_travel_exactly(tmp_path):
+    """A teacher read with `variant` exports that variant's files under the default names (a load without a variant
+    reads them); a pickle-only text encoder is read from the teacher's file in float32 and saved as safetensors."""
+    from tests.conftest import tiny_vae
+
+    teacher_dir = sd_folder(tmp_path / "sd15", "sd15")
+    tiny_vae(seed=1).save_pretrained(teacher_dir / "vae", variant="fp16")
+    encoder_dir = teacher_dir / "text_encoder"
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(encoder_dir)
+    (encoder_dir / "model.safetensors").unlink()
+    torch.save(encoder.state_dict(), encoder_dir / "pytorch_model.bin")
+    teacher = Teacher.from_pretrained(teacher_dir, dtype=torch.bfloat16, variant="fp16", allow_pickle=True)
+    generator = Generator.from_teacher(teacher.unet, teacher.schedule, timesteps=(999,)).eval()
+    folder = export_generator(generator, teacher, tmp_path / "pipeline")
+    assert (folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (teacher_dir / "vae" / "diffusion_pytorch_model.fp16.safetensors").read_bytes()
+    assert not list((folder / "vae").glob("*fp16*")) and not list((folder / "text_encoder").glob("*.bin"))
+    exported = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    assert exported.dtype == torch.float32
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in exported.state_dict().items())
+    vae, expected = OneStepPipeline.from_pretrained(folder).vae.state_dict(), tiny_vae(seed=1).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in vae.items())

@@ -100,3 +100,4 @@ def test_base_model_is_a_hub_id_never_a_path(tmp_path, monkeypatch, hub_cache, s
     assert teacher_label(sd15_folder.name) == str(sd15_folder.resolve())
     assert hub_id("tiny/sd15") == "tiny/sd15" == hub_id(str(snapshot)) == teacher_label(str(snapshot))
     assert hub_id("builtin:digits") is None and teacher_label("builtin:digits") == "builtin:digits"
+    assert hub_id(None) is None and teacher_label(None) == "a teacher built in memory"

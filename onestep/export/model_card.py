@@ -69,10 +69,13 @@ def hub_id(teacher_path: str | None) -> str | None:
     return cached[-1].removeprefix("models--").replace("--", "/", 1) if cached else None
 
 
-def teacher_label(teacher_path: str) -> str:
-    """How the card's text names the teacher: its Hub id, a builtin name, or the folder's absolute path."""
+def teacher_label(teacher_path: str | None) -> str:
+    """How the card's text names the teacher: its Hub id, a builtin name, or the folder's absolute path (a run
+    config without one: a teacher built in memory)."""
     from onestep.models.loading import BUILTIN
 
+    if not teacher_path:
+        return "a teacher built in memory"
     if str(teacher_path) in BUILTIN:
         return str(teacher_path)
     return hub_id(teacher_path) or str(Path(teacher_path).resolve())
