@@ -69,7 +69,7 @@ def _sample(args: argparse.Namespace) -> int:
     images = to_uint8(sampler.sample(labels, args.num_images, args.seed, prompts=prompts))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        save_grid(images, out)
+        save_grid(images, out, labels=prompts)  # each image's prompt written under it
     else:
         from onestep.files import atomic_file
 
@@ -170,12 +170,24 @@ def _fid_batches(args: argparse.Namespace, protocol: dict):
     from onestep.sampling.inference import load_sampler
 
     sampler = load_sampler(source, args.steps, args.sampler, args.guidance)
+    _check_features(sampler, args.features)
     n = args.num_samples or 1000
     labels, prompts = _requests(sampler, n, args.prompts)
     protocol.update(seed=args.seed, nfe=sampler.nfe, requests=f"prompts from {args.prompts}, cycled" if prompts
                     else ("class-balanced labels" if labels is not None else "unconditional"))
     return (SampleBatch(to_uint8(images), lab, pr)
             for images, lab, pr in sampler.batches(labels, n, args.seed, args.batch_size, prompts)), sampler
+
+
+def _check_features(sampler, features: str) -> None:
+    """Before sampling: the digits judges score 8x8 grey digits, never a text-to-image folder's images."""
+    from onestep.errors import UserInputError
+    from onestep.eval.classifier import DIGITS_JUDGES
+
+    if sampler.is_text and features in DIGITS_JUDGES:
+        raise UserInputError(f"{sampler.path} is text-to-image and --features {features} judges 8x8 grey digits: "
+                             "pass --features inception (FID, with --inception-weights), t2i (digits-t2i students) "
+                             "or none (with --metrics)")
 
 
 def _remember_size(batches, protocol: dict):
@@ -199,10 +211,13 @@ def _save_reference_stats(args: argparse.Namespace, options, stats=None) -> None
 
 
 def _export(args: argparse.Namespace) -> int:
+    from onestep.export.stock import stock_folder
     from onestep.runs import export_run
 
     _quiet_loading()
-    print(json.dumps({"pipeline": str(export_run(Path(args.run_dir), Path(args.out) if args.out else None))}))
+    pipeline = export_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    stock = stock_folder(pipeline)  # an SD-family one-step student is also exported as a stock diffusers folder
+    print(json.dumps({"pipeline": str(pipeline), **({"diffusers": str(stock)} if stock.is_dir() else {})}))
     return 0
 
 
@@ -281,11 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onestep", description="Distill diffusers UNets into one-step generators.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a method from a YAML config (resumes automatically)")
+    train = sub.add_parser("train", help="train a method from a YAML config (resumes automatically)",
+                           epilog="Every config key, its default and meaning: docs/config.md "
+                                  "(python -m onestep.config_reference).")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--overwrite", action="store_true",
-                       help="start over in an output_dir that holds another run (removes its checkpoints)")
+                       help="start over in an output_dir that holds another run: what it holds is moved aside to "
+                            "OUTPUT_DIR.replaced-DATE-TIME (never deleted)")
     train.add_argument("--tiny", default=None, metavar="FOLDER",
                        help="run the recipe for 2 steps on a folder written by `onestep tiny` (its teacher and data, "
                             "eval off, output in FOLDER/runs/)")
@@ -377,10 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_args`, except that `train`'s key=value overrides may also follow its options (`train CONFIG
+    --overwrite a=1`): argparse fills a `*` positional once, so overrides after an option come back unknown."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command == "train" and all("=" in u and not u.startswith("-") for u in unknown):
+        args.overrides = [*args.overrides, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from onestep.errors import UserInputError
 
-    args = build_parser().parse_args(argv)
+    args = _parse_args(build_parser(), argv)
     for name in ("num_images", "num_samples", "steps", "speed_batch", "train_steps", "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:

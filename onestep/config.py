@@ -25,18 +25,20 @@ class DataConfig:
     name: str = "digits"
     image_dir: str | None = None  # image_folder: image files + metadata.jsonl ({"file_name": ..., "text": ...})
     dataset: str | None = None  # dataset: a `save_to_disk` folder, or a dataset name in the local HF cache
-    split: str = "train"
-    image_column: str = "image"
+    split: str = "train"  # dataset: the split to read
+    image_column: str = "image"  # dataset: the column of the images
     caption_column: str = "text"  # each image's caption (text teachers); also the prompts, without data.prompts
     label_column: str = "label"  # each image's class (class-conditional teachers), if the dataset has one
     prompts: str | None = None  # text file, one prompt per line (text teachers): the prompts generators draw
     center_crop: bool = True  # resize the short side to the teacher's resolution, then center (else random) crop
-    random_flip: bool = True
-    num_workers: int = 2  # DataLoader worker processes decoding images (0: in the training process)
+    random_flip: bool = True  # flip each image horizontally with probability 1/2
+    # DataLoader worker processes decoding images (0: in the training process; at most the CPU cores this process may
+    # use, so a recipe's 8 runs as 2 on a 2-core machine)
+    num_workers: int = 2
     # encode every image once with the teacher's VAE and train from the stored latents (onestep.data.latent_cache);
     # a folder inside output_dir, or one that already holds a complete cache of this dataset
     latent_cache: str | None = None
-    latent_cache_dtype: str = "float16"
+    latent_cache_dtype: str = "float16"  # float16 | bfloat16 | float32: the stored moments
     batch_size: int = 64  # per process and per micro-batch (train.gradient_accumulation_steps)
 
 
@@ -50,8 +52,8 @@ class TeacherConfig:
     config: str | None = None
     variant: str | None = None  # weights variant, e.g. fp16: loads *.fp16.safetensors
     revision: str | None = None  # Hub ids only: the cached branch, tag or commit (default main)
-    guidance_scale: float = 1.0
-    allow_pickle: bool = False
+    guidance_scale: float = 1.0  # the teacher's classifier-free guidance (1 = none)
+    allow_pickle: bool = False  # accept pickle (.bin) weights you trust
     # float16 / bfloat16 halve a large teacher's memory; generator and critics are float32 copies of those weights
     dtype: str = "float32"
     offload: bool = False  # keep the teacher's UNet in CPU memory, on the accelerator only during its calls
@@ -59,14 +61,14 @@ class TeacherConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 1000
+    num_samples: int = 1000  # images the judge draws for the FD and metrics
     # the Fréchet distance's features: digits | inception | a registered network | none. A text teacher's samples
     # are not digits: with "digits" it is judged by `metrics` only (and its sample grid)
     features: str = "digits"
     reference: str = "digits"  # digits | STATS.npz (ours, pytorch-fid, clean-fid) | IMAGE_DIR
-    sampling_batch: int = 500
+    sampling_batch: int = 500  # images per generator / feature-network call
     inception_weights: str | None = None  # FID network weights (.safetensors; a .pth needs allow_pickle)
-    allow_pickle: bool = False
+    allow_pickle: bool = False  # accept a pickled (.pth) Inception file
     metrics: list[str] = field(default_factory=list)  # further metrics: clip_score, registered ones
     metric_options: dict[str, Any] = field(default_factory=dict)  # for registered metrics
     clip_model: str | None = None  # a local CLIP model folder for clip_score
@@ -76,8 +78,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    method: str = MISSING
-    output_dir: str = MISSING
+    method: str = MISSING  # teacher | vae | a distiller (dmd, dmd2, sid, ...)
+    output_dir: str = MISSING  # the run folder: checkpoints, logs, metrics, pipeline
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
@@ -178,17 +180,22 @@ def load_config(path: str | Path, overrides: list[str] = (), options_schema: typ
 
 def config_from(source: Any, overrides: list[str] = (), options_schema: type | None = None,
                 label: str = "config") -> RunConfig:
-    """A validated RunConfig from a dict / DictConfig (e.g. a run folder's saved config.json)."""
+    """A validated RunConfig from a dict / DictConfig (e.g. a run folder's saved config.json).
+
+    An error that `source` alone does not have is blamed on the command line's overrides, not on `label`.
+    """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), source, OmegaConf.from_dotlist(list(overrides)))
-        if options_schema is None:
-            options_schema = method_options(merged.method, merged.data.name)
-        merged.options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
-        cfg: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise UserInputError(f"bad {label}: {_one_line(err)}") from None
-    except KeyError as err:
-        raise UserInputError(f"bad {label}: {err.args[0]}") from None
+        cfg = _merged(source, overrides, options_schema)
+    except (OmegaConfBaseException, KeyError) as err:
+        culprit = label
+        if overrides:
+            try:
+                _merged(source, (), options_schema)
+                culprit = "command-line override"
+            except (OmegaConfBaseException, KeyError):
+                pass
+        message = _one_line(err) if isinstance(err, OmegaConfBaseException) else err.args[0]
+        raise UserInputError(f"bad {culprit}: {message}") from None
     _check_values(cfg)
     check = getattr(cfg.options, "validate", None)
     if check is not None:
@@ -197,6 +204,22 @@ def config_from(source: Any, overrides: list[str] = (), options_schema: type | N
         except ValueError as err:
             raise UserInputError(f"bad {label}: options.{err}") from None
     return cfg
+
+
+def _merged(source: Any, overrides: list[str], options_schema: type | None) -> RunConfig:
+    layers = [OmegaConf.create(source), OmegaConf.from_dotlist(list(overrides))]
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *map(_yaml_no_as_string, layers))
+    if options_schema is None:
+        options_schema = method_options(merged.method, merged.data.name)
+    merged.options = OmegaConf.merge(OmegaConf.structured(options_schema), merged.options)
+    return OmegaConf.to_object(merged)
+
+
+def _yaml_no_as_string(layer):
+    """YAML 1.1 reads `no` as false: `train.mixed_precision: no` (or `=no`) means the string "no"."""
+    if OmegaConf.select(layer, "train.mixed_precision") is False:
+        OmegaConf.update(layer, "train.mixed_precision", "no")
+    return layer
 
 
 def to_dict(cfg: Any) -> dict:

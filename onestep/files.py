@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 600 would hide exports from other users and serving containers
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -31,6 +33,25 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_mode(folder: bool = False) -> int:
+    """The mode the umask gives a new file (rw-r--r-- under umask 022) or folder (rwxr-xr-x)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def _use_umask_modes(folder: Path) -> None:
+    """Give what a writer left in `folder` the umask's modes (safetensors and tempfile-based writers leave 600).
+    Files linked from elsewhere (more than one link) keep theirs: `link_or_copy` links only files that have it."""
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, file_mode(folder=True))
+        elif path.stat().st_nlink == 1:
+            os.chmod(path, file_mode())
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
@@ -54,6 +75,18 @@ def read_json(path: str | Path) -> dict:
     return value
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A hard link of `src` at `dst` (no second copy of large weights), or a copy (with the umask's mode) where links
+    are not possible or `src` has another mode than the umask gives (a link shares its mode with `src`)."""
+    if stat.S_IMODE(os.stat(src).st_mode) == file_mode():
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or links not allowed
+            pass
+    shutil.copyfile(src, dst)
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh hidden sibling folder to fill; when the block succeeds it replaces `out_dir`.
@@ -70,6 +103,7 @@ def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _use_umask_modes(tmp)
         if out_dir.exists():
             os.replace(out_dir, old)
         try:

@@ -4,6 +4,7 @@ the config's kind builds (onestep.tasks: which method, which teacher, which data
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -12,6 +13,7 @@ from onestep.config import RunConfig, config_from, to_dict
 from onestep.errors import UserInputError
 from onestep.export.model_card import write_model_card
 from onestep.files import read_json, write_json_atomic
+from onestep.run_folder import identity_differences, move_aside, resume_notes
 from onestep.tasks import task_kind
 from onestep.tasks.distillation import build_distiller_task, critic_file  # noqa: F401  (also importable from here)
 from onestep.tasks.ingredients import (  # noqa: F401  (also importable from here)
@@ -27,8 +29,6 @@ from onestep.tasks.ingredients import (  # noqa: F401  (also importable from her
 from onestep.training.trainer import Trainer, process_state
 
 
-# what makes two configs the same run (not its length)
-IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "init_critic", "options")
 RUN_CONFIG = "config.json"
 
 
@@ -50,31 +50,36 @@ def with_current_defaults(saved: dict) -> dict:
 def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
     """Refuse to resume into / overwrite an output folder that holds a different run, unless told to.
 
-    With `overwrite` the run starts over: the folder's old checkpoints are removed (nothing else is touched).
+    With `overwrite` the run starts over in an empty folder: what the folder held is moved aside to a sibling folder
+    (onestep.run_folder.move_aside), never deleted.
     """
     out = Path(cfg.output_dir)
     saved = out / RUN_CONFIG
     if overwrite:
-        import shutil
-
         if is_main_process():
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            move_aside(out)
         return
     if not out.exists():
         return
     if not saved.is_file():
         if any(out.iterdir()):
-            raise UserInputError(f"output_dir {out} is not empty and holds no onestep run; pass --overwrite to use it")
+            raise UserInputError(f"output_dir {out} is not empty and holds no onestep run; pass --overwrite to move "
+                                 "it aside")
         return
     try:
         previous = json.loads(saved.read_text())
     except ValueError:  # not JSON, not UTF-8
-        raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to replace it") from None
+        raise UserInputError(f"output_dir {out} has a corrupt {RUN_CONFIG}; pass --overwrite to move it "
+                             "aside") from None
     previous, current = with_current_defaults(previous), to_dict(cfg)
-    changed = [k for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
+    changed = identity_differences(previous, current)
     if changed:
-        raise UserInputError(f"output_dir {out} belongs to a different run (its {', '.join(changed)} differ); "
-                             "choose another output_dir or pass --overwrite")
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise UserInputError(f"output_dir {out} belongs to a different run (differs in {shown}); choose another "
+                             "output_dir or pass --overwrite (moves the old run aside)")
+    if is_main_process():
+        for note in resume_notes(previous, current):
+            print(f"onestep: {note}", file=sys.stderr)
 
 
 def train(cfg: RunConfig, overwrite: bool = False) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import warnings
 
 import torch
 from diffusers import (
@@ -36,9 +35,11 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 
+logger = logging.get_logger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_STUDENTS = 8
 STUDENT_SLOTS = tuple(f"unet_{k}" for k in range(MAX_STUDENTS))
@@ -73,13 +74,16 @@ def route_requests(router: dict, class_labels: torch.Tensor | None,
 
 def tokenize(tokenizer, prompt: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's max length. A longer prompt is truncated, as diffusers' pipelines do, with
-    a warning naming what it loses (once per prompt: a training run draws the same prompts again and again)."""
+    a one-line warning on diffusers' logger naming what it loses (once per prompt and tokenizer: a training run draws
+    the same prompts again and again); transformers' own warning about the untruncated length is left out."""
     max_length = tokenizer.model_max_length
-    for text, ids in zip(prompt, tokenizer(prompt).input_ids, strict=True):
-        if len(ids) > max_length:
+    warned = tokenizer.__dict__.setdefault("_truncated_prompts", set())
+    for text, ids in zip(prompt, tokenizer(prompt, verbose=False).input_ids, strict=True):
+        if len(ids) > max_length and text not in warned:
+            warned.add(text)
             lost = tokenizer.decode(ids[max_length - 1:-1])
-            warnings.warn(f"prompt truncated to {max_length} tokens (CLIP can only handle sequences up to "
-                          f"{max_length} tokens): {text!r} loses {lost!r}", stacklevel=2)
+            logger.warning(f"prompt truncated to {max_length} tokens (CLIP can only handle sequences up to "
+                           f"{max_length} tokens): {text!r} loses {lost!r}")
     return tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
                      return_tensors="pt").input_ids
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,10 +72,11 @@ def run(out: Path, folder: Path, teacher: Path, steps: int, workers: int, batch:
               "options": {"generator_timesteps": [999], "generator_every": 5, "gan": True}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(json.dumps(config))
-    args = [sys.executable, "-m", "onestep.cli", "train", str(out / "bench.yaml"), "--overwrite"]
+    args = [sys.executable, "-m", "onestep.cli", "train", str(out / "bench.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(out / "hf_cache"), "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # its own scratch run (`--overwrite` would keep the old one aside)
+    run_dir.mkdir(parents=True)
     stderr = open(out / f"{run_dir.name}.stderr", "w")  # a file, not a pipe: progress bars would fill a pipe and block
     child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     proc, peak_pss, peak_main = psutil.Process(child.pid), 0, 0

@@ -115,18 +115,6 @@ def test_console_script_exit_code_is_2(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
 
 
-def test_overwrite_starts_over(tmp_path, capsys):
-    out = tmp_path / "out"
-    (out / "checkpoints" / "checkpoint-0000005").mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps({"method": "sid", "data": {}, "teacher": {}, "options": {}}))
-    from onestep.config import load_config
-    from onestep.runs import check_output_dir
-
-    cfg = load_config(DEMO, [f"output_dir={out}"])
-    check_output_dir(cfg, overwrite=True)
-    assert not (out / "checkpoints").exists() and (out / "config.json").exists()
-
-
 def test_more_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     disback = ROOT / "configs" / "digits" / "disback.yaml"

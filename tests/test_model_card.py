@@ -34,7 +34,9 @@ def test_card_of_a_text_student_with_its_stock_copy(tmp_path, monkeypatch):
     write_model_card(run / "pipeline", run_config, metrics)
 
     card = ModelCard.load(run / "pipeline" / "README.md")
-    assert card.data.base_model == str(teacher_dir) and card.data.license == "creativeml-openrail-m"
+    # a local folder is no Hub id: the text names it by its absolute path, base_model stays unset
+    assert card.data.base_model is None and card.data.license == "creativeml-openrail-m"
+    assert f"# dmd2 student of `{teacher_dir}`" in card.text
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     assert "dmd2" in card.data.tags and "Distribution Matching Distillation" in card.text
     assert "| clip_score | 0.3125 |" in card.text and "| fid | 12.5 |" in card.text and "step 7" in card.text
@@ -59,7 +61,8 @@ def test_training_and_export_write_the_card(tmp_path, capsys):
                  "eval.num_samples=20", "data.batch_size=4"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     card = ModelCard.load(out / "pipeline" / "README.md")
-    assert card.data.base_model == "builtin:digits" and card.data.license is None  # the digits card states none
+    assert card.data.base_model is None and card.data.license is None  # the digits card states none
+    assert "# dmd2 student of `builtin:digits`" in card.text
     assert card.data.pipeline_tag == "unconditional-image-generation"
     value = metrics["final"]["fd_digits/student"]
     assert f"| fd_digits/student | {value:.6g} |" in card.text
@@ -100,3 +103,16 @@ def test_card_states_a_unit_variance_input(tmp_path):
     text = (tmp_path / "run" / "pipeline" / "README.md").read_text()
     assert "reads out at timesteps [399] from unit-variance noise z itself" in text and "sigma_t0 z (" not in text
     assert text == (tmp_path / "run" / "pipeline_diffusers" / "README.md").read_text()
+
+
+def test_base_model_is_a_hub_id_never_a_path(tmp_path, monkeypatch, hub_cache, sd15_folder):
+    from onestep.export.model_card import hub_id, teacher_label
+    from tests.conftest import hub_snapshot
+
+    snapshot = hub_snapshot(hub_cache, "tiny/sd15", sd15_folder)
+    monkeypatch.chdir(sd15_folder.parent)
+    assert hub_id(sd15_folder.name) is None  # a relative local path
+    assert teacher_label(sd15_folder.name) == str(sd15_folder.resolve())
+    assert hub_id("tiny/sd15") == "tiny/sd15" == hub_id(str(snapshot)) == teacher_label(str(snapshot))
+    assert hub_id("builtin:digits") is None and teacher_label("builtin:digits") == "builtin:digits"
+    assert hub_id(None) is None and teacher_label(None) == "a teacher built in memory"

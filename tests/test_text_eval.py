@@ -117,7 +117,8 @@ options: {{gan: false, generator_every: 1}}
     assert registered[-5:] == PROMPTS + PROMPTS[:2]
     assert "3 eval prompts, cycled" in final["protocol"] and "fd" not in " ".join(final)  # no FD-digits of text
     with Image.open(tmp_path / "run" / "samples.png") as grid:  # a row per validation prompt, 16px images x4
-        assert grid.size == (2 * (64 + 2) + 2, 2 * (64 + 2) + 2) and grid.mode == "RGB"
+        # each image with its prompt written under it (a 12-pixel line)
+        assert grid.size == (2 * (64 + 2) + 2, 2 * (64 + 12 + 2) + 2) and grid.mode == "RGB"
 
     # the exported pipeline samples with prompts; `onestep fid` scores it with the same metric objects
     pipeline = tmp_path / "run" / "pipeline"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -82,8 +83,8 @@ def digits_demo(out: Path, minutes: float, dry_run: bool) -> list[str]:
     """The digits DMD2 demo for `minutes` of training, its FD-digits from the run's metrics.json."""
     run = out / "digits_dmd2"
     limits = ["train.max_steps=2", "eval.num_samples=100"] if dry_run else [f"train.max_minutes={minutes}"]
-    cmd = [sys.executable, "-m", "onestep.cli", "train", str(DIGITS_CONFIG), f"output_dir={run}", *limits,
-           "--overwrite"]
+    cmd = [sys.executable, "-m", "onestep.cli", "train", str(DIGITS_CONFIG), f"output_dir={run}", *limits]
+    shutil.rmtree(run, ignore_errors=True)  # its own scratch run (`--overwrite` would keep the old one aside)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

@@ -9,6 +9,7 @@ moments (a horizontally flipped image has, to the VAE's accuracy, horizontally f
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from onestep.data.streaming import Rows, collate
+from onestep.data.streaming import Rows, collate, usable_workers
 from onestep.errors import UserInputError
 from onestep.files import atomic_file, write_json_atomic
 
@@ -40,10 +41,13 @@ def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torc
         if recorded["settings"] != settings:
             raise UserInputError(f"{out_dir} holds a latent cache of another dataset, resolution or VAE "
                                  f"({recorded['settings']}); choose another data.latent_cache")
+        if recorded.get("skipped"):
+            print(f"onestep: the latent cache {out_dir} leaves out {len(recorded['skipped'])} unreadable image(s) "
+                  f"(listed in its {INDEX})", file=sys.stderr)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(_Numbered(rows), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate_numbered)
+    loader = torch.utils.data.DataLoader(_Numbered(rows), batch_size=batch_size,
+                                         num_workers=usable_workers(num_workers), collate_fn=_collate_numbered)
     shards, skipped, pending = [], [], {"moments": [], "rows": []}
 
     def flush() -> None:
@@ -55,7 +59,10 @@ def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torc
         pending["moments"], pending["rows"] = [], []
 
     for batch, numbers in tqdm(loader, desc="latent cache", dynamic_ncols=True):
-        skipped.extend(batch["skipped"])
+        for what in batch["skipped"]:  # none left out silently (docs/data.md)
+            skipped.append(what)
+            print(f"onestep: latent cache: skipped an unreadable image ({len(skipped)} so far): {what}",
+                  file=sys.stderr)
         if "x" not in batch:
             continue
         pending["moments"].append(encode_moments(batch["x"]).to("cpu", dtype))

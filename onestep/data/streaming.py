@@ -7,6 +7,7 @@ a latent cache, the cached VAE moments; each image comes with its own condition 
 from __future__ import annotations
 
 import io
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -60,6 +61,13 @@ class DecodeImages:
     def __call__(self, index: int, cell) -> torch.Tensor:
         with open_image(cell) as image:
             return prepare_image(image, self.resolution, self.channels, self.center_crop, self.random_flip)
+
+
+def usable_workers(requested: int) -> int:
+    """DataLoader worker processes: as many as asked, but no more than the CPU cores this process may use (a recipe's
+    num_workers: 8 on a 2-core machine would only make the processes fight, and torch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(requested, cores)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -139,7 +147,7 @@ class StreamingImages:
             raise ValueError(f"no images in {source}")
         self.rows, self.batch_size, self.to_model_space = rows, batch_size, to_model_space
         self.caption_condition, self.unlabeled = caption_condition, unlabeled
-        self.num_workers, self.seed, self.source = num_workers, seed, source
+        self.num_workers, self.seed, self.source = usable_workers(num_workers), seed, source
         self.skipped: set[str] = set()
         self._batches: Iterator[dict] | None = None
         self._buffer: list[dict] = []

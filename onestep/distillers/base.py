@@ -94,6 +94,9 @@ class Distiller:
     def sample_images(self) -> torch.Tensor | None:
         return None if self.judge is None else self.judge.generator_grid(self.generator, self.teacher)
 
+    def sample_labels(self) -> list[str] | None:
+        return None if self.judge is None else self.judge.grid_prompts()
+
     def export_pipeline(self, out_dir: Path) -> None:
         from onestep.export.pipeline import export_generator
 

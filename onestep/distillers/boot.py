@@ -129,7 +129,7 @@ class BOOTOptions:
     weight_clip: float = 100.0  # inactive on a coarse grid (digits, 10 steps: 1/delta'^2 <= 6.5)
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=10.0))
-    generator_ema: float | None = 0.99
+    generator_ema: float | None = 0.99  # EMA decay of the exported generator
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
     def validate(self) -> None:

@@ -42,7 +42,7 @@ class BacktrackOptions:
     path_dir: str | None = None  # where the path is recorded / reused from; default OUTPUT_DIR/path
     num_checkpoints: int = 4  # N: theta_1 .. theta_N after the teacher theta_0
     steps_per_checkpoint: int = 50  # stage-1 denoising steps between two recorded checkpoints
-    path_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4))
+    path_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4))  # stage 1
     path_dtype: str = "float32"  # float16 / bfloat16 halve the disk a large teacher's path takes
     switch_every: int = 100  # stage-2 steps on each target before moving one checkpoint toward the teacher
 

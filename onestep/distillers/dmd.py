@@ -44,21 +44,21 @@ def distribution_matching_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: 
 class DMDOptions:
     """`options:` of a dmd2 config (DMD2 preset: TTUR 5, GAN on, no regression)."""
 
-    generator_timesteps: list[int] = field(default_factory=lambda: [999])
+    generator_timesteps: list[int] = field(default_factory=lambda: [999])  # read-out t
     # the generator's input at generator_timesteps[0]: "sigma" = sigma_t0 z (the marginal at t0), "unit" = z itself
     # (DMD2's SDXL one-step student, conditioned at t0 = 399 on unit-variance noise; its exports follow)
     generator_input: str = "sigma"
     dm_t_min: float = 0.02  # DM timestep range as a share of T
-    dm_t_max: float = 0.98
+    dm_t_max: float = 0.98  # (upper end)
     generator_every: int = 5  # TTUR: the critic takes every step, the generator every N-th
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-5, weight_decay=0.01, warmup_steps=0, grad_clip=10.0))
     critic_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=0.01, warmup_steps=0, grad_clip=10.0))
-    generator_ema: float | None = 0.99
-    gan: bool = True
-    gan_generator_weight: float = 3e-3
-    gan_critic_weight: float = 1e-2
+    generator_ema: float | None = 0.99  # EMA decay of the exported generator (null: off)
+    gan: bool = True  # DMD2's GAN head on the fake score
+    gan_generator_weight: float = 3e-3  # the GAN term in the generator loss
+    gan_critic_weight: float = 1e-2  # the GAN term in the critic loss
     # the GAN's noise t ~ U[0, gan_t_max T): DMD2's diffusion_gan_max_timestep / T; 0 = the clean sample at t = 0
     gan_t_max: float = 1.0
     regression: RegressionOptions = field(default_factory=RegressionOptions)

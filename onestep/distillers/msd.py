@@ -29,7 +29,7 @@ PARTITIONS = ("ranges", "mapping", "text_pca")
 class MSDOptions(DMDOptions):
     """`options:` of an msd config: DMD2's options plus the partition and the student this run trains."""
 
-    num_students: int = 4
+    num_students: int = 4  # K students, each on its slice of the conditions
     partition: str = "ranges"  # ranges (k = label * K // num_classes) | mapping | text_pca
     mapping: list[int] | None = None  # partition mapping: the student of each class, in class order
     student: int | None = None  # the student to train; None: `onestep train` trains all, one after another

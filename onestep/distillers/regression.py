@@ -23,9 +23,9 @@ DISTANCES = ("mse", "pseudo_huber", "lpips")
 class RegressionOptions:
     weight: float = 0.0  # 0 turns the term off (DMD2); DMD1 uses 0.25
     distance: str = "mse"  # mse | pseudo_huber | lpips (LPIPS needs the `lpips` package and its weights on disk)
-    num_pairs: int = 1000
+    num_pairs: int = 1000  # (noise, teacher sample) pairs drawn once
     teacher_steps: int = 50  # DDIM steps of the teacher's deterministic sampler
-    batch_size: int = 16
+    batch_size: int = 16  # pairs per regression step
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -32,16 +32,16 @@ class SFDOptions(SiDOptions):
 
     forget: list[int] = field(default_factory=lambda: [0])  # class labels to forget
     override: str = "random"  # fixed (override_class) | random (another remaining class) | classifier (pseudo-label)
-    override_class: int | None = None
+    override_class: int | None = None  # the class of override: fixed
     # what the classifier labels: fake_x0 = the fake score's x0-prediction at the SiD loss's x_t, per t (the official
     # code), sample = the generator's sample itself
     classifier_input: str = "fake_x0"
     forget_prompts: list[str] = field(default_factory=list)  # text teachers: prompts to forget ...
     prompt_rewrites: dict[str, str] = field(default_factory=dict)  # ... and regex -> replacement giving c_o
-    critic_remain_weight: float = 1.0
-    critic_forget_weight: float = 0.01
-    generator_remain_weight: float = 1.0
-    generator_forget_weight: float = 0.01
+    critic_remain_weight: float = 1.0  # critic loss weights on the remaining ...
+    critic_forget_weight: float = 0.01  # ... and forgotten conditions
+    generator_remain_weight: float = 1.0  # generator loss weights, likewise
+    generator_forget_weight: float = 0.01  # (forgotten conditions)
     # the forget batch as a share of data.batch_size: 1.0 = a full batch as in the official code; a forgotten class
     # is one concept of many, and a smaller batch leaves more of a fixed budget to the remaining ones
     forget_batch_fraction: float = 1.0

@@ -50,7 +50,7 @@ class SiDOptions:
     alpha: float = 1.2  # 1.0 for text-to-image teachers
     init_ve_sigma: float = 2.5  # generator input noise level, as a VE sigma mapped onto the teacher's VP schedule
     sigma_min: float = 0.14  # range of the generator loss's noise levels (VE sigma)
-    sigma_max: float = 13.0
+    sigma_max: float = 13.0  # (upper end)
     # the fake score's denoising-loss timesteps: "generator" = the generator loss's range (as the official VP codes of
     # SFD and SiD-LSG train it), "all" = every training timestep 0..T-1
     critic_timesteps: str = "generator"
@@ -58,12 +58,12 @@ class SiDOptions:
     # guidance with the teacher's null condition in its denoising loss (kappa_1) and in the generator loss
     # (kappa_2 = kappa_3); 1 = none. The official SD runs set all four to 2.
     fake_train_guidance: float = 1.0
-    fake_guidance: float = 1.0
+    fake_guidance: float = 1.0  # kappa_2 = kappa_3 (see above)
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=10.0))
     critic_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=10.0))
-    generator_ema: float | None = 0.99
+    generator_ema: float | None = 0.99  # EMA decay of the exported generator
     # recompute activations in the backward pass of all three UNets: the generator loss differentiates through the
     # teacher and the fake score, so its activation memory is ~3 UNets' worth without it
     gradient_checkpointing: bool = False

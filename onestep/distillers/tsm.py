@@ -26,8 +26,8 @@ class TSMOptions:
     """`options:` of a tsm config."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])  # the smaller denoiser's widths
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.0))
-    ema_decay: float | None = 0.999
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.0))  # AdamW
+    ema_decay: float | None = 0.999  # EMA decay of the exported denoiser
     eval_steps: int = 10  # DDIM steps of the periodic FD evaluation of the small denoiser
 
     def validate(self) -> None:

@@ -250,6 +250,10 @@ class Judge:
             return per_row * per_row, None, None
         return len(self.classes) * per_row, torch.as_tensor(self.classes).repeat_interleave(per_row), None
 
+    def grid_prompts(self) -> list[str] | None:
+        """The prompt of each image of the default sample grid (None: class-conditional or unconditional)."""
+        return self.grid_requests(self._grid_per_row())[2]
+
     def _grid_per_row(self) -> int:
         # the grid writer lays N images out ceil(sqrt(N)) wide: K prompts x K images is one row per prompt
         return max(len(self.validation_prompts), 2) if self.validation_prompts else 10

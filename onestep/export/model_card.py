@@ -54,6 +54,33 @@ def teacher_license(teacher_path: str | None) -> str | None:
         return None
 
 
+def hub_id(teacher_path: str | None) -> str | None:
+    """The Hub id a card's `base_model` names: the teacher's where it is one (`owner/name` in the local cache), or
+    where its folder is a snapshot in a Hugging Face cache (`.../models--owner--name/snapshots/...`); None for another
+    local folder or a builtin teacher (a path is no Hub id, and means nothing once the card travels)."""
+    from onestep.models.loading import HUB_ID, resolve_path
+
+    if not teacher_path:
+        return None
+    local = resolve_path(teacher_path)
+    if not local.exists():
+        return str(teacher_path) if HUB_ID.fullmatch(str(teacher_path)) else None
+    cached = [part for part in local.resolve().parts if part.startswith("models--")]
+    return cached[-1].removeprefix("models--").replace("--", "/", 1) if cached else None
+
+
+def teacher_label(teacher_path: str | None) -> str:
+    """How the card's text names the teacher: its Hub id, a builtin name, or the folder's absolute path (a run
+    config without one: a teacher built in memory)."""
+    from onestep.models.loading import BUILTIN
+
+    if not teacher_path:
+        return "a teacher built in memory"
+    if str(teacher_path) in BUILTIN:
+        return str(teacher_path)
+    return hub_id(teacher_path) or str(Path(teacher_path).resolve())
+
+
 def _metrics_section(metrics: dict | None) -> str:
     if not metrics:
         return "No metrics were recorded for this export (export without a finished training run).\n"
@@ -128,14 +155,14 @@ def model_card(folder: Path, run_config: dict, metrics: dict | None = None, stoc
     method = run_config.get("method", "unknown")
     # a run config always holds teacher.path (its default), also when the run trained from data alone
     teacher = None if method in FROM_DATA else (run_config.get("teacher") or {}).get("path")
-    data = ModelCardData(base_model=teacher, license=teacher_license(teacher), library_name="diffusers",
+    data = ModelCardData(base_model=hub_id(teacher), license=teacher_license(teacher), library_name="diffusers",
                          pipeline_tag="text-to-image" if text else "unconditional-image-generation",
                          tags=["onestep", method, "diffusion-distillation", "one-step"])
     readout = index.get("timesteps")
     data_name = (run_config.get("data") or {}).get("name")
     summary = ([f"# {method} model trained on `{data_name}`", "", f"Trained with onestep: {METHODS[method]}."]
                if teacher is None and method in FROM_DATA else
-               [f"# {method} student of `{teacher}`", "",
+               [f"# {method} student of `{teacher_label(teacher)}`", "",
                 f"A generator distilled with onestep by {METHODS.get(method, method)}"
                 + (f"; the generator reads out at timesteps {readout}{_input_note(index)}." if readout else ".")])
     body = "\n".join([

@@ -35,6 +35,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from onestep.export.frozen import use_original_components
 from onestep.files import atomic_folder
 from onestep.models.generator import Generator
 from onestep.models.lora import lora_layers, save_lora_weights, without_adapters
@@ -62,7 +63,8 @@ def export_pipeline(pipeline: DiffusionPipeline, out_dir: str | os.PathLike,
 def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.PathLike,
                      readout: str = "x0", lora: str = "merge") -> Path:
     """A trained generator as an `OneStepPipeline` folder: its UNet and read-out timesteps, the teacher's scheduler,
-    VAE (latent models), text encoder(s) and tokenizer(s) (text-to-image models) and classes.
+    VAE (latent models), text encoder(s) and tokenizer(s) (text-to-image models; the teacher folder's own files, see
+    onestep.export.frozen) and classes.
 
     `readout="signal"` exports a BOOT student (any module with `.unet` and `.timesteps`; see `OneStepPipeline`).
     A LoRA generator's adapters are merged into the exported UNet (`lora="merge"`), or the folder holds the base UNet
@@ -71,10 +73,16 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     A one-step text-to-image student of an SD-family teacher is also written as a stock `StableDiffusion(XL)Pipeline`
     folder beside `out_dir` (`out_dir` + "_diffusers"; see onestep.export.stock) and as one original-layout file
     (`out_dir` + ".safetensors"; see onestep.export.single_file)."""
-    unet, write_extra = generator.unet, None
+    unet, adapter = generator.unet, None
     if lora_layers(unet):
         unet = without_adapters(generator.unet, merge=lora == "merge")
-        write_extra = functools.partial(save_lora_weights, generator.unet) if lora == "adapter" else None
+        adapter = functools.partial(save_lora_weights, generator.unet) if lora == "adapter" else None
+
+    def write_extra(folder: Path) -> None:
+        use_original_components(teacher, folder)  # the VAE, text encoders, tokenizers as on the teacher's disk
+        if adapter is not None:
+            adapter(folder)
+
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
@@ -84,7 +92,7 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     from onestep.export.stock import export_stock_pipeline
 
     stock = export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock folder
-    if stock is not None and write_extra is None:  # (an adapter run's stock folder holds the base UNet)
+    if stock is not None and adapter is None:  # (an adapter run's stock folder holds the base UNet)
         from onestep.export.single_file import export_single_file, single_file
 
         try:  # and OUT_DIR.safetensors (ComfyUI, A1111)
@@ -104,7 +112,7 @@ def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router
                                                   tokenizer=teacher.tokenizer, text_encoder_2=teacher.text_encoder_2,
                                                   tokenizer_2=teacher.tokenizer_2, timesteps=list(timesteps),
                                                   num_classes=teacher.num_classes)
-    return export_pipeline(pipeline, out_dir)
+    return export_pipeline(pipeline, out_dir, functools.partial(use_original_components, teacher))
 
 
 def export_denoiser(unet: nn.Module, scheduler, out_dir: str | os.PathLike,

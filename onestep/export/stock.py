@@ -24,11 +24,12 @@ LCM and DDIM feed z unscaled, so they are the student only where sigma_t0 = 1; E
   latents / sqrt(s^2 + 1) is z itself, and the Euler step lands on the same x0 read-out (DMD2's README loads its
   student with LCMScheduler and `timesteps=[399]`, which also feeds z; the Euler folder needs no call-time argument).
 
-The stock folder shares the exported weights (hard links where the file system allows, else copies): only
-`model_index.json` and `scheduler/` are its own, and float32 copies of the components a half-precision teacher
-(`teacher.dtype`) left in float16 / bfloat16: a stock pipeline runs every component in the text encoder's dtype, so
-a bfloat16 text encoder beside the float32 generator would fail at its first call. The folder is float32 throughout;
-`from_pretrained(..., torch_dtype=torch.bfloat16)` loads it in half precision.
+The stock folder shares the exported weights (hard links where the file system allows, else copies), whose VAE,
+text encoders and tokenizers are the teacher folder's own files whatever `teacher.dtype` (onestep.export.frozen):
+only `model_index.json` and `scheduler/` are its own, and float32 copies of components whose files on disk are
+float16 / bfloat16 (a teacher saved in half precision): a stock pipeline runs every component in the text encoder's
+dtype, so a bfloat16 text encoder beside the float32 generator would fail at its first call. The folder is float32
+throughout; `from_pretrained(..., torch_dtype=torch.bfloat16)` loads it in half precision.
 """
 
 from __future__ import annotations
@@ -44,17 +45,37 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, LCMScheduler, SchedulerMixin
 
-from onestep.files import atomic_folder
+from onestep.files import atomic_folder, link_or_copy
 
 
 STOCK_SUFFIX = "_diffusers"
 LORA_ADAPTER = "pytorch_lora_weights.safetensors"
+# model_index.json's mark of a stock folder written here (diffusers ignores keys starting with "_"): its one scheduler
+# step is the student, so `onestep sample` / `fid` run it with num_inference_steps=1, not as a 50-step teacher
+ONE_STEP_MARK = "_onestep_one_step_student"
 
 
 def stock_folder(pipeline_dir: str | os.PathLike) -> Path:
     """Where the stock copy of an exported folder goes: `OUTPUT_DIR/pipeline` -> `OUTPUT_DIR/pipeline_diffusers`."""
     pipeline_dir = Path(pipeline_dir)
     return pipeline_dir.with_name(pipeline_dir.name + STOCK_SUFFIX)
+
+
+def is_one_step_stock(folder: str | os.PathLike) -> bool:
+    """Whether a diffusers folder is a stock export of a one-step student: marked in its model_index.json, or
+    (written before the mark) `NAME_diffusers/` beside the one-step OneStepPipeline folder `NAME/` it copies."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        if index.get(ONE_STEP_MARK):
+            return True
+        if not folder.name.endswith(STOCK_SUFFIX):
+            return False
+        source = folder.with_name(folder.name.removesuffix(STOCK_SUFFIX))
+        source = json.loads((source / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return source.get("_class_name") == "OneStepPipeline" and len(source.get("timesteps", [])) == 1
 
 
 def stock_scheduler(teacher_config: dict, t0: int, input_scaling: str = "sigma") -> SchedulerMixin | None:
@@ -103,13 +124,6 @@ def _save_float32(src: Path, dst: Path, library: str, class_name: str) -> None:
     model.save_pretrained(dst)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
-
-
 def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path | None:
     """Write the stock `StableDiffusion(XL)Pipeline` folder of an exported OneStepPipeline folder (default
     `stock_folder(pipeline_dir)`); returns it, or None where the folder is not a one-step SD-family student (a
@@ -138,7 +152,7 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
     stock_index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
                    "_diffusers_version": diffusers.__version__,
                    **{name: index[name] for name in components},
-                   "scheduler": ["diffusers", type(scheduler).__name__],
+                   "scheduler": ["diffusers", type(scheduler).__name__], ONE_STEP_MARK: True,
                    "feature_extractor": [None, None], "image_encoder": [None, None]}
     if sdxl:  # an invisible watermark, where its package is installed, would change the student's images
         stock_index["add_watermarker"] = False
@@ -148,7 +162,7 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
     with atomic_folder(out_dir) as tmp:
         for name in components:
             if name.startswith("tokenizer") or not _half_precision(pipeline_dir / name):
-                shutil.copytree(pipeline_dir / name, tmp / name, copy_function=_link_or_copy)
+                shutil.copytree(pipeline_dir / name, tmp / name, copy_function=link_or_copy)
             else:  # a half-precision teacher's VAE / text encoder beside the float32 generator (see above)
                 _save_float32(pipeline_dir / name, tmp / name, *index[name])
         scheduler.save_pretrained(tmp / "scheduler")

@@ -36,10 +36,10 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name, so it
 class LoRAConfig:
     """`options.lora` of every distiller: rank 0 (the default) trains every weight, as before."""
 
-    rank: int = 0
+    rank: int = 0  # adapter rank (0: no LoRA, train every weight)
     alpha: float | None = None  # adapters scale by alpha / rank; None: alpha = rank (scale 1)
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # layers adapted
+    dropout: float = 0.0  # dropout on the adapters' input
     critic: bool = False  # the critics' UNets train adapters too (a GAN head, being new, always trains fully)
     export: str = "merge"  # merge: adapters folded into a standard pipeline | adapter: base UNet + LoRA file
     # the adapted networks' frozen base weights ARE the teacher's (its dtype, no copy) instead of float32 copies; off

@@ -62,14 +62,20 @@ class Teacher(nn.Module):
         self.guidance_scale = guidance_scale
         self._null_text: Condition | None = None
         self.execution_device: torch.device | None = None  # set by `offload`: where the UNet runs, not where it is
+        # set by `from_pretrained`: the folder (and weights variant) it was read from, whose own files of the frozen
+        # components (VAE, text encoders, tokenizers) the exports carry unchanged (onestep.export.frozen)
+        self.source: os.PathLike | None = None
+        self.source_variant: str | None = None
 
     # --- construction -----------------------------------------------------------------------------------------
     def with_unet(self, unet: nn.Module, frozen: bool = True) -> Teacher:
         """This teacher (scheduler, VAE, text encoders, classes, guidance) around another UNet, frozen unless told
         (a view on a network in training)."""
-        return Teacher(unet, self.scheduler, self.vae, self.text_encoder, self.tokenizer, self.num_classes,
+        view = Teacher(unet, self.scheduler, self.vae, self.text_encoder, self.tokenizer, self.num_classes,
                        self.guidance_scale, frozen, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
                        force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+        view.source, view.source_variant = self.source, self.source_variant
+        return view
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, guidance_scale: float = 1.0,
@@ -89,10 +95,12 @@ class Teacher(nn.Module):
 
         folder = resolve_model(path, revision)
         if folder.is_file() or (folder.suffix in (".safetensors", ".ckpt") and not folder.exists()):
-            parts = load_single_file(folder, config, dtype=dtype, allow_pickle=allow_pickle)
-        else:
-            parts = load_diffusers_folder(folder, dtype=dtype, allow_pickle=allow_pickle, variant=variant)
-        return cls(**parts, guidance_scale=guidance_scale)
+            return cls(**load_single_file(folder, config, dtype=dtype, allow_pickle=allow_pickle),
+                       guidance_scale=guidance_scale)  # no component files to export as they are: saved anew
+        parts = load_diffusers_folder(folder, dtype=dtype, allow_pickle=allow_pickle, variant=variant)
+        teacher = cls(**parts, guidance_scale=guidance_scale)
+        teacher.source, teacher.source_variant = folder, variant
+        return teacher
 
     # --- shapes -----------------------------------------------------------------------------------------------
     @property

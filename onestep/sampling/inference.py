@@ -17,7 +17,7 @@ class FolderSampler:
     """Draws images in [-1, 1] for given class labels (or none) from a pipeline or teacher folder."""
 
     path: Path
-    kind: str  # "onestep" | "teacher"
+    kind: str  # "onestep" | "stock" (a one-step student as a stock diffusers folder) | "teacher"
     num_classes: int | None
     nfe: int  # network evaluations per image (guidance doubles a teacher step)
     _pipe: object = None
@@ -56,6 +56,10 @@ class FolderSampler:
                 kwargs = {"prompt": prompts}
             images = self._pipe(**kwargs, generator=generator, output_type="pt").images
             return images.float() * 2 - 1
+        if self.kind == "stock":  # its scheduler's one step is the student (onestep.export.stock)
+            images = self._pipe(prompt=prompts, num_inference_steps=1, guidance_scale=0.0, generator=generator,
+                                output_type="pt").images
+            return images.float() * 2 - 1
         from onestep.sampling.teacher import sample_teacher
 
         condition = self._teacher.condition(class_labels=labels, prompts=prompts)
@@ -71,8 +75,8 @@ class FolderSampler:
 
 def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
                  guidance_scale: float | None = None) -> FolderSampler:
-    """Open an exported OneStepPipeline folder or a teacher folder (diffusers layout; or a Hub id in the local
-    Hugging Face cache) for sampling."""
+    """Open an exported OneStepPipeline folder, its stock diffusers copy (`pipeline_diffusers/`, sampled in its one
+    step) or a teacher folder (diffusers layout; or a Hub id in the local Hugging Face cache) for sampling."""
     path = resolve_model(path)
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -97,6 +101,10 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
             pipe.register_modules(unet=merged_folder_adapter(pipe.unet, path))
         return FolderSampler(path, "onestep", pipe.config.num_classes, len(pipe.config.timesteps), _pipe=pipe,
                              is_text=getattr(pipe, "text_encoder", None) is not None)
+    from onestep.export.stock import is_one_step_stock
+
+    if is_one_step_stock(path):
+        return _stock_sampler(path)
     from onestep.models.teacher import Teacher
 
     teacher = Teacher.from_pretrained(path)
@@ -104,3 +112,15 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
     nfe = steps * (2 if scale != 1.0 and (teacher.num_classes or teacher.is_text) else 1)
     return FolderSampler(path, "teacher", teacher.num_classes, nfe, _teacher=teacher, steps=steps, sampler=sampler,
                          guidance_scale=guidance_scale, is_text=teacher.is_text)
+
+
+def _stock_sampler(path: Path) -> FolderSampler:
+    """A one-step student's stock StableDiffusion(XL)Pipeline folder, in float32 (its one step: nfe 1)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **dtype_kwargs(torch.float32))
+    except Exception as err:  # diffusers raises many types for corrupt folders
+        raise UserInputError(f"cannot load pipeline {path}: {str(err).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return FolderSampler(path, "stock", None, 1, _pipe=pipe, is_text=True)

@@ -22,8 +22,8 @@ class DenoiserOptions:
 
     unet: dict[str, Any] = field(default_factory=dict)  # UNet2DModel kwargs
     scheduler: dict[str, Any] = field(default_factory=dict)  # DDPMScheduler kwargs
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    ema_decay: float | None = 0.999
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW
+    ema_decay: float | None = 0.999  # EMA decay of the exported denoiser
     label_dropout: float = 0.1  # share of labels (captions) replaced by the null class (empty prompt) for CFG
     eval_steps: int = 10  # DDIM steps of the periodic FD evaluation
     export_dtype: str = "float32"  # float16 halves the shipped size

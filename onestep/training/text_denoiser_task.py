@@ -110,6 +110,11 @@ class TextDenoiserTraining:
                                  generator=torch.Generator(self.device).manual_seed(0))
         return to_uint8(self.teacher_view.decode(latents).clamp(-1, 1))
 
+    def sample_labels(self) -> list[str]:
+        from onestep.data.digits_t2i import grid_prompts
+
+        return grid_prompts()
+
     def export_pipeline(self, out_dir: Path) -> None:
         """A stock StableDiffusionPipeline folder (no safety checker), the VAE and UNet saved in `export_dtype`.
 

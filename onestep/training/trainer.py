@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class TrainingTask(Protocol):
     # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
     # optional: `attention_backend`, the attention implementation its networks run (onestep.models.attention); logged.
+    # optional: `sample_labels() -> list[str] | None`, the prompt of each `sample_images()` image (written under it).
     #
     # Multi-process training (`accelerate launch` / `torchrun`): every process runs the same task on its own random
     # numbers (the seed is offset by the process index), so `data.batch_size` is per process and the global batch is
@@ -65,9 +67,9 @@ class TrainingTask(Protocol):
 class TrainerConfig:
     """Loop settings (the `train:` section of a config)."""
 
-    max_steps: int = 1000
+    max_steps: int = 1000  # training steps (may be raised on a resume)
     max_minutes: float | None = None  # stop early (cleanly, with a checkpoint) after this wall time
-    seed: int = 0
+    seed: int = 0  # noise and data order (offset per process)
     # no | fp16 | bf16; unset: whatever the launcher says (`accelerate launch --mixed_precision`, accelerate config),
     # else no
     mixed_precision: str | None = None
@@ -75,20 +77,20 @@ class TrainerConfig:
     # processes); the cadence (`every`), the LR schedule and the EMA count iterations / optimizer steps, not
     # micro-batches
     gradient_accumulation_steps: int = 1
-    log_every: int = 10
+    log_every: int = 10  # steps between log.jsonl lines
     report_to: str = "none"  # none | tensorboard | wandb: accelerate's trackers, beside the JSONL log always written
     progress_every_s: float = 30.0  # when stderr is not a terminal: one progress line this often instead of a bar
     eval_every: int = 0  # 0 = only at the end
     sample_every: int = 0  # 0 = only at the end
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    max_nonfinite_in_a_row: int = 20
-    resume: bool = True
+    checkpoint_every: int = 500  # steps between checkpoints (0: at the end only)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    max_nonfinite_in_a_row: int = 20  # stop after N skipped non-finite updates
+    resume: bool = True  # continue from the newest checkpoint in output_dir
     # memory and speed (all off by default): recompute the activations of every network's blocks in the backward pass
     # instead of keeping them; compile the trained networks' forward with torch.compile and this backend
     gradient_checkpointing: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
+    compile: bool = False  # torch.compile the trained networks
+    compile_backend: str = "inductor"  # torch.compile's backend
 
 
 class _StepCounter:
@@ -316,6 +318,7 @@ class Trainer:
         self.accelerator.load_state(str(found))
         state = read_state(found)
         assert self.counter.step == state["step"]
+        self._use_configured_lrs()
         self.history = list(state.get("history", []))  # checkpoints written before it was kept: none
         try:  # a run that finished at this step also has its final evaluation, made after the checkpoint
             finished = json.loads((self.output_dir / "metrics.json").read_text())
@@ -324,6 +327,48 @@ class Trainer:
         if isinstance(finished, dict) and finished.get("step") == self.step:
             self.history = list(finished.get("history", self.history))
         return True
+
+    def _use_configured_lrs(self) -> None:
+        """The configured learning rates after a resume (the checkpoint's optimizer and schedule state hold the old
+        ones): the schedule continues at its step with the new base rate."""
+        for update in self.updates:
+            scheduler = self.lr_schedulers[update.name].scheduler  # accelerate's wrapper around the LambdaLR
+            lr = update.optimizer.lr
+            if all(base == lr for base in scheduler.base_lrs):
+                continue
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def _at_budget(self) -> str | None:
+        """Which budget a (resumed) run has already reached, if any."""
+        cfg = self.config
+        if self.step >= cfg.max_steps:
+            return f"train.max_steps={cfg.max_steps}"
+        if cfg.max_minutes is not None and self.counter.elapsed >= 60 * cfg.max_minutes:
+            return f"train.max_minutes={cfg.max_minutes}"
+        return None
+
+    def _announce_resume(self) -> dict | None:
+        """Say on the console where a resumed run continues. A run that already reached its budget says so and,
+        where its end was recorded (metrics.json at this step), returns its final metrics without recomputing them."""
+        budget = self._at_budget()
+        if budget is None:
+            self._say(f"resumed from step {self.step} of {self.config.max_steps} in {self.output_dir}")
+            return None
+        self._say(f"{self.output_dir} already reached its budget ({budget}) at step {self.step}: nothing to train; "
+                  "raise train.max_steps / train.max_minutes to continue it")
+        try:
+            finished = json.loads((self.output_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        recorded = isinstance(finished, dict) and finished.get("step") == self.step
+        return finished["final"] if recorded and isinstance(finished.get("final"), dict) else None
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"onestep: {message}", file=sys.stderr, flush=True)
 
     def evaluate(self) -> dict[str, float]:
         with self.ema_weights():
@@ -339,7 +384,8 @@ class Trainer:
         if images is not None and self.accelerator.is_main_process:
             from onestep.eval.grid import save_grid
 
-            save_grid(images, self.output_dir / name)
+            labels = self.task.sample_labels() if hasattr(self.task, "sample_labels") else None
+            save_grid(images, self.output_dir / name, labels=labels)
             log_grid(self.accelerator, "samples", images, self.step)
 
     @contextlib.contextmanager
@@ -380,8 +426,12 @@ class Trainer:
                    "num_processes": self.accelerator.num_processes,
                    "distributed_type": self.accelerator.distributed_type.value,
                    **({"attention": attention} if attention else {})})
+        if resumed:
+            finished = self._announce_resume()
+            if finished is not None:
+                return finished
         progress = Progress(cfg.max_steps, cfg.max_minutes, self.step, cfg.progress_every_s,
-                            enabled=self.accelerator.is_main_process)
+                            enabled=self.accelerator.is_main_process and self._at_budget() is None)
         start = time.perf_counter() - self.counter.elapsed
         running: dict[str, float] = {}
         while self.step < cfg.max_steps:

@@ -15,19 +15,19 @@ from onestep.errors import UserInputError
 class OptimizerConfig:
     """AdamW settings of one update (DMD2: betas (0.9, 0.999), wd 0.01; SiD: betas (0, 0.999), wd 0)."""
 
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 1e-5  # learning rate (may change on a resume)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's betas
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    eps: float = 1e-8  # AdamW's epsilon
+    warmup_steps: int = 0  # linear LR warm-up, in this update's steps
     # diffusers.optimization.get_scheduler's name: constant_with_warmup (no decay), linear (to 0, then 0), cosine
     # (half a cosine to 0), polynomial (to 1e-7, then held), ...; `warmup_steps` and `lr_decay_steps` (warmup
     # included) count training iterations, as max_steps does, whatever this update's cadence: every schedule
     # advances once per iteration, as DMD2's do (a generator updated every 5th step warms up over warmup_steps / 5
     # of its own steps)
     lr_scheduler: str = "constant_with_warmup"
-    lr_decay_steps: int | None = None
-    grad_clip: float | None = 10.0
+    lr_decay_steps: int | None = None  # see lr_scheduler
+    grad_clip: float | None = 10.0  # max gradient norm (null: no clipping)
     # bitsandbytes' 8-bit AdamW (`pip install 'onestep[bnb]'`): 2 bytes of state per parameter instead of 8
     use_8bit: bool = False
 

@@ -18,10 +18,10 @@ class VaeOptions:
     """`options:` of a VAE-training config."""
 
     vae: dict[str, Any] = field(default_factory=dict)  # AutoencoderKL kwargs
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW
     kl_weight: float = 1.0e-6  # LDM's KL-f8 weight on the summed KL (Rombach et al. 2022, appendix G)
     centre_latents: bool = False  # export with the data's mean latent folded out (see `centre_latents`)
-    export_dtype: str = "float32"
+    export_dtype: str = "float32"  # the exported VAE's dtype
 
     def validate(self) -> None:
         if self.kl_weight < 0:
