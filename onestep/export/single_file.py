@@ -189,12 +189,15 @@ def export_single_file(stock_dir: str | os.PathLike, out_file: str | os.PathLike
     temporary file beside it, renamed when complete: no second in-memory copy of an SDXL-sized file)."""
     from safetensors.torch import save_file
 
+    from onestep.files import file_mode
+
     state = original_state(stock_dir)
     index = json.loads((Path(stock_dir) / "model_index.json").read_text())
     out_file = Path(out_file)
     tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         save_file(state, tmp, metadata={"format": "pt", "diffusers_pipeline": index["_class_name"]})
+        os.chmod(tmp, file_mode())  # safetensors writes 600
         os.replace(tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)

@@ -169,7 +169,7 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
         if (pipeline_dir / LORA_ADAPTER).is_file():
             from onestep.models.lora import KOHYA_WEIGHTS, save_kohya_lora
 
-            _link_or_copy(str(pipeline_dir / LORA_ADAPTER), str(tmp / LORA_ADAPTER))
+            link_or_copy(pipeline_dir / LORA_ADAPTER, tmp / LORA_ADAPTER)
             save_kohya_lora(pipeline_dir, tmp / KOHYA_WEIGHTS)
         (tmp / "model_index.json").write_text(json.dumps(stock_index, indent=2) + "\n")
     return out_dir
