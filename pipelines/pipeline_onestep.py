@@ -99,6 +99,125 @@ def takes_added_conditions(unet: UNet2DModel | UNet2DConditionModel) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+# --- flow-matching transformers (SD3/SD3.5, FLUX.1) ----------------------------------------------------------------
+# The generator network may be an `SD3Transformer2DModel` or a `FluxTransformer2DModel` on the rectified-flow schedule
+# of a `FlowMatchEulerDiscreteScheduler`: grid time t in {0..T-1} has noise level s_t (the scheduler's training sigma
+# (t + 1) / T, shifted as its pipeline shifts it), x_t = (1 - s_t) x0 + s_t eps, the transformer predicts the velocity
+# v = eps - x0 at timestep s_t * T, so x0 = x_t - s_t v. Prompts are encoded by the diffusers pipelines' own
+# `encode_prompt`; FLUX's latents are packed into 2x2 patches with image ids as `FluxPipeline` packs them.
+FLOW_PIPELINES = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}
+
+
+def is_flow_transformer(model) -> bool:
+    """True for the flow-matching transformers onestep supports (SD3's and FLUX's)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    return isinstance(model, (SD3Transformer2DModel, FluxTransformer2DModel))
+
+
+def is_flux(model) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(model, FluxTransformer2DModel)
+
+
+def flow_sigmas(scheduler, image_seq_len: int | None = None) -> torch.Tensor:
+    """The training sigmas s_t, t = 0..T-1 (float64, increasing to 1) of a `FlowMatchEulerDiscreteScheduler`: (t+1)/T
+    shifted as its pipeline shifts them, statically (`shift`, SD3) or by the image's sequence length
+    (`use_dynamic_shifting`, FLUX: `time_shift(mu)` with `mu = calculate_shift(image_seq_len)` as `FluxPipeline`)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = scheduler.config
+    unsupported = [k for k in ("shift_terminal", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
+                               "use_beta_sigmas", "stochastic_sampling") if cfg.get(k)]
+    if unsupported:
+        raise ValueError(f"flow scheduler options not supported: {', '.join(unsupported)}")
+    T = cfg.num_train_timesteps
+    base = torch.arange(1, T + 1, dtype=torch.float64) / T
+    if cfg.get("use_dynamic_shifting"):
+        if image_seq_len is None:
+            raise ValueError("a dynamically shifted flow schedule needs the image sequence length")
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return scheduler.time_shift(mu, 1.0, base)
+    shift = cfg.shift
+    return shift * base / (1 + (shift - 1) * base)
+
+
+def flow_latent_shape(transformer, vae) -> tuple[int, int, int]:
+    """(C, H, W) of a flow transformer's latents at its default resolution (unpacked for FLUX: in_channels / 4
+    channels, the VAE's sample size over its down-scaling)."""
+    cfg = transformer.config
+    if is_flux(transformer):
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
+        return cfg.in_channels // 4, size // factor, size // factor
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    return cfg.in_channels, size, size
+
+
+def flow_image_seq_len(shape: tuple[int, ...]) -> int:
+    """Tokens of (C, H, W) latents in 2x2 patches (SD3's patch size, FLUX's packing): what FLUX's shift reads."""
+    return (shape[-2] // 2) * (shape[-1] // 2)
+
+
+def flow_prompt_pipeline(transformer, text_parts: dict):
+    """A `StableDiffusion3Pipeline` / `FluxPipeline` over these text encoders and tokenizers (no VAE, no scheduler),
+    to encode prompts with its own `encode_prompt`."""
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, FLOW_PIPELINES[type(transformer).__name__.removeprefix("FSDP")])
+    names = [n for n in inspect.signature(pipeline_cls.__init__).parameters
+             if n.startswith(("text_encoder", "tokenizer"))]
+    extra = {"image_encoder": None, "feature_extractor": None} if not is_flux(transformer) else {}
+    return pipeline_cls(transformer=transformer, scheduler=None, vae=None,
+                        **{n: text_parts.get(n) for n in names}, **extra)
+
+
+def flow_encode_prompt(transformer, text_parts: dict, prompt: list[str], device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                              torch.Tensor | None]:
+    """(prompt embeddings, pooled embeddings, FLUX's text ids or None) as the pipeline's `encode_prompt` computes them
+    (SD3: CLIP-L and CLIP-G penultimate states beside T5's, or zeros without T5; FLUX: T5 states, CLIP pooled)."""
+    pipeline = flow_prompt_pipeline(transformer, text_parts)
+    length = flow_max_sequence_length(transformer, text_parts)
+    if is_flux(transformer):
+        return pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=length)
+    embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=length)
+    return embeds, pooled, None
+
+
+def flow_max_sequence_length(transformer, text_parts: dict) -> int:
+    """T5's token count: the pipeline's default `max_sequence_length` (SD3 256, FLUX 512), at most the T5 tokenizer's
+    own maximum (the published tokenizers allow 512; a tiny test tokenizer fewer). Pass it to the stock pipeline."""
+    tokenizer = text_parts.get("tokenizer_2" if is_flux(transformer) else "tokenizer_3")
+    default = 512 if is_flux(transformer) else 256
+    return default if tokenizer is None else min(default, tokenizer.model_max_length)
+
+
+def flow_transformer_call(transformer, x_t: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                          pooled_projections: torch.Tensor, txt_ids: torch.Tensor | None = None,
+                          guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's velocity at (B, C, H, W) latents x_t and `timestep` s * T (B,), in its dtype, called as its
+    pipeline calls it: SD3 on the latents; FLUX on packed latents with image ids, `timestep / 1000` and the
+    embedded `guidance` (FLUX.1-dev), unpacked again."""
+    dtype = transformer.dtype
+    text = {"encoder_hidden_states": encoder_hidden_states.to(dtype),
+            "pooled_projections": pooled_projections.to(dtype)}
+    if not is_flux(transformer):
+        return transformer(hidden_states=x_t.to(dtype), timestep=timestep, **text, return_dict=False)[0]
+    from diffusers import FluxPipeline
+
+    b, c, h, w = x_t.shape
+    packed = FluxPipeline._pack_latents(x_t.to(dtype), b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, dtype)
+    if txt_ids is None:
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=dtype)
+    out = transformer(hidden_states=packed, timestep=timestep.to(dtype) / 1000, guidance=guidance, **text,
+                      txt_ids=txt_ids[0] if txt_ids.dim() == 3 else txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, 1)
+
+
 @dataclass
 class OneStepPipelineOutput(ImagePipelineOutput):
     """`images`, plus for a signal read-out called with `preview_timesteps` the `trajectory` {t: images of y_t}

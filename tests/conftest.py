@@ -238,3 +238,19 @@ def critic_timesteps(distiller) -> torch.Tensor:
     distiller.fake.forward = forward
     (t,) = seen
     return t
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusion3Pipeline folder (CLIP-L, CLIP-G, T5), built once per session; do not modify it."""
+    from onestep.models.tiny_folders import tiny_sd3_folder
+
+    return tiny_sd3_folder(tmp_path_factory.mktemp("sd3") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory) -> Path:
+    """A tiny FluxPipeline folder with FLUX.1-dev's embedded guidance, built once per session; do not modify it."""
+    from onestep.models.tiny_folders import tiny_flux_folder
+
+    return tiny_flux_folder(tmp_path_factory.mktemp("flux") / "teacher")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onestep.models.conditioning import Condition
-from onestep.models.schedules import VPSchedule
+from onestep.models.schedules import Schedule
 from onestep.models.unet import trainable_copy, unet_forward, unet_x0
 
 
@@ -70,7 +70,7 @@ class FakeScore(nn.Module):
     the logit from the same pass as the prediction.
     """
 
-    def __init__(self, unet: nn.Module, schedule: VPSchedule, gan_head: bool | str = False):
+    def __init__(self, unet: nn.Module, schedule: Schedule, gan_head: bool | str = False):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
@@ -92,7 +92,7 @@ class FakeScore(nn.Module):
             unet.mid_block.register_forward_hook(self._read_bottleneck)
 
     @classmethod
-    def from_teacher(cls, teacher_unet: nn.Module, schedule: VPSchedule, gan_head: bool | str = False,
+    def from_teacher(cls, teacher_unet: nn.Module, schedule: Schedule, gan_head: bool | str = False,
                      share_frozen: bool = False) -> FakeScore:
         """A float32, trainable copy of the teacher's UNet, or one sharing its frozen weights (a LoRA base)."""
         return cls(trainable_copy(teacher_unet, share_frozen), schedule, gan_head)
@@ -115,7 +115,7 @@ class FakeScore(nn.Module):
         if output == "x0":
             return unet_x0(self.unet, self.schedule, x_t, t, condition)
         if output == "raw":
-            return unet_forward(self.unet, x_t, t, condition)
+            return unet_forward(self.unet, x_t, t, condition, self.schedule)
         if output == "logits":
             return self._logits(x_t, t, condition)
         if output in ("x0+logits", "raw+logits"):
