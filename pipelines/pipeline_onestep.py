@@ -16,6 +16,12 @@ Two read-outs (`readout` in the config; folders without it are "x0"):
 Text conditioning is computed as diffusers' Stable Diffusion pipelines compute it (`encode_text`, `sdxl_time_ids`);
 onestep's Teacher calls these same functions in training, so a prompt conditions the exported student exactly as
 it conditioned the student in training.
+
+Flow students (the generator an `SD3Transformer2DModel` / `FluxTransformer2DModel`, the scheduler a
+`FlowMatchEulerDiscreteScheduler`) use rectified flow instead (see "flow-matching transformers" below): alpha_t =
+1 - s_t, sigma_t = s_t on the scheduler's shifted training grid, velocity read-out x0 = x_t - s_t v, prompts encoded
+by StableDiffusion3Pipeline's / FluxPipeline's own `encode_prompt`, and FLUX.1-dev's embedded guidance at the
+configured `embedded_guidance` (the teacher's in training). The one-step student is x0 = z - v(z, t = 1).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     SchedulerMixin,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -110,14 +118,10 @@ FLOW_PIPELINES = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTran
 
 def is_flow_transformer(model) -> bool:
     """True for the flow-matching transformers onestep supports (SD3's and FLUX's)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
     return isinstance(model, (SD3Transformer2DModel, FluxTransformer2DModel))
 
 
 def is_flux(model) -> bool:
-    from diffusers import FluxTransformer2DModel
-
     return isinstance(model, FluxTransformer2DModel)
 
 
@@ -250,17 +254,23 @@ class OneStepPipeline(DiffusionPipeline):
             call y = G(z, t_0) read out at the terminal timestep with z itself as input (see the module docstring).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                            "tokenizer_3"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
-    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel,
+                 scheduler: SchedulerMixin,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
                  timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
-                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None):
+                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                 embedded_guidance: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                              tokenizer_3=tokenizer_3)
+        if embedded_guidance is not None:  # FLUX.1-dev students: the guidance their transformer was trained at
+            self.register_to_config(embedded_guidance=float(embedded_guidance))
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1
         if readout not in READOUTS:
@@ -281,7 +291,7 @@ class OneStepPipeline(DiffusionPipeline):
     def check_timesteps(self, timesteps: list[int] | tuple[int, ...], readout: str = "x0") -> list[int]:
         """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T) (one for a signal)."""
         steps = [int(t) for t in timesteps]
-        num_train = len(self.scheduler.alphas_cumprod)
+        num_train = self.num_train_timesteps
         decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
         if not steps or not decreasing or any(not 0 <= t < num_train for t in steps):
             raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {timesteps}")
@@ -289,8 +299,34 @@ class OneStepPipeline(DiffusionPipeline):
             raise ValueError(f"a signal read-out samples in one call, at one timestep; got {timesteps}")
         return steps
 
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching transformer student (rectified flow; see the module docstring)."""
+        return is_flow_transformer(self.unet)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        if self.is_flow:
+            return self.scheduler.config.num_train_timesteps
+        return len(self.scheduler.alphas_cumprod)
+
+    def flow_sigma(self, t: int) -> torch.Tensor:
+        """s_t of a flow student, float64: the training grid at its own resolution (FLUX's shift depends on it)."""
+        return flow_sigmas(self.scheduler, flow_image_seq_len(self.sample_shape))[t]
+
+    def network(self, x: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
+        """The generator network's raw output at grid time t: a UNet at timestep t; a flow transformer at s_t * T."""
+        if self.is_flow:
+            time = (self.flow_sigma(t) * self.num_train_timesteps).float().to(x.device).expand(x.shape[0])
+            return flow_transformer_call(self.unet, x, time, **unet_kwargs)
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.unet(x.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
+
     def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` in float64."""
+        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` (flow: 1 - s_t, s_t) in float64."""
+        if self.is_flow:
+            s = self.flow_sigma(t)
+            return (1 - s).float(), s.float()
         abar = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)[t]
         return abar.sqrt().float(), (1 - abar).sqrt().float()
 
@@ -298,6 +334,8 @@ class OneStepPipeline(DiffusionPipeline):
         """x0 from the network output by the scheduler's `prediction_type`, in float32."""
         alpha, sigma = (v.to(x_t.device) for v in self.alpha_sigma(t))
         out, x = model_output.float(), x_t.float()
+        if self.is_flow:  # a velocity v = eps - x0
+            return x - sigma * out
         kind = self.scheduler.config.prediction_type
         if kind == "sample":
             return out
@@ -310,7 +348,9 @@ class OneStepPipeline(DiffusionPipeline):
     # --- generation -----------------------------------------------------------------------------------------------
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the generator's output (latents for a latent generator)."""
+        """(C, H, W) of the generator's output (latents for a latent generator; FLUX's unpacked)."""
+        if self.is_flow:
+            return flow_latent_shape(self.unet, self.vae)
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
         return cfg.in_channels, size[0], size[1]
@@ -342,6 +382,10 @@ class OneStepPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt embeddings, pooled embeddings or None), as the teacher computed them in training."""
+        if self.is_flow:
+            parts = {name: getattr(self, name) for name in ("text_encoder", "tokenizer", "text_encoder_2",
+                                                            "tokenizer_2", "text_encoder_3", "tokenizer_3")}
+            return flow_encode_prompt(self.unet, parts, prompt, self._execution_device)[:2]
         encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
                                                                     (self.text_encoder_2, self.tokenizer_2))
                     if encoder is not None]
@@ -353,7 +397,17 @@ class OneStepPipeline(DiffusionPipeline):
                     pooled_prompt_embeds: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> dict:
         """Conditioning keywords of the UNet call: class labels and/or prompt embeddings, and for SDXL-style UNets
         the pooled embeddings and the time ids of `size` (height, width in pixels; default the generator's own)
-        as `added_cond_kwargs`, in the UNet's dtype."""
+        as `added_cond_kwargs`, in the UNet's dtype. A flow transformer takes the prompt and pooled embeddings (both
+        needed) and FLUX.1-dev its embedded guidance."""
+        if self.is_flow:
+            if prompt_embeds is None or pooled_prompt_embeds is None:
+                raise ValueError("a flow transformer needs a prompt (or prompt_embeds with pooled_prompt_embeds)")
+            guidance = None
+            if getattr(self.unet.config, "guidance_embeds", False):
+                guidance = torch.full((len(prompt_embeds),), self.config.get("embedded_guidance", 3.5),
+                                      device=prompt_embeds.device, dtype=torch.float32)
+            return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds,
+                    "guidance": guidance}
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         if "encoder_hidden_states" in inspect.signature(self.unet.forward).parameters:
             cfg = self.unet.config
@@ -374,15 +428,11 @@ class OneStepPipeline(DiffusionPipeline):
 
     def predict_x0(self, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
         """One generator call at timestep t, read out as x0 in float32."""
-        timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        out = self.unet(x_t.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
-        return self.to_x0(out, x_t, t)
+        return self.to_x0(self.network(x_t, t, unet_kwargs), x_t, t)
 
     def predict_signal(self, noise: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
         """A BOOT student's y_t: the UNet on the noise itself at timestep t, read out as x0 at T-1, in float32."""
-        timestep = torch.full((noise.shape[0],), t, device=noise.device, dtype=torch.long)
-        out = self.unet(noise.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
-        return self.to_x0(out, noise, len(self.scheduler.alphas_cumprod) - 1)
+        return self.to_x0(self.network(noise, t, unet_kwargs), noise, self.num_train_timesteps - 1)
 
     def generate(self, noise: torch.Tensor, unet_kwargs: dict, timesteps: list[int],
                  generator: torch.Generator | list[torch.Generator] | None = None,
@@ -407,7 +457,7 @@ class OneStepPipeline(DiffusionPipeline):
         """Images in [-1, 1] (unclamped) from model-space samples: the VAE decodes latents when there is one."""
         if self.vae is None:
             return x0
-        latents = x0 / self.vae.config.scaling_factor
+        latents = x0 / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
     @staticmethod
@@ -480,7 +530,7 @@ class OneStepPipeline(DiffusionPipeline):
         if preview_timesteps is not None:
             if readout != "signal":
                 raise ValueError("preview_timesteps needs a signal read-out (a BOOT student)")
-            num_train = len(self.scheduler.alphas_cumprod)
+            num_train = self.num_train_timesteps
             if any(not 0 <= int(t) < num_train for t in preview_timesteps):
                 raise ValueError(f"preview_timesteps must be integers in [0, {num_train}), got {preview_timesteps}")
         labels = self.prepare_class_labels(class_labels, batch_size)

@@ -76,7 +76,9 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
-                               timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
+                               timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout,
+                               text_encoder_3=teacher.text_encoder_3, tokenizer_3=teacher.tokenizer_3,
+                               embedded_guidance=teacher.guidance_scale if teacher.embedded_guidance else None)
     out_dir = export_pipeline(pipeline, out_dir, write_extra)
     from onestep.export.stock import export_stock_pipeline
 
