@@ -95,7 +95,11 @@ def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router
                                                   vae=teacher.vae, text_encoder=teacher.text_encoder,
                                                   tokenizer=teacher.tokenizer, text_encoder_2=teacher.text_encoder_2,
                                                   tokenizer_2=teacher.tokenizer_2, timesteps=list(timesteps),
-                                                  num_classes=teacher.num_classes)
+                                                  num_classes=teacher.num_classes,
+                                                  text_encoder_3=teacher.text_encoder_3,
+                                                  tokenizer_3=teacher.tokenizer_3,
+                                                  embedded_guidance=teacher.guidance_scale
+                                                  if teacher.embedded_guidance else None)
     return export_pipeline(pipeline, out_dir)
 
 
