@@ -32,17 +32,14 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
-    FluxPipeline,
     FluxTransformer2DModel,
     ImagePipelineOutput,
     SchedulerMixin,
     SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -223,6 +220,8 @@ class MultiStudentPipeline(DiffusionPipeline):
     def flow_sigma(self, t: int) -> torch.Tensor:
         """s_t (float64) of the scheduler's training grid: (t + 1) / T shifted as its pipeline shifts it (FLUX: at the
         students' own image sequence length)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # (imports the pipelines: only for flow)
+
         cfg = self.scheduler.config
         s = torch.tensor((t + 1) / cfg.num_train_timesteps, dtype=torch.float64)
         if cfg.get("use_dynamic_shifting"):
@@ -299,6 +298,8 @@ class MultiStudentPipeline(DiffusionPipeline):
         return torch.cat(hidden, dim=-1), pooled
 
     def encode_flow_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
         flux = isinstance(self.unet_0, FluxTransformer2DModel)
         names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + ([] if flux else
                                                                                   ["text_encoder_3", "tokenizer_3"])
@@ -483,6 +484,8 @@ def flow_call(transformer: Student, x_t: torch.Tensor, timestep: torch.Tensor, e
     if not isinstance(transformer, FluxTransformer2DModel):
         return transformer(hidden_states=x_t.to(dtype), timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                            pooled_projections=pooled_projections, return_dict=False)[0]
+    from diffusers import FluxPipeline
+
     b, c, h, w = x_t.shape
     out = transformer(hidden_states=FluxPipeline._pack_latents(x_t.to(dtype), b, c, h, w),
                       timestep=timestep.to(dtype) / 1000, guidance=guidance, pooled_projections=pooled_projections,
