@@ -238,8 +238,12 @@ class OneStepPipeline(DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): the generator; class-conditional through `class_labels`
-            when it has class embeddings, text-conditional through `prompt` when it has cross-attention.
-        scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`.
+            when it has class embeddings, text-conditional through `prompt` when it has cross-attention. A flow
+            student's [`SD3Transformer2DModel`] / [`FluxTransformer2DModel`] sits in this slot too.
+        scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`
+            (a flow student's `FlowMatchEulerDiscreteScheduler`: its shifted training sigmas).
+        text_encoder_3, tokenizer_3 (*optional*): SD3's T5 encoder; embedded_guidance (`float`, *optional*):
+            FLUX.1-dev students' guidance input (the teacher's in training).
         vae ([`AutoencoderKL`], *optional*): decoder of a latent generator (`latents / scaling_factor` is decoded).
         text_encoder ([`~transformers.CLIPTextModel`], *optional*), tokenizer ([`~transformers.CLIPTokenizer`],
             *optional*): the teacher's text encoder for text-to-image generators (last hidden state, padded to the
