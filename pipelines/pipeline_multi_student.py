@@ -4,8 +4,10 @@ This file imports only torch and diffusers: every exported folder carries a copy
 diffusers (`custom_pipeline="pipeline_multi_student", trust_remote_code=True`) where onestep is not installed. It
 does not import `pipeline_onestep.py` either (each pipeline file must load alone), so it repeats the one-step
 read-out of `OneStepPipeline` (same conventions: VP discrete time, x0 read out by `prediction_type` in float32,
-images in [-1, 1] in model space, [0, 1] out) and evaluates the router from its stored config; fitting and
-validating routers is `onestep.models.routing`'s job, and the tests check both route identically.
+images in [-1, 1] in model space, [0, 1] out; flow students: rectified flow on the scheduler's shifted training grid,
+x0 = x_t - s_t v, prompts through StableDiffusion3Pipeline's / FluxPipeline's `encode_prompt`, as there) and
+evaluates the router from its stored config; fitting and validating routers is `onestep.models.routing`'s job, and
+the tests check both route identically.
 
 Storing K students: one optional component slot per student, `unet_0` ... `unet_7` (`MAX_STUDENTS`), unused slots
 saved as `[null, null]`. Each student is then a plain diffusers `UNet2DModel` / `UNet2DConditionModel` in its own
@@ -29,8 +31,10 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     SchedulerMixin,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -43,7 +47,8 @@ logger = logging.get_logger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_STUDENTS = 8
 STUDENT_SLOTS = tuple(f"unet_{k}" for k in range(MAX_STUDENTS))
-Student = UNet2DModel | UNet2DConditionModel
+Student = UNet2DModel | UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel
+FLOW_STUDENTS = (SD3Transformer2DModel, FluxTransformer2DModel)
 
 
 def route_requests(router: dict, class_labels: torch.Tensor | None,
@@ -119,21 +124,26 @@ class MultiStudentPipeline(DiffusionPipeline):
             satisfies diffusers (a parameter without default would count as a component).
     """
 
-    model_cpu_offload_seq = "->".join(("text_encoder", "text_encoder_2", *STUDENT_SLOTS, "vae"))
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", *STUDENT_SLOTS]
+    model_cpu_offload_seq = "->".join(("text_encoder", "text_encoder_2", "text_encoder_3", *STUDENT_SLOTS, "vae"))
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                            "tokenizer_3", *STUDENT_SLOTS]
 
     def __init__(self, scheduler: SchedulerMixin, unet_0: Student | None = None, unet_1: Student | None = None,
                  unet_2: Student | None = None, unet_3: Student | None = None, unet_4: Student | None = None,
                  unet_5: Student | None = None, unet_6: Student | None = None, unet_7: Student | None = None,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
                  timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
-                 router: dict | None = None, text_encoder_2=None, tokenizer_2=None):
+                 router: dict | None = None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                 tokenizer_3=None, embedded_guidance: float | None = None):
         super().__init__()
         slots = dict(zip(STUDENT_SLOTS, (unet_0, unet_1, unet_2, unet_3, unet_4, unet_5, unet_6, unet_7),
                          strict=True))
         self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, **slots)
-        students = self.check_students(list(slots.values()))
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                              tokenizer_3=tokenizer_3, **slots)
+        if embedded_guidance is not None:  # FLUX.1-dev students: the guidance their transformers were trained at
+            self.register_to_config(embedded_guidance=float(embedded_guidance))
+        students = self.check_students(list(slots.values()), vae)
         if num_classes is None and getattr(students[0].config, "num_class_embeds", None):
             num_classes = students[0].config.num_class_embeds - 1
         self.check_router(router, len(students), num_classes)
@@ -163,13 +173,13 @@ class MultiStudentPipeline(DiffusionPipeline):
         return [unet for unet in (getattr(self, name) for name in STUDENT_SLOTS) if unet is not None]
 
     @staticmethod
-    def check_students(slots: list[Student | None]) -> list[Student]:
+    def check_students(slots: list[Student | None], vae: AutoencoderKL | None = None) -> list[Student]:
         """The students, checked to fill the first K slots and to share one output shape (one VAE decodes all)."""
         students = [unet for unet in slots if unet is not None]
         if not students or any(unet is None for unet in slots[:len(students)]):
             raise ValueError(f"students must fill slots unet_0..unet_{{K-1}} without gaps, got "
                              f"{[name for name, unet in zip(STUDENT_SLOTS, slots, strict=True) if unet is not None]}")
-        shapes = {sample_shape(unet) for unet in students}
+        shapes = {sample_shape(unet, vae) for unet in students}
         if len(shapes) > 1:
             raise ValueError(f"students must share one sample shape (C, H, W), got {sorted(shapes)}")
         return students
@@ -194,14 +204,43 @@ class MultiStudentPipeline(DiffusionPipeline):
     def check_timesteps(self, timesteps: list[int] | tuple[int, ...]) -> list[int]:
         """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T)."""
         steps = [int(t) for t in timesteps]
-        num_train = len(self.scheduler.alphas_cumprod)
+        num_train = self.num_train_timesteps
         decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
         if not steps or not decreasing or any(not 0 <= t < num_train for t in steps):
             raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {timesteps}")
         return steps
 
+    @property
+    def is_flow(self) -> bool:
+        """Flow-matching transformer students (rectified flow; see the module docstring)."""
+        return isinstance(self.unet_0, FLOW_STUDENTS)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        if self.is_flow:
+            return self.scheduler.config.num_train_timesteps
+        return len(self.scheduler.alphas_cumprod)
+
+    def flow_sigma(self, t: int) -> torch.Tensor:
+        """s_t (float64) of the scheduler's training grid: (t + 1) / T shifted as its pipeline shifts it (FLUX: at the
+        students' own image sequence length)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # (imports the pipelines: only for flow)
+
+        cfg = self.scheduler.config
+        s = torch.tensor((t + 1) / cfg.num_train_timesteps, dtype=torch.float64)
+        if cfg.get("use_dynamic_shifting"):
+            _, h, w = self.sample_shape
+            mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
+                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                 cfg.get("max_shift", 1.15))
+            return self.scheduler.time_shift(mu, 1.0, s)
+        return cfg.shift * s / (1 + (cfg.shift - 1) * s)
+
     def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` in float64."""
+        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` (flow: 1 - s_t, s_t) in float64."""
+        if self.is_flow:
+            s = self.flow_sigma(t)
+            return (1 - s).float(), s.float()
         abar = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)[t]
         return abar.sqrt().float(), (1 - abar).sqrt().float()
 
@@ -209,6 +248,8 @@ class MultiStudentPipeline(DiffusionPipeline):
         """x0 from the network output by the scheduler's `prediction_type`, in float32."""
         alpha, sigma = (v.to(x_t.device) for v in self.alpha_sigma(t))
         out, x = model_output.float(), x_t.float()
+        if self.is_flow:  # a velocity v = eps - x0
+            return x - sigma * out
         kind = self.scheduler.config.prediction_type
         if kind == "sample":
             return out
@@ -238,7 +279,11 @@ class MultiStudentPipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt embeddings, pooled embeddings or None), as the teacher computed them in training (the
         arithmetic of `OneStepPipeline`'s `encode_text`: the last hidden state of one encoder; SDXL's two encoders'
-        penultimate hidden states concatenated and the second's pooled embedding)."""
+        penultimate hidden states concatenated and the second's pooled embedding); flow students: the
+        StableDiffusion3Pipeline's / FluxPipeline's own `encode_prompt`, T5 at the pipeline's default length (at most
+        its tokenizer's)."""
+        if self.is_flow:
+            return self.encode_flow_prompt(prompt)
         encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
                                                                     (self.text_encoder_2, self.tokenizer_2))
                     if encoder is not None]
@@ -256,6 +301,25 @@ class MultiStudentPipeline(DiffusionPipeline):
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
+    def encode_flow_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        flux = isinstance(self.unet_0, FluxTransformer2DModel)
+        names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + ([] if flux else
+                                                                                  ["text_encoder_3", "tokenizer_3"])
+        texts = {name: getattr(self, name) for name in names}
+        t5 = texts["tokenizer_2" if flux else "tokenizer_3"]
+        length = min(512 if flux else 256, t5.model_max_length if t5 is not None else 10**9)
+        device = self._execution_device
+        if flux:
+            pipe = FluxPipeline(transformer=self.unet_0, scheduler=None, vae=None, **texts)
+            return pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=length)[:2]
+        pipe = StableDiffusion3Pipeline(transformer=self.unet_0, scheduler=None, vae=None, image_encoder=None,
+                                        feature_extractor=None, **texts)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=length)
+        return embeds, pooled
+
     def time_ids(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """SDXL's default micro-conditioning for uncropped images of the students' resolution, (batch_size, 6)."""
         _, height, width = self.sample_shape
@@ -267,7 +331,17 @@ class MultiStudentPipeline(DiffusionPipeline):
     def unet_kwargs(self, unet: Student, class_labels: torch.Tensor | None,
                     prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None = None) -> dict:
         """Conditioning keywords of one student's call: class labels and/or prompt embeddings, and for SDXL-style
-        students the pooled embeddings and time ids (`added_cond_kwargs`), in its dtype."""
+        students the pooled embeddings and time ids (`added_cond_kwargs`), in its dtype; a flow student its prompt
+        and pooled embeddings and FLUX.1-dev's embedded guidance."""
+        if isinstance(unet, FLOW_STUDENTS):
+            if prompt_embeds is None or pooled_prompt_embeds is None:
+                raise ValueError("flow students need a prompt (or prompt_embeds with pooled_prompt_embeds)")
+            guidance = None
+            if getattr(unet.config, "guidance_embeds", False):
+                guidance = torch.full((len(prompt_embeds),), self.config.get("embedded_guidance", 3.5),
+                                      device=prompt_embeds.device, dtype=torch.float32)
+            return {"encoder_hidden_states": prompt_embeds.to(unet.dtype),
+                    "pooled_projections": pooled_prompt_embeds.to(unet.dtype), "guidance": guidance}
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         if "encoder_hidden_states" in inspect.signature(unet.forward).parameters:
             cfg = unet.config
@@ -287,10 +361,13 @@ class MultiStudentPipeline(DiffusionPipeline):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the students' output (latents for latent students)."""
-        return sample_shape(self.unet_0)
+        return sample_shape(self.unet_0, self.vae)
 
     def predict_x0(self, unet: Student, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
-        """One student call at timestep t, read out as x0 in float32."""
+        """One student call at timestep t, read out as x0 in float32 (a flow student at s_t * T, as its pipeline)."""
+        if isinstance(unet, FLOW_STUDENTS):
+            time = (self.flow_sigma(t) * self.num_train_timesteps).float().to(x_t.device).expand(x_t.shape[0])
+            return self.to_x0(flow_call(unet, x_t, time, **unet_kwargs), x_t, t)
         timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         out = unet(x_t.to(unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
         return self.to_x0(out, x_t, t)
@@ -337,7 +414,7 @@ class MultiStudentPipeline(DiffusionPipeline):
         """Images in [-1, 1] (unclamped) from model-space samples: the VAE decodes latents when there is one."""
         if self.vae is None:
             return x0
-        latents = x0 / self.vae.config.scaling_factor
+        latents = x0 / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
     @torch.no_grad()
@@ -387,9 +464,13 @@ class MultiStudentPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-def sample_shape(unet: Student) -> tuple[int, int, int]:
-    """(C, H, W) a UNet generates."""
+def sample_shape(unet: Student, vae: AutoencoderKL | None = None) -> tuple[int, int, int]:
+    """(C, H, W) a UNet generates (FLUX: unpacked latents at the VAE's sample size)."""
     cfg = unet.config
+    if isinstance(unet, FluxTransformer2DModel):
+        size = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
+        size //= 2 ** (len(vae.config.block_out_channels) - 1)
+        return cfg.in_channels // 4, size, size
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
     return cfg.in_channels, size[0], size[1]
 
@@ -397,3 +478,23 @@ def sample_shape(unet: Student) -> tuple[int, int, int]:
 def take(values: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     """The rows of a per-request tensor (None stays None)."""
     return None if values is None else values[rows]
+
+
+def flow_call(transformer: Student, x_t: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """A flow transformer's velocity at (B, C, H, W) latents, called as its pipeline calls it (FLUX: packed 2x2 with
+    image ids and zero text ids, timestep / 1000)."""
+    dtype = transformer.dtype
+    if not isinstance(transformer, FluxTransformer2DModel):
+        return transformer(hidden_states=x_t.to(dtype), timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                           pooled_projections=pooled_projections, return_dict=False)[0]
+    from diffusers import FluxPipeline
+
+    b, c, h, w = x_t.shape
+    out = transformer(hidden_states=FluxPipeline._pack_latents(x_t.to(dtype), b, c, h, w),
+                      timestep=timestep.to(dtype) / 1000, guidance=guidance, pooled_projections=pooled_projections,
+                      encoder_hidden_states=encoder_hidden_states,
+                      txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=dtype),
+                      img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, dtype),
+                      return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, 1)

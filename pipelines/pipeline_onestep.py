@@ -18,6 +18,12 @@ Two read-outs (`readout` in the config; folders without it are "x0"):
 Text conditioning is computed as diffusers' Stable Diffusion pipelines compute it (`encode_text`, `sdxl_time_ids`);
 onestep's Teacher calls these same functions in training, so a prompt conditions the exported student exactly as
 it conditioned the student in training.
+
+Flow students (the generator an `SD3Transformer2DModel` / `FluxTransformer2DModel`, the scheduler a
+`FlowMatchEulerDiscreteScheduler`) use rectified flow instead (see "flow-matching transformers" below): alpha_t =
+1 - s_t, sigma_t = s_t on the scheduler's shifted training grid, velocity read-out x0 = x_t - s_t v, prompts encoded
+by StableDiffusion3Pipeline's / FluxPipeline's own `encode_prompt`, and FLUX.1-dev's embedded guidance at the
+configured `embedded_guidance` (the teacher's in training). The one-step student is x0 = z - v(z, t = 1).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     SchedulerMixin,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -106,6 +114,121 @@ def takes_added_conditions(unet: UNet2DModel | UNet2DConditionModel) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+# --- flow-matching transformers (SD3/SD3.5, FLUX.1) ----------------------------------------------------------------
+# The generator network may be an `SD3Transformer2DModel` or a `FluxTransformer2DModel` on the rectified-flow schedule
+# of a `FlowMatchEulerDiscreteScheduler`: grid time t in {0..T-1} has noise level s_t (the scheduler's training sigma
+# (t + 1) / T, shifted as its pipeline shifts it), x_t = (1 - s_t) x0 + s_t eps, the transformer predicts the velocity
+# v = eps - x0 at timestep s_t * T, so x0 = x_t - s_t v. Prompts are encoded by the diffusers pipelines' own
+# `encode_prompt`; FLUX's latents are packed into 2x2 patches with image ids as `FluxPipeline` packs them.
+FLOW_PIPELINES = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}
+
+
+def is_flow_transformer(model) -> bool:
+    """True for the flow-matching transformers onestep supports (SD3's and FLUX's)."""
+    return isinstance(model, (SD3Transformer2DModel, FluxTransformer2DModel))
+
+
+def is_flux(model) -> bool:
+    return isinstance(model, FluxTransformer2DModel)
+
+
+def flow_sigmas(scheduler, image_seq_len: int | None = None) -> torch.Tensor:
+    """The training sigmas s_t, t = 0..T-1 (float64, increasing to 1) of a `FlowMatchEulerDiscreteScheduler`: (t+1)/T
+    shifted as its pipeline shifts them, statically (`shift`, SD3) or by the image's sequence length
+    (`use_dynamic_shifting`, FLUX: `time_shift(mu)` with `mu = calculate_shift(image_seq_len)` as `FluxPipeline`)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = scheduler.config
+    unsupported = [k for k in ("shift_terminal", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
+                               "use_beta_sigmas", "stochastic_sampling") if cfg.get(k)]
+    if unsupported:
+        raise ValueError(f"flow scheduler options not supported: {', '.join(unsupported)}")
+    T = cfg.num_train_timesteps
+    base = torch.arange(1, T + 1, dtype=torch.float64) / T
+    if cfg.get("use_dynamic_shifting"):
+        if image_seq_len is None:
+            raise ValueError("a dynamically shifted flow schedule needs the image sequence length")
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return scheduler.time_shift(mu, 1.0, base)
+    shift = cfg.shift
+    return shift * base / (1 + (shift - 1) * base)
+
+
+def flow_latent_shape(transformer, vae) -> tuple[int, int, int]:
+    """(C, H, W) of a flow transformer's latents at its default resolution (unpacked for FLUX: in_channels / 4
+    channels, the VAE's sample size over its down-scaling)."""
+    cfg = transformer.config
+    if is_flux(transformer):
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
+        return cfg.in_channels // 4, size // factor, size // factor
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    return cfg.in_channels, size, size
+
+
+def flow_image_seq_len(shape: tuple[int, ...]) -> int:
+    """Tokens of (C, H, W) latents in 2x2 patches (SD3's patch size, FLUX's packing): what FLUX's shift reads."""
+    return (shape[-2] // 2) * (shape[-1] // 2)
+
+
+def flow_prompt_pipeline(transformer, text_parts: dict):
+    """A `StableDiffusion3Pipeline` / `FluxPipeline` over these text encoders and tokenizers (no VAE, no scheduler),
+    to encode prompts with its own `encode_prompt`."""
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, FLOW_PIPELINES[type(transformer).__name__.removeprefix("FSDP")])
+    names = [n for n in inspect.signature(pipeline_cls.__init__).parameters
+             if n.startswith(("text_encoder", "tokenizer"))]
+    extra = {"image_encoder": None, "feature_extractor": None} if not is_flux(transformer) else {}
+    return pipeline_cls(transformer=transformer, scheduler=None, vae=None,
+                        **{n: text_parts.get(n) for n in names}, **extra)
+
+
+def flow_encode_prompt(transformer, text_parts: dict, prompt: list[str], device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                              torch.Tensor | None]:
+    """(prompt embeddings, pooled embeddings, FLUX's text ids or None) as the pipeline's `encode_prompt` computes them
+    (SD3: CLIP-L and CLIP-G penultimate states beside T5's, or zeros without T5; FLUX: T5 states, CLIP pooled)."""
+    pipeline = flow_prompt_pipeline(transformer, text_parts)
+    length = flow_max_sequence_length(transformer, text_parts)
+    if is_flux(transformer):
+        return pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=length)
+    embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=length)
+    return embeds, pooled, None
+
+
+def flow_max_sequence_length(transformer, text_parts: dict) -> int:
+    """T5's token count: the pipeline's default `max_sequence_length` (SD3 256, FLUX 512), at most the T5 tokenizer's
+    own maximum (the published tokenizers allow 512; a tiny test tokenizer fewer). Pass it to the stock pipeline."""
+    tokenizer = text_parts.get("tokenizer_2" if is_flux(transformer) else "tokenizer_3")
+    default = 512 if is_flux(transformer) else 256
+    return default if tokenizer is None else min(default, tokenizer.model_max_length)
+
+
+def flow_transformer_call(transformer, x_t: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                          pooled_projections: torch.Tensor, txt_ids: torch.Tensor | None = None,
+                          guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's velocity at (B, C, H, W) latents x_t and `timestep` s * T (B,), in its dtype, called as its
+    pipeline calls it: SD3 on the latents; FLUX on packed latents with image ids, `timestep / 1000` and the
+    embedded `guidance` (FLUX.1-dev), unpacked again."""
+    dtype = transformer.dtype
+    text = {"encoder_hidden_states": encoder_hidden_states.to(dtype),
+            "pooled_projections": pooled_projections.to(dtype)}
+    if not is_flux(transformer):
+        return transformer(hidden_states=x_t.to(dtype), timestep=timestep, **text, return_dict=False)[0]
+    from diffusers import FluxPipeline
+
+    b, c, h, w = x_t.shape
+    packed = FluxPipeline._pack_latents(x_t.to(dtype), b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, dtype)
+    if txt_ids is None:
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=dtype)
+    out = transformer(hidden_states=packed, timestep=timestep.to(dtype) / 1000, guidance=guidance, **text,
+                      txt_ids=txt_ids[0] if txt_ids.dim() == 3 else txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, 1)
+
+
 @dataclass
 class OneStepPipelineOutput(ImagePipelineOutput):
     """`images`, plus for a signal read-out called with `preview_timesteps` the `trajectory` {t: images of y_t}
@@ -122,8 +245,12 @@ class OneStepPipeline(DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): the generator; class-conditional through `class_labels`
-            when it has class embeddings, text-conditional through `prompt` when it has cross-attention.
-        scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`.
+            when it has class embeddings, text-conditional through `prompt` when it has cross-attention. A flow
+            student's [`SD3Transformer2DModel`] / [`FluxTransformer2DModel`] sits in this slot too.
+        scheduler ([`SchedulerMixin`]): a DDPM-family scheduler; supplies only `alphas_cumprod` and `prediction_type`
+            (a flow student's `FlowMatchEulerDiscreteScheduler`: its shifted training sigmas).
+        text_encoder_3, tokenizer_3 (*optional*): SD3's T5 encoder; embedded_guidance (`float`, *optional*):
+            FLUX.1-dev students' guidance input (the teacher's in training).
         vae ([`AutoencoderKL`], *optional*): decoder of a latent generator (`latents / scaling_factor` is decoded).
         text_encoder ([`~transformers.CLIPTextModel`], *optional*), tokenizer ([`~transformers.CLIPTokenizer`],
             *optional*): the teacher's text encoder for text-to-image generators (last hidden state, padded to the
@@ -140,17 +267,23 @@ class OneStepPipeline(DiffusionPipeline):
             `"unit"` = z itself (a generator trained on unit-variance noise at t_0, as DMD2's SDXL student).
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                            "tokenizer_3"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
-    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: SchedulerMixin,
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel,
+                 scheduler: SchedulerMixin,
                  vae: AutoencoderKL | None = None, text_encoder=None, tokenizer=None,
                  timesteps: list[int] | tuple[int, ...] = (999,), num_classes: int | None = None,
-                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None, input_scaling: str = "sigma"):
+                 readout: str = "x0", text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                 embedded_guidance: float | None = None, input_scaling: str = "sigma"):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                              tokenizer_3=tokenizer_3)
+        if embedded_guidance is not None:  # FLUX.1-dev students: the guidance their transformer was trained at
+            self.register_to_config(embedded_guidance=float(embedded_guidance))
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1
         if readout not in READOUTS:
@@ -174,7 +307,7 @@ class OneStepPipeline(DiffusionPipeline):
     def check_timesteps(self, timesteps: list[int] | tuple[int, ...], readout: str = "x0") -> list[int]:
         """`timesteps` as a list of ints, checked to be strictly decreasing within [0, T) (one for a signal)."""
         steps = [int(t) for t in timesteps]
-        num_train = len(self.scheduler.alphas_cumprod)
+        num_train = self.num_train_timesteps
         decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
         if not steps or not decreasing or any(not 0 <= t < num_train for t in steps):
             raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {timesteps}")
@@ -182,8 +315,34 @@ class OneStepPipeline(DiffusionPipeline):
             raise ValueError(f"a signal read-out samples in one call, at one timestep; got {timesteps}")
         return steps
 
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching transformer student (rectified flow; see the module docstring)."""
+        return is_flow_transformer(self.unet)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        if self.is_flow:
+            return self.scheduler.config.num_train_timesteps
+        return len(self.scheduler.alphas_cumprod)
+
+    def flow_sigma(self, t: int) -> torch.Tensor:
+        """s_t of a flow student, float64: the training grid at its own resolution (FLUX's shift depends on it)."""
+        return flow_sigmas(self.scheduler, flow_image_seq_len(self.sample_shape))[t]
+
+    def network(self, x: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
+        """The generator network's raw output at grid time t: a UNet at timestep t; a flow transformer at s_t * T."""
+        if self.is_flow:
+            time = (self.flow_sigma(t) * self.num_train_timesteps).float().to(x.device).expand(x.shape[0])
+            return flow_transformer_call(self.unet, x, time, **unet_kwargs)
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.unet(x.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
+
     def alpha_sigma(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` in float64."""
+        """(alpha_t, sigma_t) as float32 scalars, computed from `alphas_cumprod` (flow: 1 - s_t, s_t) in float64."""
+        if self.is_flow:
+            s = self.flow_sigma(t)
+            return (1 - s).float(), s.float()
         abar = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)[t]
         return abar.sqrt().float(), (1 - abar).sqrt().float()
 
@@ -191,6 +350,8 @@ class OneStepPipeline(DiffusionPipeline):
         """x0 from the network output by the scheduler's `prediction_type`, in float32."""
         alpha, sigma = (v.to(x_t.device) for v in self.alpha_sigma(t))
         out, x = model_output.float(), x_t.float()
+        if self.is_flow:  # a velocity v = eps - x0
+            return x - sigma * out
         kind = self.scheduler.config.prediction_type
         if kind == "sample":
             return out
@@ -203,7 +364,9 @@ class OneStepPipeline(DiffusionPipeline):
     # --- generation -----------------------------------------------------------------------------------------------
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the generator's output (latents for a latent generator)."""
+        """(C, H, W) of the generator's output (latents for a latent generator; FLUX's unpacked)."""
+        if self.is_flow:
+            return flow_latent_shape(self.unet, self.vae)
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
         return cfg.in_channels, size[0], size[1]
@@ -235,6 +398,10 @@ class OneStepPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt embeddings, pooled embeddings or None), as the teacher computed them in training."""
+        if self.is_flow:
+            parts = {name: getattr(self, name) for name in ("text_encoder", "tokenizer", "text_encoder_2",
+                                                            "tokenizer_2", "text_encoder_3", "tokenizer_3")}
+            return flow_encode_prompt(self.unet, parts, prompt, self._execution_device)[:2]
         encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
                                                                     (self.text_encoder_2, self.tokenizer_2))
                     if encoder is not None]
@@ -246,7 +413,17 @@ class OneStepPipeline(DiffusionPipeline):
                     pooled_prompt_embeds: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> dict:
         """Conditioning keywords of the UNet call: class labels and/or prompt embeddings, and for SDXL-style UNets
         the pooled embeddings and the time ids of `size` (height, width in pixels; default the generator's own)
-        as `added_cond_kwargs`, in the UNet's dtype."""
+        as `added_cond_kwargs`, in the UNet's dtype. A flow transformer takes the prompt and pooled embeddings (both
+        needed) and FLUX.1-dev its embedded guidance."""
+        if self.is_flow:
+            if prompt_embeds is None or pooled_prompt_embeds is None:
+                raise ValueError("a flow transformer needs a prompt (or prompt_embeds with pooled_prompt_embeds)")
+            guidance = None
+            if getattr(self.unet.config, "guidance_embeds", False):
+                guidance = torch.full((len(prompt_embeds),), self.config.get("embedded_guidance", 3.5),
+                                      device=prompt_embeds.device, dtype=torch.float32)
+            return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds,
+                    "guidance": guidance}
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         if "encoder_hidden_states" in inspect.signature(self.unet.forward).parameters:
             cfg = self.unet.config
@@ -267,15 +444,11 @@ class OneStepPipeline(DiffusionPipeline):
 
     def predict_x0(self, x_t: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
         """One generator call at timestep t, read out as x0 in float32."""
-        timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        out = self.unet(x_t.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
-        return self.to_x0(out, x_t, t)
+        return self.to_x0(self.network(x_t, t, unet_kwargs), x_t, t)
 
     def predict_signal(self, noise: torch.Tensor, t: int, unet_kwargs: dict) -> torch.Tensor:
         """A BOOT student's y_t: the UNet on the noise itself at timestep t, read out as x0 at T-1, in float32."""
-        timestep = torch.full((noise.shape[0],), t, device=noise.device, dtype=torch.long)
-        out = self.unet(noise.to(self.unet.dtype), timestep, **unet_kwargs, return_dict=False)[0]
-        return self.to_x0(out, noise, len(self.scheduler.alphas_cumprod) - 1)
+        return self.to_x0(self.network(noise, t, unet_kwargs), noise, self.num_train_timesteps - 1)
 
     def generate(self, noise: torch.Tensor, unet_kwargs: dict, timesteps: list[int],
                  generator: torch.Generator | list[torch.Generator] | None = None,
@@ -300,7 +473,7 @@ class OneStepPipeline(DiffusionPipeline):
         """Images in [-1, 1] (unclamped) from model-space samples: the VAE decodes latents when there is one."""
         if self.vae is None:
             return x0
-        latents = x0 / self.vae.config.scaling_factor
+        latents = x0 / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
 
     @staticmethod
@@ -374,7 +547,7 @@ class OneStepPipeline(DiffusionPipeline):
         if preview_timesteps is not None:
             if readout != "signal":
                 raise ValueError("preview_timesteps needs a signal read-out (a BOOT student)")
-            num_train = len(self.scheduler.alphas_cumprod)
+            num_train = self.num_train_timesteps
             if any(not 0 <= int(t) < num_train for t in preview_timesteps):
                 raise ValueError(f"preview_timesteps must be integers in [0, {num_train}), got {preview_timesteps}")
         labels = self.prepare_class_labels(class_labels, batch_size)

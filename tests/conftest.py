@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import string
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
+from onestep.models import tiny_folders
 from onestep.models.teacher import Teacher
+from onestep.models.tiny_folders import save_folder
 
 
 # Tiny models run fastest on one thread without oneDNN (its per-shape kernel builds dominate at this size),
 # and a single thread does not fight a training job running beside the tests.
 torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
-
-
-def save_folder(out_dir, pipeline_class: str, index_config: dict | None = None, **components) -> None:
-    """A diffusers model folder (model_index.json + one subfolder per component) for loading tests;
-    `index_config` adds pipeline config keys to model_index.json (e.g. force_zeros_for_empty_prompt)."""
-    import diffusers
-
-    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__, **(index_config or {})}
-    for name, component in components.items():
-        component.save_pretrained(out_dir / name)
-        index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
-    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def tiny_unet(num_classes: int | None = 3, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
@@ -65,22 +53,7 @@ def scheduler(prediction_type: str = "v_prediction", zero_snr: bool = True) -> D
 def tiny_clip(tmp_path, projection_dim: int | None = None, seed: int = 0):
     """A 1-layer CLIP text encoder and a CLIP tokenizer over a hand-made vocabulary (letters, 'cat', 'dog'); with
     `projection_dim` a `CLIPTextModelWithProjection` (SDXL's second encoder, giving a pooled embedding)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
-    for token in [c + "</w>" for c in string.ascii_lowercase] + ["ca", "cat</w>", "do", "dog</w>",
-                                                                   "<|startoftext|>", "<|endoftext|>"]:
-        vocab[token] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8)
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"],
-                            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-                            projection_dim=projection_dim or 16)
-    model_cls = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
-    return model_cls(config).eval(), tokenizer
+    return tiny_folders.tiny_clip(tmp_path, projection_dim, seed)
 
 
 def tiny_sdxl_unet(cross_dim: int = 32, pooled_dim: int = 8, time_dim: int = 8, seed: int = 0) -> UNet2DConditionModel:
@@ -248,3 +221,19 @@ def critic_timesteps(distiller) -> torch.Tensor:
     distiller.fake.forward = forward
     (t,) = seen
     return t
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusion3Pipeline folder (CLIP-L, CLIP-G, T5), built once per session; do not modify it."""
+    from onestep.models.tiny_folders import tiny_sd3_folder
+
+    return tiny_sd3_folder(tmp_path_factory.mktemp("sd3") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory) -> Path:
+    """A tiny FluxPipeline folder with FLUX.1-dev's embedded guidance, built once per session; do not modify it."""
+    from onestep.models.tiny_folders import tiny_flux_folder
+
+    return tiny_flux_folder(tmp_path_factory.mktemp("flux") / "teacher")

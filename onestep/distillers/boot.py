@@ -29,7 +29,7 @@ from torch import nn
 from onestep.distillers.base import Distiller
 from onestep.models.conditioning import Condition
 from onestep.models.lora import LoRAConfig
-from onestep.models.schedules import VPSchedule
+from onestep.models.schedules import Schedule
 from onestep.models.unet import unet_forward
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 
@@ -48,7 +48,7 @@ def training_grid(num_steps: int, num_train_timesteps: int) -> torch.Tensor:
     return torch.linspace(0, num_train_timesteps - 1, num_steps + 1, dtype=torch.float64).round().long()
 
 
-def signal_step_size(schedule: VPSchedule, t: torch.Tensor, s: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+def signal_step_size(schedule: Schedule, t: torch.Tensor, s: torch.Tensor, ndim: int = 4) -> torch.Tensor:
     """delta' = 1 - (sigma_s alpha_t) / (alpha_s sigma_t) of the DDIM step t -> s < t, in float64, returned float32.
 
     Safe for every grid pair: sigma_t > 0 for t >= 1 and alpha_s > 0 for s < T-1; alpha_t = 0 (zero terminal SNR)
@@ -97,9 +97,9 @@ class SignalGenerator(nn.Module):
     at T-1 at all and is refused.
     """
 
-    def __init__(self, unet: nn.Module, schedule: VPSchedule):
+    def __init__(self, unet: nn.Module, schedule: Schedule):
         super().__init__()
-        if schedule.prediction_type == "epsilon" and schedule.alphas_cumprod[-1] == 0:
+        if schedule.prediction_type == "epsilon" and schedule.alpha(schedule.num_train_timesteps - 1, 1) == 0:
             raise ValueError("BOOT needs the teacher's x0 read-out at T-1, which an epsilon-prediction teacher with "
                              "zero terminal SNR does not have (use a v-prediction teacher)")
         self.unet = unet
@@ -109,7 +109,7 @@ class SignalGenerator(nn.Module):
 
     def forward(self, noise: torch.Tensor, condition: Condition, t: torch.Tensor | int = 0) -> torch.Tensor:
         """y_t = g(eps, t, c) in float32; `t` is one timestep or one per sample."""
-        out = unet_forward(self.unet, noise, torch.as_tensor(t, device=noise.device), condition)
+        out = unet_forward(self.unet, noise, torch.as_tensor(t, device=noise.device), condition, self.schedule)
         return self.schedule.to_x0(out, noise, torch.tensor(self.terminal, device=noise.device))
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ Checkpoints load strictly (the public code's strict=False silently loaded nothin
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -112,11 +113,12 @@ def record_degradation_path(distiller, options: BacktrackOptions, out_dir: Path)
     _save_state(teacher.unet, out_dir / names[0], next(teacher.unet.parameters()).dtype)
     unet = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
     optimizer = make_optimizer(list(unet.parameters()), options.path_optimizer)
+    raw = functools.partial(unet_forward, unet, schedule=teacher.schedule)
     for i in range(1, options.num_checkpoints + 1):
         for _ in range(options.steps_per_checkpoint):
             with torch.no_grad():
                 x0, _, condition = distiller.draw(distiller.generator)
-            loss = denoising_loss(lambda x, t, c: unet_forward(unet, x, t, c), teacher.schedule, x0, condition)
+            loss = denoising_loss(raw, teacher.schedule, x0, condition)
             optimizer.zero_grad(set_to_none=True)
             loss.mean().backward()
             if options.path_optimizer.grad_clip:

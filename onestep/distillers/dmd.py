@@ -18,7 +18,7 @@ import torch
 from onestep.distillers.base import Distiller
 from onestep.distillers.regression import PairedRegression, RegressionOptions
 from onestep.models.conditioning import Condition
-from onestep.models.critics import FakeScore, gan_discriminator_loss, gan_generator_loss
+from onestep.models.critics import DEFAULT_DEPTHS, FakeScore, gan_discriminator_loss, gan_generator_loss
 from onestep.models.denoising import denoising_loss, sample_timesteps
 from onestep.models.generator import INPUT_SCALINGS
 from onestep.models.lora import LoRAConfig
@@ -61,12 +61,16 @@ class DMDOptions:
     gan_critic_weight: float = 1e-2  # the GAN term in the critic loss
     # the GAN's noise t ~ U[0, gan_t_max T): DMD2's diffusion_gan_max_timestep / T; 0 = the clean sample at t = 0
     gan_t_max: float = 1.0
+    # a flow transformer's GAN head reads the blocks at these fractional depths (FastGen: ~50/75/99%); UNets: mid block
+    gan_depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
     regression: RegressionOptions = field(default_factory=RegressionOptions)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
     def validate(self) -> None:
         if not 0.0 <= self.dm_t_min < self.dm_t_max <= 1.0:
             raise ValueError(f"need 0 <= dm_t_min < dm_t_max <= 1, got {self.dm_t_min}, {self.dm_t_max}")
+        if not self.gan_depths or any(not 0 < d <= 1 for d in self.gan_depths):
+            raise ValueError(f"gan_depths must be fractions in (0, 1], got {self.gan_depths}")
         if not 0.0 <= self.gan_t_max <= 1.0:
             raise ValueError(f"gan_t_max must be in [0, 1], got {self.gan_t_max}")
         if self.generator_input not in INPUT_SCALINGS:
@@ -99,7 +103,7 @@ class DMD(Distiller):
         super().__init__(teacher, options, conditions, judge, options.generator_timesteps, batch_size,
                          options.generator_input)
         self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule, gan_head=options.gan,
-                                            share_frozen=self.shares_base(critic=True))
+                                            share_frozen=self.shares_base(critic=True), gan_depths=options.gan_depths)
         if options.gan and real is None:
             raise ValueError("the GAN term needs real images (data.name digits, image_folder or dataset)")
         self.real = real

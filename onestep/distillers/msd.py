@@ -97,6 +97,9 @@ class MSD(DMD):
 
     def __init__(self, teacher, options: MSDOptions, conditions: ConditionSampler | None = None, judge=None,
                  batch_size: int = 64, real=None, regression_cache=None):
+        if teacher.is_flow and (options.student_channels or options.student_init):
+            raise ValueError("smaller MSD students (student_channels, student_init) are UNets; a flow-transformer "
+                             "teacher's students are copies of it")
         if options.student is None:
             raise ValueError("an msd run trains one student: set options.student (or train all with `onestep train`)")
         conditions = conditions or class_conditions(teacher)

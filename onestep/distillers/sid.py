@@ -90,7 +90,7 @@ class SiD(Distiller):
     options_cls = SiDOptions
 
     def __init__(self, teacher, options: SiDOptions, conditions=None, judge=None, batch_size: int = 64, **_unused):
-        t_init = int(teacher.schedule.timestep_for_ve_sigma(options.init_ve_sigma))
+        t_init = teacher.schedule.generator_timestep(options.init_ve_sigma)
         super().__init__(teacher, options, conditions, judge, [t_init], batch_size)
         self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule,
                                             share_frozen=self.shares_base(critic=True))

@@ -28,7 +28,7 @@ import torch
 
 from onestep.distillers.sid import SiD, SiDOptions, sid_loss, sid_normaliser
 from onestep.models.conditioning import Condition
-from onestep.models.critics import GAN_HEADS, FakeScore, gan_discriminator_loss, gan_generator_loss
+from onestep.models.critics import DEFAULT_DEPTHS, GAN_HEADS, FakeScore, gan_discriminator_loss, gan_generator_loss
 from onestep.models.denoising import denoising_loss, sample_timesteps
 from onestep.models.unet import call_frozen
 from onestep.training.updates import LossOutput, OptimizerConfig
@@ -45,11 +45,15 @@ class SiDAOptions(SiDOptions):
     # no generator gradient clipping (the official loop clips only the fake score's)
     generator_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0, grad_clip=None))
+    # a flow transformer's head reads the blocks at these fractional depths (a UNet: its encoder's last features)
+    gan_depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
 
     def validate(self) -> None:
         super().validate()
         if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
             raise ValueError("gan_generator_weight and gan_critic_weight must be >= 0")
+        if not self.gan_depths or any(not 0 < d <= 1 for d in self.gan_depths):
+            raise ValueError(f"gan_depths must be fractions in (0, 1], got {self.gan_depths}")
         if self.gan_head not in GAN_HEADS:
             raise ValueError(f"gan_head must be one of {', '.join(GAN_HEADS)}, got {self.gan_head!r}")
         if self.fake_guidance != 1.0 or self.fake_train_guidance != 1.0:
@@ -80,7 +84,8 @@ class SiDA(SiD):
         if real is None:
             raise ValueError("sida's discriminator needs real images (data.name digits, image_folder or dataset)")
         self.real = real
-        self.fake = FakeScore(self.fake.unet, teacher.schedule, gan_head=options.gan_head)
+        self.fake = FakeScore(self.fake.unet, teacher.schedule, gan_head=options.gan_head,
+                              gan_depths=options.gan_depths)
         self._logits: torch.Tensor | None = None  # the generator pass's D(x_t), read with mu_fake
 
     def frozen_fake(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:

@@ -87,6 +87,8 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout,
+                               text_encoder_3=teacher.text_encoder_3, tokenizer_3=teacher.tokenizer_3,
+                               embedded_guidance=teacher.guidance_scale if teacher.embedded_guidance else None,
                                input_scaling=getattr(generator, "input_scaling", "sigma"))  # BOOT's has none
     out_dir = export_pipeline(pipeline, out_dir, write_extra)
     from onestep.export.stock import export_stock_pipeline
@@ -111,7 +113,11 @@ def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router
                                                   vae=teacher.vae, text_encoder=teacher.text_encoder,
                                                   tokenizer=teacher.tokenizer, text_encoder_2=teacher.text_encoder_2,
                                                   tokenizer_2=teacher.tokenizer_2, timesteps=list(timesteps),
-                                                  num_classes=teacher.num_classes)
+                                                  num_classes=teacher.num_classes,
+                                                  text_encoder_3=teacher.text_encoder_3,
+                                                  tokenizer_3=teacher.tokenizer_3,
+                                                  embedded_guidance=teacher.guidance_scale
+                                                  if teacher.embedded_guidance else None)
     return export_pipeline(pipeline, out_dir, functools.partial(use_original_components, teacher))
 
 

@@ -1,4 +1,4 @@
-"""SD-family one-step students as stock diffusers pipelines: no custom code, no `trust_remote_code`.
+"""SD-family and flow one-step students as stock diffusers pipelines: no custom code, no `trust_remote_code`.
 
 An exported text-to-image `OneStepPipeline` folder (one read-out timestep t0, x0 read-out, a VAE and CLIP text
 encoder(s)) is also written as a `StableDiffusionPipeline` / `StableDiffusionXLPipeline` folder whose scheduler's one
@@ -24,6 +24,13 @@ LCM and DDIM feed z unscaled, so they are the student only where sigma_t0 = 1; E
   latents / sqrt(s^2 + 1) is z itself, and the Euler step lands on the same x0 read-out (DMD2's README loads its
   student with LCMScheduler and `timesteps=[399]`, which also feeds z; the Euler folder needs no call-time argument).
 
+Flow students (SD3 / FLUX transformers, read out at t = 1 from pure noise): `StableDiffusion3Pipeline` /
+`FluxPipeline` with the teacher's own `FlowMatchEulerDiscreteScheduler`, whose one step (num_inference_steps=1) runs
+the transformer at sigma 1 (timestep 1000) on the noise z and steps to sigma 0: x0 = z - v, the student's read-out.
+SD3 is called without CFG (`guidance_scale` <= 1); FLUX.1-dev at the embedded guidance the student was trained at
+(`guidance_scale`, the folder's `embedded_guidance`); T5's `max_sequence_length` as OneStepPipeline encodes (the
+pipeline's default, at most the T5 tokenizer's `model_max_length`).
+
 The stock folder shares the exported weights (hard links where the file system allows, else copies), whose VAE,
 text encoders and tokenizers are the teacher folder's own files whatever `teacher.dtype` (onestep.export.frozen):
 only `model_index.json` and `scheduler/` are its own, and float32 copies of components whose files on disk are
@@ -46,6 +53,7 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, LCMScheduler, SchedulerMixin
 
 from onestep.files import atomic_folder, link_or_copy
+from onestep.pipelines.pipeline_onestep import FLOW_PIPELINES, flow_image_seq_len, flow_latent_shape
 
 
 STOCK_SUFFIX = "_diffusers"
@@ -139,6 +147,8 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
     and the same LoRA applied to the stock teacher, with this folder's one-step scheduler, gives it too."""
     pipeline_dir = Path(pipeline_dir)
     index = json.loads((pipeline_dir / "model_index.json").read_text())
+    if (index.get("unet") or [None, None])[1] in FLOW_PIPELINES:
+        return export_stock_flow_pipeline(pipeline_dir, index, out_dir)
     text_to_image = all((index.get(name) or [None])[0] for name in ("vae", "text_encoder", "tokenizer"))
     if (index.get("_class_name") != "OneStepPipeline" or not text_to_image or index.get("readout", "x0") != "x0"
             or len(index.get("timesteps", [])) != 1 or index.get("num_classes") is not None):
@@ -160,16 +170,73 @@ def export_stock_pipeline(pipeline_dir: str | os.PathLike, out_dir: str | os.Pat
         stock_index.update(safety_checker=[None, None], requires_safety_checker=False)
     out_dir = Path(out_dir) if out_dir is not None else stock_folder(pipeline_dir)
     with atomic_folder(out_dir) as tmp:
-        for name in components:
-            if name.startswith("tokenizer") or not _half_precision(pipeline_dir / name):
-                shutil.copytree(pipeline_dir / name, tmp / name, copy_function=link_or_copy)
-            else:  # a half-precision teacher's VAE / text encoder beside the float32 generator (see above)
-                _save_float32(pipeline_dir / name, tmp / name, *index[name])
+        _copy_components(pipeline_dir, tmp, index, {name: name for name in components})
         scheduler.save_pretrained(tmp / "scheduler")
         if (pipeline_dir / LORA_ADAPTER).is_file():
             from onestep.models.lora import KOHYA_WEIGHTS, save_kohya_lora
 
             link_or_copy(pipeline_dir / LORA_ADAPTER, tmp / LORA_ADAPTER)
             save_kohya_lora(pipeline_dir, tmp / KOHYA_WEIGHTS)
+        (tmp / "model_index.json").write_text(json.dumps(stock_index, indent=2) + "\n")
+    return out_dir
+
+
+def _copy_components(pipeline_dir: Path, tmp: Path, index: dict, names: dict[str, str]) -> None:
+    """Each component folder `names[stock name] = exported name` into the stock folder: linked, or as a float32 copy
+    where the exported one is half precision."""
+    for stock_name, name in names.items():
+        if name.startswith("tokenizer") or not _half_precision(pipeline_dir / name):
+            shutil.copytree(pipeline_dir / name, tmp / stock_name, copy_function=link_or_copy)
+        else:  # a half-precision teacher's VAE / text encoder beside the float32 generator (see above)
+            _save_float32(pipeline_dir / name, tmp / stock_name, *index[name])
+
+
+def flow_one_step_scheduler(config: dict, image_seq_len: int):
+    """The teacher's FlowMatchEulerDiscreteScheduler if its one step starts at sigma 1 as the pipelines set it
+    (SD3: num_inference_steps=1; FLUX: sigmas [1.0] at `mu` of `image_seq_len` tokens), else None."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    if scheduler.config.use_dynamic_shifting:
+        mu = calculate_shift(image_seq_len, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
+                             scheduler.config.base_shift, scheduler.config.max_shift)
+        scheduler.set_timesteps(sigmas=[1.0], mu=mu)
+    else:
+        scheduler.set_timesteps(1)
+    return scheduler if scheduler.sigmas.tolist() == [1.0, 0.0] else None
+
+
+def export_stock_flow_pipeline(pipeline_dir: Path, index: dict,
+                               out_dir: str | os.PathLike | None = None) -> Path | None:
+    """The stock `StableDiffusion3Pipeline` / `FluxPipeline` folder of an exported flow student read out at t = 1
+    (the last grid time) in one step; None for a few-step student, a LoRA adapter kept beside the base, or a
+    scheduler whose one step does not start at sigma 1."""
+    config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    last = config.get("num_train_timesteps", 1000) - 1
+    adapter = (pipeline_dir / LORA_ADAPTER).exists()
+    if index.get("readout", "x0") != "x0" or index.get("timesteps") != [last] or adapter:
+        return None
+    transformer_cls = getattr(diffusers, index["unet"][1])
+    with torch.device("meta"):  # the configs only: the latent shape
+        transformer = transformer_cls.from_config(transformer_cls.load_config(pipeline_dir / "unet"))
+    vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(pipeline_dir / "vae"))
+    if flow_one_step_scheduler(config, flow_image_seq_len(flow_latent_shape(transformer, vae))) is None:
+        return None
+    pipeline_class = FLOW_PIPELINES[index["unet"][1]]
+    texts = [f"{kind}{suffix}" for suffix in ("", "_2", "_3") for kind in ("text_encoder", "tokenizer")]
+    present = [name for name in ("vae", *texts) if (index.get(name) or [None])[0]]
+    if pipeline_class == "FluxPipeline":  # FLUX's second text encoder is T5; a third would be no FLUX folder
+        present = [name for name in present if not name.endswith("_3")]
+    stock_index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
+                   "transformer": index["unet"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                   **{name: index[name] for name in present}, "image_encoder": [None, None],
+                   "feature_extractor": [None, None]}
+    if pipeline_class == "StableDiffusion3Pipeline":
+        stock_index.update({name: [None, None] for name in ("text_encoder_3", "tokenizer_3") if name not in present})
+    out_dir = Path(out_dir) if out_dir is not None else stock_folder(pipeline_dir)
+    with atomic_folder(out_dir) as tmp:
+        _copy_components(pipeline_dir, tmp, index, {"transformer": "unet", **{name: name for name in present}})
+        shutil.copytree(pipeline_dir / "scheduler", tmp / "scheduler", copy_function=link_or_copy)
         (tmp / "model_index.json").write_text(json.dumps(stock_index, indent=2) + "\n")
     return out_dir

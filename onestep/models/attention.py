@@ -14,8 +14,10 @@ from diffusers.models.attention_processor import (
     AttnAddedKVProcessor2_0,
     AttnProcessor,
     AttnProcessor2_0,
+    JointAttnProcessor2_0,
     XFormersAttnAddedKVProcessor,
     XFormersAttnProcessor,
+    XFormersJointAttnProcessor,
 )
 from diffusers.utils import is_xformers_available
 from torch import nn
@@ -26,11 +28,13 @@ from onestep.models.networks import reachable_modules
 
 BACKENDS = ("auto", "sdpa", "xformers", "eager")
 
-# One row per kind of attention layer (plain self/cross attention; UnCLIP-style added key/value projections): the
-# processor class of each backend. A layer keeps its kind, only its kernel changes.
+# One row per kind of attention layer (plain self/cross attention; UnCLIP-style added key/value projections; SD3's
+# joint attention, which has no eager kernel): the processor class of each backend. A layer keeps its kind, only its
+# kernel changes. FLUX's attention layers are not diffusers `Attention` modules: they keep their own (SDPA) kernel.
 _PROCESSORS: tuple[dict[str, type], ...] = (
     {"eager": AttnProcessor, "sdpa": AttnProcessor2_0, "xformers": XFormersAttnProcessor},
     {"eager": AttnAddedKVProcessor, "sdpa": AttnAddedKVProcessor2_0, "xformers": XFormersAttnAddedKVProcessor},
+    {"sdpa": JointAttnProcessor2_0, "xformers": XFormersJointAttnProcessor},
 )
 
 
@@ -79,6 +83,9 @@ def _processor(layer: Attention, backend: str) -> object:
     current = type(layer.processor)
     for kinds in _PROCESSORS:
         if current in kinds.values():
+            if backend not in kinds:
+                raise UserInputError(f"attention processor {current.__name__} has no {backend} kernel; use "
+                                     f"attention={' or '.join(kinds)}")
             return kinds[backend]()
     raise UserInputError(f"attention processor {current.__name__} is not one onestep can swap "
                          f"(it knows {', '.join(c.__name__ for kinds in _PROCESSORS for c in kinds.values())})")

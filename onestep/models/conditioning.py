@@ -1,5 +1,5 @@
-"""What a UNet is conditioned on: class labels, text embeddings and SDXL's added conditions, batched like the images
-they go with."""
+"""What a denoiser is conditioned on: class labels, text embeddings, SDXL's added conditions, and a flow transformer's
+pooled embeddings, FLUX's text ids and embedded guidance, batched like the images they go with."""
 
 from __future__ import annotations
 
@@ -19,12 +19,18 @@ class Condition:
     `class_labels` (N,) class indices; `encoder_hidden_states` (N, L, D) text embeddings for cross-attention;
     SDXL adds `text_embeds` (N, D') the pooled embedding of its second text encoder and `time_ids` (N, 6) the
     (original height, width, crop top, left, target height, width) of the training images.
+
+    Flow transformers (SD3, FLUX) take `encoder_hidden_states` and the pooled embedding `text_embeds` (their
+    `pooled_projections`); FLUX adds `txt_ids` (N, L, 3), its text position ids (one row per sample here; the
+    transformer takes one (L, 3)), and FLUX.1-dev `guidance` (N,), the embedded guidance scale.
     """
 
     class_labels: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    txt_ids: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def _map(self, fn) -> Condition:
         return Condition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -64,3 +70,11 @@ class Condition:
         present = {f.name: cast(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
         added = {name: present.pop(name) for name in ADDED_CONDITIONS if name in present}
         return {**present, "added_cond_kwargs": added} if added else present
+
+    def flow_kwargs(self) -> dict:
+        """Keywords of `flow_transformer_call` (SD3 / FLUX transformers): text states, pooled embedding, FLUX's ids
+        and embedded guidance."""
+        if self.encoder_hidden_states is None or self.text_embeds is None:
+            raise ValueError("a flow transformer needs prompt embeddings and pooled embeddings")
+        return {"encoder_hidden_states": self.encoder_hidden_states, "pooled_projections": self.text_embeds,
+                "txt_ids": self.txt_ids, "guidance": self.guidance}

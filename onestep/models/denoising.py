@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from onestep.models.conditioning import Condition
-from onestep.models.schedules import VPSchedule
+from onestep.models.schedules import Schedule
 
 
 def sample_timesteps(batch: int, low: int, high: int, device: torch.device | str) -> torch.Tensor:
@@ -15,7 +15,7 @@ def sample_timesteps(batch: int, low: int, high: int, device: torch.device | str
     return torch.randint(low, high, (batch,), device=device)
 
 
-def denoising_loss(net: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], schedule: VPSchedule,
+def denoising_loss(net: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], schedule: Schedule,
                    x0: torch.Tensor, condition: Condition, t: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample MSE between a network's raw output and its parameterisation's target (DDPM eq. 14 / v-loss).

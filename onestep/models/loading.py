@@ -16,8 +16,11 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 BUILTIN = {"builtin:digits": Path(__file__).parent.parent / "assets" / "digits_teacher",
            "builtin:digits-t2i": Path(__file__).parent.parent / "assets" / "digits_t2i_teacher"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
-# the (text encoder, tokenizer) subfolders of a diffusers folder: SD 1.x/2.x have the first, SDXL both
-TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+# the (text encoder, tokenizer) subfolders of a diffusers folder: SD 1.x/2.x have the first, SDXL and FLUX two, SD3
+# three (its T5 optional)
+TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+# the flow-transformer pipelines a teacher folder may be (their denoiser lives in transformer/, not unet/)
+FLOW_TEACHERS = ("StableDiffusion3Pipeline", "FluxPipeline")
 
 
 # the weight dtypes a config may name (teacher.dtype, DisBack's path_dtype)
@@ -159,17 +162,28 @@ def check_added_conditions(parts: dict, path: Path) -> None:
                              "(original size, crop, target size), not a refiner's aesthetic score")
 
 
+def denoiser_folder(path: Path) -> str:
+    """`unet`, or `transformer` for the flow pipelines onestep takes (StableDiffusion3Pipeline, FluxPipeline); any
+    other transformer pipeline is refused with one line."""
+    if not (path / "transformer").is_dir() or (path / "unet").is_dir():
+        return "unet"
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    name = index.get("_class_name")
+    if name not in FLOW_TEACHERS:
+        raise UserInputError(f"{path}: {name or 'this transformer pipeline'} is not supported as a teacher; onestep "
+                             f"takes UNet folders and the flow transformers of {' and '.join(FLOW_TEACHERS)}")
+    return "transformer"
+
+
 def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                           variant: str | None = None) -> dict:
-    """unet + scheduler (+ vae, text encoders and tokenizers when present) of a standard diffusers folder, in
-    `dtype` as a diffusers pipeline loaded with it would be, and `force_zeros_for_empty_prompt` from its
-    `model_index.json` (SDXL's unconditional embedding)."""
+    """unet (or a flow pipeline's transformer, under the same key) + scheduler (+ vae, text encoders and
+    tokenizers when present) of a standard diffusers folder, in `dtype` as a diffusers pipeline loaded with it would
+    be, and `force_zeros_for_empty_prompt` from its `model_index.json` (SDXL's unconditional embedding)."""
     if not path.is_dir():
         raise UserInputError(f"teacher folder not found: {path}")
-    if not (path / "unet").is_dir() and (path / "transformer").is_dir():
-        raise UserInputError(f"{path} holds a transformer denoiser (SD3 / FLUX: flow matching); onestep distills UNet "
-                             "teachers for now")
-    for needed in ("unet", "scheduler"):
+    denoiser = denoiser_folder(path)
+    for needed in (denoiser, "scheduler"):
         if not (path / needed).is_dir():
             raise UserInputError(f"{path} is not a diffusers model folder: no {needed}/ subfolder")
     if variant is not None and not any(variant in weight_variants(sub) for sub in path.iterdir() if sub.is_dir()):
@@ -183,7 +197,7 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32, allow_
                                  f"teacher.variant to one of them")
         return variant if variant in found else None
 
-    parts = {"unet": load_model(path / "unet", dtype, allow_pickle, own(path / "unet")),
+    parts = {"unet": load_model(path / denoiser, dtype, allow_pickle, own(path / denoiser)),
              "scheduler": load_scheduler(path / "scheduler")}
     if (path / "vae").is_dir():
         parts["vae"] = load_model(path / "vae", dtype, allow_pickle, own(path / "vae"))

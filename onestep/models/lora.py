@@ -25,9 +25,13 @@ from onestep.errors import UserInputError
 
 
 # DMD2's SDXL LoRA targets (tianweiy/DMD2): attention projections, feed-forwards, the ResNet convolutions and time
-# projections, up/down-sampling convolutions; names a UNet does not have are simply not found.
+# projections, up/down-sampling convolutions; then the flow transformers' (SD3's, FLUX's joint-attention text stream
+# and context feed-forward, FLUX's single-block MLP, as diffusers' train_dreambooth_lora_sd3/flux scripts adapt
+# them); names a network does not have are simply not found.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                   "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+                   "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+                   "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj",
+                   "ff_context.net.2", "proj_mlp")
 EXPORTS = ("merge", "adapter")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name, so its loaders find the file by default
 

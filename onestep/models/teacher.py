@@ -1,4 +1,5 @@
-"""The frozen teacher: a diffusers UNet and its noise schedule read out as x0(x_t, t, condition), with guidance."""
+"""The frozen teacher: a diffusers UNet or flow transformer (SD3, FLUX) and its noise schedule read out as
+x0(x_t, t, condition), with guidance."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ import torch
 from torch import nn
 
 from onestep.models.conditioning import Condition
-from onestep.models.schedules import VPSchedule
+from onestep.models.schedules import schedule_of
 from onestep.models.unet import takes_text, unet_x0
-from onestep.pipelines.pipeline_onestep import encode_text, image_size, sdxl_time_ids, takes_added_conditions
+from onestep.pipelines.pipeline_onestep import (
+    encode_text,
+    flow_encode_prompt,
+    flow_image_seq_len,
+    flow_latent_shape,
+    image_size,
+    is_flow_transformer,
+    sdxl_time_ids,
+    takes_added_conditions,
+)
 
 
 def classifier_free_guidance(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -28,8 +38,10 @@ class Teacher(nn.Module):
     """A frozen diffusers diffusion model giving guided x0-predictions.
 
     Args:
-        unet: `UNet2DModel`, `UNet2DConditionModel`, or any module with that call signature.
-        scheduler: a DDPM-family diffusers scheduler (supplies `alphas_cumprod` and `prediction_type`).
+        unet: `UNet2DModel`, `UNet2DConditionModel`, or any module with that call signature; or a flow transformer
+            (`SD3Transformer2DModel`, `FluxTransformer2DModel`), kept under the same name (the denoiser).
+        scheduler: a DDPM-family diffusers scheduler (supplies `alphas_cumprod` and `prediction_type`), or a
+            `FlowMatchEulerDiscreteScheduler` for a flow transformer (onestep.models.schedules.FlowSchedule).
         vae: optional `AutoencoderKL` for latent models (encode/decode with its scaling factor).
         text_encoder, tokenizer: optional CLIP-style text encoder for text-conditional models.
         num_classes: number of real classes of a class-conditional model; label `num_classes` is the null class.
@@ -39,12 +51,18 @@ class Teacher(nn.Module):
             give the pooled embedding and the time ids of the teacher's resolution (`encode_prompts`).
         force_zeros_for_empty_prompt: the unconditional text condition is zeros rather than the empty prompt's, as
             diffusers' SDXL pipeline does when its `model_index.json` says so (SDXL base does).
+        text_encoder_3, tokenizer_3: SD3's T5 encoder (optional there; FLUX's T5 is its text_encoder_2).
+
+    A flow transformer with embedded guidance (FLUX.1-dev, `guidance_embeds`) is guided through its `guidance`
+    input at `guidance_scale` (every Condition of its prompts carries it): no unconditional branch. Other flow
+    transformers (SD3, FLUX.1-schnell) use classifier-free guidance as UNets do.
     """
 
     def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None, text_encoder: nn.Module | None = None,
                  tokenizer=None, num_classes: int | None = None, guidance_scale: float = 1.0, frozen: bool = True,
                  *, text_encoder_2: nn.Module | None = None, tokenizer_2=None,
-                 force_zeros_for_empty_prompt: bool = False):
+                 force_zeros_for_empty_prompt: bool = False, text_encoder_3: nn.Module | None = None,
+                 tokenizer_3=None):
         super().__init__()
         # frozen=False only for a view on a network still in training (periodic evaluation of teacher training).
         self.unet = unet.eval().requires_grad_(False) if frozen else unet
@@ -53,9 +71,12 @@ class Teacher(nn.Module):
         self.tokenizer = tokenizer
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
         self.tokenizer_2 = tokenizer_2
+        self.text_encoder_3 = text_encoder_3.eval().requires_grad_(False) if text_encoder_3 is not None else None
+        self.tokenizer_3 = tokenizer_3
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.scheduler = scheduler
-        self.schedule = VPSchedule.from_scheduler(scheduler)
+        self.is_flow = is_flow_transformer(unet)
+        self.schedule = schedule_of(scheduler, flow_image_seq_len(self.sample_shape) if self.is_flow else None)
         if num_classes is None and getattr(unet.config, "num_class_embeds", None):
             num_classes = unet.config.num_class_embeds - 1  # the last embedding is the null class
         self.num_classes = num_classes
@@ -73,7 +94,8 @@ class Teacher(nn.Module):
         (a view on a network in training)."""
         view = Teacher(unet, self.scheduler, self.vae, self.text_encoder, self.tokenizer, self.num_classes,
                        self.guidance_scale, frozen, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
-                       force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+                       force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                       text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
         view.source, view.source_variant = self.source, self.source_variant
         return view
 
@@ -105,7 +127,9 @@ class Teacher(nn.Module):
     # --- shapes -----------------------------------------------------------------------------------------------
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the model space (latents for latent models)."""
+        """(C, H, W) of the model space (latents for latent models; FLUX's unpacked)."""
+        if is_flow_transformer(self.unet):
+            return flow_latent_shape(self.unet, self.vae)
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return cfg.in_channels, size, size
@@ -113,7 +137,20 @@ class Teacher(nn.Module):
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels: the training resolution (SDXL's time ids name it)."""
+        if self.is_flow:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            return self.sample_shape[1] * factor, self.sample_shape[2] * factor
         return image_size(self.unet, self.vae)
+
+    @property
+    def embedded_guidance(self) -> bool:
+        """Guided through the network's own `guidance` input (FLUX.1-dev) instead of classifier-free guidance."""
+        return bool(getattr(self.unet.config, "guidance_embeds", False))
+
+    def text_parts(self) -> dict:
+        """The text encoders and tokenizers by their pipeline names."""
+        return {name: getattr(self, name) for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                                       "text_encoder_3", "tokenizer_3")}
 
     @property
     def is_text(self) -> bool:
@@ -130,7 +167,7 @@ class Teacher(nn.Module):
         teacher where it is. A call that is differentiated (SiD's generator loss) holds the weights it used on
         `device` until its backward pass; the VAE and text encoders stay on `device`."""
         self.execution_device = torch.device(device)
-        for part in (self.vae, self.text_encoder, self.text_encoder_2):
+        for part in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
             if part is not None:
                 part.to(self.execution_device)
         self.unet.to("cpu")
@@ -142,7 +179,10 @@ class Teacher(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> Condition:
         """The Condition of each prompt, computed as diffusers' pipelines do (`encode_text`; prompts longer than
         the tokenizer's maximum are truncated with a warning): the prompt embeddings, and for SDXL the pooled
-        embedding and the time ids of the teacher's resolution (uncropped). Float32, on the teacher's device."""
+        embedding and the time ids of the teacher's resolution (uncropped); for flow transformers the pipeline's own
+        `encode_prompt` (`flow_condition`). Float32, on the teacher's device."""
+        if self.is_flow:
+            return self.flow_condition(list(prompts))
         encoders = [(encoder, tokenizer) for encoder, tokenizer in ((self.text_encoder, self.tokenizer),
                                                                     (self.text_encoder_2, self.tokenizer_2))
                     if encoder is not None]
@@ -155,6 +195,16 @@ class Teacher(nn.Module):
             raise ValueError("this UNet takes SDXL's pooled text embedding; the teacher needs text_encoder_2")
         return Condition(encoder_hidden_states=hidden.float(), text_embeds=pooled.float(),
                          time_ids=sdxl_time_ids(self.image_size, len(prompts), self.device))
+
+    def flow_condition(self, prompts: list[str]) -> Condition:
+        """SD3's / FLUX's prompt embeddings and pooled embeddings as `encode_prompt` of their pipelines computes
+        them, FLUX's text ids (one row per prompt) and FLUX.1-dev's embedded guidance at `guidance_scale`."""
+        hidden, pooled, txt_ids = flow_encode_prompt(self.unet, self.text_parts(), prompts, self.device)
+        n = len(prompts)
+        ids = None if txt_ids is None else txt_ids.float().expand(n, *txt_ids.shape)
+        guidance = torch.full((n,), float(self.guidance_scale), device=self.device) if self.embedded_guidance else None
+        return Condition(encoder_hidden_states=hidden.float(), text_embeds=pooled.float(), txt_ids=ids,
+                         guidance=guidance)
 
     def condition(self, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None) -> Condition:
         if prompts is not None:
@@ -184,8 +234,8 @@ class Teacher(nn.Module):
 
     def null_condition(self, condition: Condition) -> Condition:
         """The unconditional counterpart: null class label (index num_classes) and/or the unconditional text
-        embeddings (`null_text`); SDXL's time ids stay the condition's, as diffusers keeps them for the negative
-        prompt."""
+        embeddings (`null_text`); SDXL's time ids, FLUX's text ids and embedded guidance stay the condition's, as
+        diffusers keeps them for the negative prompt."""
         null = {}
         if condition.class_labels is not None:
             null["class_labels"] = torch.full_like(condition.class_labels, self.num_classes)
@@ -193,7 +243,7 @@ class Teacher(nn.Module):
             text = self.null_text().to(condition.encoder_hidden_states.device)
             text = text.expand(condition.encoder_hidden_states.shape[0])
             null.update(encoder_hidden_states=text.encoder_hidden_states, text_embeds=text.text_embeds,
-                        time_ids=condition.time_ids)
+                        time_ids=condition.time_ids, txt_ids=condition.txt_ids, guidance=condition.guidance)
         return Condition(**null)
 
     # --- prediction -------------------------------------------------------------------------------------------
@@ -207,7 +257,7 @@ class Teacher(nn.Module):
                      guidance_scale: float | None = None) -> torch.Tensor:
         """As `x0`, but lets gradients flow to x_t (SiD/SFD differentiate through the teacher's input)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if scale == 1.0 or condition.is_empty:
+        if scale == 1.0 or condition.is_empty or self.embedded_guidance:  # embedded: in `condition.guidance`
             return unet_x0(self.unet, self.schedule, x_t, t, condition)
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
         both = Condition.cat([self.null_condition(condition), condition])

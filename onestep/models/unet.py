@@ -14,26 +14,34 @@ from torch import nn
 
 from onestep.models.conditioning import Condition
 from onestep.models.networks import frozen_parameters, is_sharded
-from onestep.models.schedules import VPSchedule
+from onestep.models.schedules import Schedule
+from onestep.pipelines.pipeline_onestep import flow_transformer_call, is_flow_transformer
 
 
 def takes_text(unet: nn.Module) -> bool:
-    """True for UNet2DConditionModel-like modules (an `encoder_hidden_states` argument)."""
+    """True for UNet2DConditionModel-like modules and flow transformers (an `encoder_hidden_states` argument)."""
     return "encoder_hidden_states" in inspect.signature(unet.forward).parameters
 
 
-def unet_forward(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-    """The raw UNet output at (x_t, t) for a batch condition, run in the UNet's dtype."""
+def unet_forward(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
+                 schedule: Schedule | None = None) -> torch.Tensor:
+    """The raw output of a denoiser (a diffusers UNet, or a flow transformer: SD3's, FLUX's) at (x_t, grid time t)
+    for a batch condition, run in its dtype; it takes `schedule.network_time(t)` (a UNet without a schedule: t)."""
     dtype = next(unet.parameters()).dtype
     t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-    return unet(x_t.to(dtype), t, **condition.unet_kwargs(dtype), return_dict=False)[0]
+    if is_flow_transformer(unet):
+        if schedule is None:
+            raise ValueError("a flow transformer's timestep input needs its schedule")
+        return flow_transformer_call(unet, x_t, schedule.network_time(t), **condition.flow_kwargs())
+    time = t if schedule is None else schedule.network_time(t)
+    return unet(x_t.to(dtype), time, **condition.unet_kwargs(dtype), return_dict=False)[0]
 
 
-def unet_x0(unet: nn.Module, schedule: VPSchedule, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
+def unet_x0(unet: nn.Module, schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
             prediction_type: str | None = None) -> torch.Tensor:
-    """One UNet call read out as an x0-prediction in float32 (teacher, generator and critics all use this)."""
+    """One denoiser call read out as an x0-prediction in float32 (teacher, generator and critics all use this)."""
     t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-    return schedule.to_x0(unet_forward(unet, x_t, t, condition), x_t, t, prediction_type)
+    return schedule.to_x0(unet_forward(unet, x_t, t, condition, schedule), x_t, t, prediction_type)
 
 
 def diffusers_models(module: nn.Module) -> list[ModelMixin]:

@@ -109,7 +109,8 @@ def load_sampler(path: str | Path, steps: int = 50, sampler: str = "ddim",
 
     teacher = Teacher.from_pretrained(path)
     scale = teacher.guidance_scale if guidance_scale is None else guidance_scale
-    nfe = steps * (2 if scale != 1.0 and (teacher.num_classes or teacher.is_text) else 1)
+    guided = scale != 1.0 and (teacher.num_classes or teacher.is_text) and not teacher.embedded_guidance
+    nfe = steps * (2 if guided else 1)  # FLUX.1-dev's embedded guidance costs no second pass
     return FolderSampler(path, "teacher", teacher.num_classes, nfe, _teacher=teacher, steps=steps, sampler=sampler,
                          guidance_scale=guidance_scale, is_text=teacher.is_text)
 
