@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from onestep.errors import UserInputError
 from onestep.files import write_json_atomic
 from onestep.models.networks import reachable_modules
 from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
-from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint
+from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint, verified_checkpoint
 from onestep.training.progress import Progress
 from onestep.training.sharding import (
     FullStateEMA,
@@ -77,6 +78,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     max_nonfinite_in_a_row: int = 20
     resume: bool = True
+    # SIGTERM / SIGINT: seconds until the SIGKILL that follows (SLURM's KillWait, 30 s by default). The run finishes
+    # its step and checkpoints, then exports its pipeline if at least half of this is left; a second signal stops it
+    # at once (every write is atomic, so nothing is left half-written)
+    stop_grace_s: float = 30.0
     # memory and speed (all off by default): recompute the activations of every network's blocks in the backward pass
     # instead of keeping them; compile the trained networks' forward with torch.compile and this backend
     gradient_checkpointing: bool = False
@@ -149,6 +154,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.history: list[dict] = []
         self.stop_signal: str | None = None
+        self.stop_time = 0.0  # time.monotonic() when the stop signal arrived
+        self.signals_received = 0  # by this process: a second one stops it at once
 
     # --- helpers ----------------------------------------------------------------------------------------------
     @property
@@ -279,6 +286,8 @@ class Trainer:
             votes = torch.tensor([signum, float(over_budget)], device=self.accelerator.device)
             signum, over_budget = (int(v) for v in self.accelerator.reduce(votes, "max").tolist())
         if signum:
+            if self.stop_signal is None:  # heard from another process: the grace period runs from here
+                self.stop_time = time.monotonic()
             self.stop_signal = signal.Signals(signum).name
             return f"stopped by {self.stop_signal}"
         return f"stopped at the {budget}-minute budget" if over_budget else None
@@ -295,8 +304,13 @@ class Trainer:
                         self.config.keep_checkpoints)
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint in output_dir/checkpoints, if any."""
-        found = latest_checkpoint(self.output_dir / "checkpoints")
+        """Load the newest complete, intact checkpoint in output_dir/checkpoints, if any; a damaged newer one is named
+        in one line on stderr (and in the log) and passed over."""
+        found, damaged = verified_checkpoint(self.output_dir / "checkpoints")
+        for line in damaged:
+            if self.accelerator.is_main_process:
+                print(f"onestep: {line}", file=sys.stderr)
+            self._log({"step": self.step, "event": line})
         if found is None:
             return False
         self.accelerator.load_state(str(found))
@@ -330,9 +344,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGINT / SIGTERM end the loop after the current step; the run then checkpoints and returns."""
+        """SIGINT / SIGTERM end the loop after the current step; the run then checkpoints and returns. A second one
+        raises StoppedAtOnce wherever the run is: the atomic writes in flight remove their temporary files."""
         def request_stop(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            self.signals_received += 1
+            if self.signals_received > 1:
+                raise StoppedAtOnce(f"stopped at once by a second {name} at step {self.step}; "
+                                    f"{_last_checkpoint_line(self.output_dir)}")
+            self.stop_signal, self.stop_time = name, time.monotonic()
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -403,7 +423,7 @@ class Trainer:
         if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self._checkpoint()
         if self.stop_signal is not None:
-            return {"interrupted": self.stop_signal, "step": self.step}
+            return self._stopped()
         final = self.evaluate()
         self.save_samples()
         self.export()
@@ -418,6 +438,35 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
+
+    def _stopped(self) -> dict:
+        """After a stop signal and its checkpoint: the export, where the grace period leaves time for it (no
+        evaluation: it could take minutes). Returns what was written, and why the export was skipped if it was."""
+        result = {"interrupted": self.stop_signal, "step": self.step,
+                  "checkpoint": str(latest_checkpoint(self.output_dir / "checkpoints"))}
+        left = self.config.stop_grace_s - (time.monotonic() - self.stop_time)
+        if self._on_any_process(left < self.config.stop_grace_s / 2):
+            result["export_skipped"] = (f"{max(left, 0):.0f} s of the {self.config.stop_grace_s:g} s grace period "
+                                        "left after the checkpoint (train.stop_grace_s)")
+            return result
+        self.export()
+        if self.accelerator.is_main_process:
+            from onestep.export.model_card import write_model_card
+
+            run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
+            write_model_card(self.output_dir / "pipeline", run_config, None)
+        self.accelerator.wait_for_everyone()
+        result["pipeline"] = str(self.output_dir / "pipeline")
+        return result
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second stop signal: the run leaves wherever it is (its message is one line)."""
+
+
+def _last_checkpoint_line(output_dir: Path) -> str:
+    last = latest_checkpoint(output_dir / "checkpoints")
+    return f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
 
 
 def process_state() -> PartialState:
