@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from onestep.errors import UserInputError
-from onestep.training.checkpoints import complete_checkpoints, latest_checkpoint
+from onestep.training.checkpoints import complete_checkpoints, damage, latest_checkpoint
 from onestep.training.trainer import Trainer, TrainerConfig
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 
@@ -88,6 +89,29 @@ def test_resume_gives_identical_weights(tmp_path):
     assert torch.equal(straight.gen.weight, resumed.gen.weight)
     assert torch.equal(straight.critic.weight, resumed.critic.weight)
     assert torch.equal(straight.exported, resumed.exported)  # EMA state resumed too
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_named_and_passed_over(tmp_path, capsys, kind):
+    straight = _train(tmp_path / "straight", 12, checkpoint_every=4)
+    _train(tmp_path / "run", 8, checkpoint_every=4)  # checkpoints 4 and 8
+    shard = tmp_path / "run" / "checkpoints" / "checkpoint-0000008" / "model_1.safetensors"
+    size = shard.stat().st_size
+    if kind == "truncated":
+        os.truncate(shard, size // 2)
+    else:
+        shard.unlink()
+    capsys.readouterr()
+    resumed = _train(tmp_path / "run", 12, checkpoint_every=4)
+    what = f"model_1.safetensors is {size // 2} bytes, {size} were written" if kind == "truncated" else \
+        "model_1.safetensors missing"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("onestep:")]
+    assert lines == [f"onestep: checkpoint {shard.parent} is damaged ({what}); passed over"]
+    assert len(resumed.calls["critic"]) == 8  # from step 4
+    assert torch.equal(straight.exported, resumed.exported)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == \
+        ["checkpoint-0000008", "checkpoint-0000012"]  # the damaged one was written again
+    assert damage(shard.parent) is None
 
 
 def test_metrics_history_survives_a_resume(tmp_path):
