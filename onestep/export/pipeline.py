@@ -73,15 +73,21 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     if lora_layers(unet):
         unet = without_adapters(generator.unet, merge=lora == "merge")
         write_extra = functools.partial(save_lora_weights, generator.unet) if lora == "adapter" else None
+    from onestep.export.stock import export_stock_pipeline, stock_folder
+
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
                                text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
                                timesteps=generator.timesteps, num_classes=teacher.num_classes, readout=readout)
-    out_dir = export_pipeline(pipeline, out_dir, write_extra)
-    from onestep.export.stock import export_stock_pipeline
 
-    export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock diffusers folder
-    return out_dir
+    def write_stock(folder: Path) -> None:  # SD-family one-step students: also OUT_DIR_diffusers, stock diffusers
+        if write_extra is not None:
+            write_extra(folder)
+        export_stock_pipeline(folder, stock_folder(out_dir))
+
+    # the stock folder is written from the new folder before either replaces its old one: a failure in either
+    # (a full disk) leaves both previous exports as they were
+    return export_pipeline(pipeline, out_dir, write_stock)
 
 
 def export_students(unets: Sequence[nn.Module], teacher: Teacher, router: Router, timesteps: Sequence[int],

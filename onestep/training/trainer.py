@@ -167,9 +167,26 @@ class Trainer:
         """FSDP: the trained networks hold shards (onestep.training.sharding)."""
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def export(self) -> None:
-        """The task's pipeline with the EMA weights, written by the main process. Under FSDP every process first
-        takes part in gathering each trained network's whole weights, and the main process exports plain copies."""
+    def export(self, metrics: dict | None = None) -> None:
+        """The task's pipeline with the EMA weights, written by the main process, then `metrics` (metrics.json, at
+        the end of training) and the model card. Under FSDP every process first takes part in gathering each trained
+        network's whole weights, and the main process exports plain copies. Every folder and file is replaced only
+        when complete, so a write that fails (a full disk) leaves what was there: one line, UserInputError."""
+        try:
+            self._export()
+            if self.accelerator.is_main_process:
+                if metrics is not None:
+                    write_json_atomic(self.output_dir / "metrics.json", metrics)
+                from onestep.export.model_card import write_model_card
+
+                run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
+                write_model_card(self.output_dir / "pipeline", run_config, metrics)
+        except OSError as err:
+            raise UserInputError(f"cannot write the export in {self.output_dir} ({err.strerror or err}); the previous "
+                                 f"export is as it was and {_last_checkpoint_line(self.output_dir)}") from None
+        self.accelerator.wait_for_everyone()
+
+    def _export(self) -> None:
         with self.ema_weights():
             if not self.sharded:
                 if self.accelerator.is_main_process:
@@ -426,18 +443,9 @@ class Trainer:
             return self._stopped()
         final = self.evaluate()
         self.save_samples()
-        self.export()
-        if self.accelerator.is_main_process:
-            metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
-                       "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
-            write_json_atomic(self.output_dir / "metrics.json", metrics)
-            from onestep.export.model_card import write_model_card
-
-            run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
-            write_model_card(self.output_dir / "pipeline", run_config, metrics)
-        self.accelerator.wait_for_everyone()
+        self.export({"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
+                     "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history})
         return final
-
 
     def _stopped(self) -> dict:
         """After a stop signal and its checkpoint: the export, where the grace period leaves time for it (no
@@ -450,12 +458,6 @@ class Trainer:
                                         "left after the checkpoint (train.stop_grace_s)")
             return result
         self.export()
-        if self.accelerator.is_main_process:
-            from onestep.export.model_card import write_model_card
-
-            run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
-            write_model_card(self.output_dir / "pipeline", run_config, None)
-        self.accelerator.wait_for_everyone()
         result["pipeline"] = str(self.output_dir / "pipeline")
         return result
 
