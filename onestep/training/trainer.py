@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 
 from onestep.errors import UserInputError
-from onestep.files import write_json_atomic
+from onestep.files import remove_leftovers, write_json_atomic
 from onestep.models.networks import reachable_modules
 from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
 from onestep.training.checkpoints import latest_checkpoint, read_state, save_checkpoint, verified_checkpoint
@@ -48,6 +49,7 @@ class TrainingTask(Protocol):
     # optional: `begin_step(step) -> logs`, called before each step's updates (schedules that depend on the step, e.g.
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
     # optional: `attention_backend`, the attention implementation its networks run (onestep.models.attention); logged.
+    # optional: `checkpointed() -> list`, objects with state_dict / load_state_dict that checkpoints keep (a stream).
     #
     # Multi-process training (`accelerate launch` / `torchrun`): every process runs the same task on its own random
     # numbers (the seed is offset by the process index), so `data.batch_size` is per process and the global batch is
@@ -150,6 +152,8 @@ class Trainer:
                 self.accelerator.register_for_checkpointing(ema)
                 self.emas[update.name] = (ema, params)
         self.accelerator.register_for_checkpointing(self.counter)
+        for stateful in getattr(task, "checkpointed", list)():  # e.g. a data stream's position
+            self.accelerator.register_for_checkpointing(stateful)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
@@ -395,6 +399,11 @@ class Trainer:
     def _train(self) -> dict:
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:  # a killed run's half-written export or checkpoint, never read
+            remove_leftovers(self.output_dir)
+            for partial in (self.output_dir / "checkpoints").glob(".tmp-checkpoint-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         resumed = cfg.resume and self.resume()
         attention = getattr(self.task, "attention_backend", None)  # set by onestep.runs: the kernel that runs
         self._log({"step": self.step, "event": "resumed" if resumed else "started",
