@@ -55,8 +55,10 @@ def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torc
         if all(partial.get(k) == done[k] for k in ("settings", "shard_size")):
             done = partial
     remaining = torch.utils.data.Subset(_Numbered(rows), range(done["rows"], len(rows)))
+    # its own generator: the build must not move the random numbers that the networks built after it draw (a
+    # resumed, or found complete, build would then start another run)
     loader = torch.utils.data.DataLoader(remaining, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate_numbered)
+                                         collate_fn=_collate_numbered, generator=torch.Generator())
     pending, read = {"moments": [], "rows": []}, done["rows"]
 
     def flush() -> None:
