@@ -47,7 +47,7 @@ def make_captioned_folder(out: Path, n: int) -> Path:
 
 
 def train_command(run: Path, images: Path, steps: int, batch: int, shard: int) -> list[str]:
-    return [sys.executable, "-m", "onestep.cli", "train", "configs/t2i/dmd2.yaml", f"output_dir={run}",
+    return [sys.executable, "-m", "onestep.cli", "train", str(ROOT / "configs/t2i/dmd2.yaml"), f"output_dir={run}",
             "data.name=image_folder", f"data.image_dir={images}", f"data.latent_cache={run / 'latents'}",
             f"data.latent_cache_shard_size={shard}", "data.num_workers=0", f"data.batch_size={batch}",
             "options.gan=true", f"train.max_steps={steps}", "train.max_minutes=null", "train.checkpoint_every=2",
