@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onestep.errors import UserInputError
+    from onestep.errors import PeerLost, UserInputError
 
     args = build_parser().parse_args(argv)
     for name in ("num_images", "num_samples", "steps", "speed_batch", "train_steps", "batch_size"):
@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"onestep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except PeerLost as err:  # another process of a multi-process run died; this one stopped, nothing half-written
+        print(f"onestep {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     except FloatingPointError as err:  # the trainer stopped on non-finite updates; its last checkpoint is intact
         print(f"onestep {args.command}: stopped: {err}", file=sys.stderr)
         return 1

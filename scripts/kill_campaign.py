@@ -13,6 +13,7 @@ Prints one JSON line: kills per phase, bytes compared, max |delta weight|, ident
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -169,7 +170,8 @@ def compare(straight: Path, killed: Path) -> dict:
     from onestep.training.checkpoints import latest_checkpoint
 
     pairs = [(straight / "latents" / p.name, p) for p in sorted((killed / "latents").glob("shard-*"))]
-    pairs.append((straight / "latents" / "latents.json", killed / "latents" / "latents.json"))
+    if (killed / "latents").is_dir():
+        pairs.append((straight / "latents" / "latents.json", killed / "latents" / "latents.json"))
     a_ckpt, b_ckpt = latest_checkpoint(straight / "checkpoints"), latest_checkpoint(killed / "checkpoints")
     pairs += [(a_ckpt / p.name, p) for p in sorted(b_ckpt.glob("model*.safetensors"))]
     for export in ("pipeline", "pipeline_diffusers"):
@@ -190,6 +192,66 @@ def compare(straight: Path, killed: Path) -> dict:
             "identical": identical}
 
 
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the worker processes a torchrun agent started."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True,
+                              text=True).stdout.split()
+    found = {}
+    for pid in children:
+        with contextlib.suppress(OSError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = [v for v in env if v.startswith(b"RANK=")]
+            if rank:
+                found[int(rank[0][5:])] = int(pid)
+    return found
+
+
+def torchrun_command(run: Path, steps: int) -> list[str]:
+    """The documented 2-process CPU launch (docs/multi_gpu.md) of the digits DMD2 config, tiny."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "onestep.cli", "train", str(ROOT / "configs/digits/dmd2.yaml"), f"output_dir={run}",
+            f"train.max_steps={steps}", "train.max_minutes=null", "train.checkpoint_every=5", "train.log_every=1",
+            "data.batch_size=8", "eval.num_samples=16"]
+
+
+def rank_death(out: Path, rank: int = 1, steps: int = 16, kill_after: int = 7,
+               log: Callable[[str], None] = print) -> dict:
+    """Two processes under torchrun; SIGKILL to `rank` once `kill_after` steps are logged. Measures how long the
+    other process and the launcher take to exit, checks the one line and the checkpoints, reruns to the end and
+    compares with an uninterrupted 2-process run."""
+    from onestep.training.checkpoints import complete_checkpoints, damage
+
+    env = {**run_env(), "ACCELERATE_USE_CPU": "true"}
+    straight, killed = out / "straight", out / "killed"
+    done = subprocess.run(torchrun_command(straight, steps), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = subprocess.Popen(torchrun_command(killed, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    while launcher.poll() is None and len(logged_steps(killed)) < kill_after:
+        time.sleep(0.02)
+    workers = worker_pids(launcher)
+    os.kill(workers[rank], signal.SIGKILL)
+    killed_at, survivor = time.monotonic(), workers[1 - rank]
+    survivor_exit = None
+    while launcher.poll() is None or survivor_exit is None:
+        if survivor_exit is None and not Path(f"/proc/{survivor}").exists():
+            survivor_exit = time.monotonic() - killed_at
+        time.sleep(0.01)
+    launcher_exit = time.monotonic() - killed_at
+    lines = [line for line in launcher.stderr.read().splitlines() if line.startswith("onestep train:")]
+    log(f"kill -9 rank {rank} after step {logged_steps(killed)[-1]}: the other exited in {survivor_exit:.2f} s, "
+        f"torchrun in {launcher_exit:.2f} s: {lines}")
+    assert len(lines) == 1 and "another process of this run is gone" in lines[0], lines
+    checkpoints = complete_checkpoints(killed / "checkpoints")
+    assert checkpoints and all(damage(c) is None for c in checkpoints)
+    resumed_from = int(checkpoints[-1].name.split("-")[1])
+    done = subprocess.run(torchrun_command(killed, steps), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"killed_rank": rank, "survivor_exit_s": round(survivor_exit, 2),
+            "torchrun_exit_s": round(launcher_exit, 2), "line": lines[0], "resumed_from": resumed_from,
+            **compare(straight, killed)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="an empty folder for the two runs")
@@ -197,12 +259,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rank-death", type=int, default=None, metavar="RANK",
+                        help="instead: two processes (torchrun, CPU), kill -9 this rank mid-run, rerun, compare")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"kill_campaign: --out {out} is not empty")
-    result = campaign(out, args.kills, args.seed, args.images, args.steps,
-                      log=lambda line: print(line, file=sys.stderr))
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.rank_death is not None:
+        result = rank_death(out, args.rank_death, log=say)
+    else:
+        result = campaign(out, args.kills, args.seed, args.images, args.steps, log=say)
     print(json.dumps(result))
     sys.exit(0 if result["identical"] else 1)
 

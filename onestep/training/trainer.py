@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 
-from onestep.errors import UserInputError
+from onestep.errors import PeerLost, UserInputError
 from onestep.files import remove_leftovers, write_json_atomic
 from onestep.models.networks import reachable_modules
 from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
@@ -392,6 +392,12 @@ class Trainer:
         try:
             with self._stop_on_signals():
                 return self._train()
+        except RuntimeError as err:
+            if self.accelerator.num_processes == 1 or not _collective_failure(err):
+                raise
+            raise PeerLost(f"process {self.accelerator.process_index}: another process of this run is gone "
+                           f"({_first_line(err)}) at step {self.step}; {_last_checkpoint_line(self.output_dir)}; "
+                           "run the same command again to resume") from None
         finally:  # not accelerator.end_training(): it also ends the process group, which a next run may need
             for tracker in self.accelerator.trackers:
                 tracker.finish()
@@ -473,6 +479,20 @@ class Trainer:
 
 class StoppedAtOnce(KeyboardInterrupt):
     """A second stop signal: the run leaves wherever it is (its message is one line)."""
+
+
+def _collective_failure(err: RuntimeError) -> bool:
+    """A collective call that failed because a peer is gone (gloo: its connection closed; NCCL: DistBackendError)."""
+    text = str(err)
+    return isinstance(err, torch.distributed.DistBackendError) or "gloo" in text or "Connection reset" in text \
+        or "Connection closed" in text
+
+
+def _first_line(err: Exception) -> str:
+    """An error's first line without the source location gloo puts in front ("[.../pair.cc:537] Read error")."""
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    line = line.split("] ", 1)[1] if line.startswith("[") and "] " in line else line
+    return line.split(". ", 1)[0]  # gloo goes on with advice that does not fit here
 
 
 def _last_checkpoint_line(output_dir: Path) -> str:
