@@ -214,42 +214,45 @@ def torchrun_command(run: Path, steps: int) -> list[str]:
             "data.batch_size=8", "eval.num_samples=16"]
 
 
-def rank_death(out: Path, rank: int = 1, steps: int = 16, kill_after: int = 7,
-               log: Callable[[str], None] = print) -> dict:
-    """Two processes under torchrun; SIGKILL to `rank` once `kill_after` steps are logged. Measures how long the
-    other process and the launcher take to exit, checks the one line and the checkpoints, reruns to the end and
-    compares with an uninterrupted 2-process run."""
+def kill_one_rank(run: Path, rank: int, steps: int, kill_after: int) -> dict:
+    """Two processes under torchrun; SIGKILL to `rank` once `kill_after` steps are logged. Returns how long the other
+    process and the launcher took to exit, and the other's `onestep train:` lines; checks its checkpoints."""
     from onestep.training.checkpoints import complete_checkpoints, damage
 
     env = {**run_env(), "ACCELERATE_USE_CPU": "true"}
-    straight, killed = out / "straight", out / "killed"
-    done = subprocess.run(torchrun_command(straight, steps), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    launcher = subprocess.Popen(torchrun_command(killed, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    launcher = subprocess.Popen(torchrun_command(run, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-    while launcher.poll() is None and len(logged_steps(killed)) < kill_after:
+    while launcher.poll() is None and len(logged_steps(run)) < kill_after:
         time.sleep(0.02)
     workers = worker_pids(launcher)
     os.kill(workers[rank], signal.SIGKILL)
-    killed_at, survivor = time.monotonic(), workers[1 - rank]
-    survivor_exit = None
+    killed_at, survivor, survivor_exit = time.monotonic(), workers[1 - rank], None
     while launcher.poll() is None or survivor_exit is None:
         if survivor_exit is None and not Path(f"/proc/{survivor}").exists():
             survivor_exit = time.monotonic() - killed_at
         time.sleep(0.01)
-    launcher_exit = time.monotonic() - killed_at
     lines = [line for line in launcher.stderr.read().splitlines() if line.startswith("onestep train:")]
-    log(f"kill -9 rank {rank} after step {logged_steps(killed)[-1]}: the other exited in {survivor_exit:.2f} s, "
-        f"torchrun in {launcher_exit:.2f} s: {lines}")
-    assert len(lines) == 1 and "another process of this run is gone" in lines[0], lines
-    checkpoints = complete_checkpoints(killed / "checkpoints")
-    assert checkpoints and all(damage(c) is None for c in checkpoints)
-    resumed_from = int(checkpoints[-1].name.split("-")[1])
+    checkpoints = complete_checkpoints(run / "checkpoints")
+    assert checkpoints and all(damage(c) is None for c in checkpoints)  # nothing half-written is taken as complete
+    return {"killed_rank": rank, "after_step": logged_steps(run)[-1], "survivor_exit_s": round(survivor_exit, 2),
+            "torchrun_exit_s": round(time.monotonic() - killed_at, 2), "lines": lines,
+            "resumed_from": int(checkpoints[-1].name.split("-")[1])}
+
+
+def rank_death(out: Path, rank: int = 1, steps: int = 16, kill_after: int = 7,
+               log: Callable[[str], None] = print) -> dict:
+    """`kill_one_rank`, then a rerun to the end, compared with an uninterrupted 2-process run."""
+    env = {**run_env(), "ACCELERATE_USE_CPU": "true"}
+    straight, killed = out / "straight", out / "killed"
+    done = subprocess.run(torchrun_command(straight, steps), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = kill_one_rank(killed, rank, steps, kill_after)
+    log(f"kill -9 rank {rank} after step {result['after_step']}: the other exited in {result['survivor_exit_s']} s, "
+        f"torchrun in {result['torchrun_exit_s']} s: {result['lines']}")
+    assert len(result["lines"]) == 1 and "another process of this run is gone" in result["lines"][0], result
     done = subprocess.run(torchrun_command(killed, steps), cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"killed_rank": rank, "survivor_exit_s": round(survivor_exit, 2),
-            "torchrun_exit_s": round(launcher_exit, 2), "line": lines[0], "resumed_from": resumed_from,
-            **compare(straight, killed)}
+    return {**result, **compare(straight, killed)}
 
 
 def main() -> None:

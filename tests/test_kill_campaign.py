@@ -38,3 +38,15 @@ def test_kill_9_during_cache_build_training_and_export_loses_nothing(tmp_path):
     assert result["kills"] == {"cache": 1, "training": 1, "export": 1}, result
     assert result["identical"] and result["max_abs_delta_weight"] == 0.0, result
     assert result["files_compared"] >= 4 + 1 + 2 + 2, result  # shards, index, checkpoint models, exported UNets
+
+
+@pytest.mark.slow  # one 2-process run: ~45 s on the shared 2-core machine
+def test_a_dead_rank_ends_the_other_in_seconds_with_one_line(tmp_path):
+    from scripts.kill_campaign import kill_one_rank
+
+    result = kill_one_rank(tmp_path / "run", rank=1, steps=40, kill_after=7)
+    # gloo's connection to the dead process resets at once; torchrun's agent (0.1 s monitor) ends the rest
+    assert result["survivor_exit_s"] < 15, result
+    assert len(result["lines"]) == 1, result
+    assert result["lines"][0].startswith("onestep train: stopped: process 0: another process of this run is gone")
+    assert "the last complete checkpoint is" in result["lines"][0] and result["resumed_from"] >= 5
