@@ -1,6 +1,7 @@
-"""kill -9 campaign on the text path: `onestep train configs/t2i/dmd2.yaml` on a captioned image folder with
-`data.latent_cache` and the GAN term on (so training reads the cache), killed with SIGKILL at random moments during
-the cache build, training and the export, then rerun until it finishes. Compares with an uninterrupted run.
+"""Crash campaigns. By default, kill -9 on the text path: `onestep train configs/t2i/dmd2.yaml` on a captioned image
+folder with `data.latent_cache` and the GAN term on (so training reads the cache), killed with SIGKILL at random
+moments during the cache build, training and the export, then rerun until it finishes. Compares with an
+uninterrupted run.
 
     python scripts/kill_campaign.py --out /tmp/kills --kills 3      # 3 kills in each phase
 
@@ -8,6 +9,12 @@ After every kill it checks what a rerun would read: every complete checkpoint's 
 shard the cache (or its partial build) lists is whole, and a `pipeline/` present loads. At the end: the cache shards,
 the final checkpoint's weights and the exported pipelines compared byte for byte with the uninterrupted run's.
 Prints one JSON line: kills per phase, bytes compared, max |delta weight|, identical.
+
+    python scripts/kill_campaign.py --out /tmp/ranks --rank-death 1  # torchrun, 2 CPU processes: kill -9 rank 1
+    python scripts/kill_campaign.py --out /tmp/term --sigterm         # SIGTERM (preemption), then the same command
+
+Both also rerun to the end and compare with an uninterrupted run; --rank-death times how long the other process and
+torchrun take to exit.
 """
 
 from __future__ import annotations
@@ -255,6 +262,32 @@ def rank_death(out: Path, rank: int = 1, steps: int = 16, kill_after: int = 7,
     return {**result, **compare(straight, killed)}
 
 
+def sigterm(out: Path, steps: int = 40, stop_after: int = 10, log: Callable[[str], None] = print) -> dict:
+    """`onestep train configs/digits/dmd2.yaml` sent SIGTERM once `stop_after` steps are logged (a SLURM preemption):
+    seconds to exit, exit code, its line; then the same command to the end, compared with an uninterrupted run."""
+    def command(run: Path) -> list[str]:
+        return [sys.executable, "-m", "onestep.cli", "train", str(ROOT / "configs/digits/dmd2.yaml"),
+                f"output_dir={run}", f"train.max_steps={steps}", "train.max_minutes=null",
+                "train.checkpoint_every=100", "train.log_every=1", "data.batch_size=8", "eval.num_samples=16"]
+
+    straight, stopped = out / "straight", out / "stopped"
+    done = subprocess.run(command(straight), cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(command(stopped), cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and len(logged_steps(stopped)) < stop_after:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    lines = [line for line in proc.communicate()[1].splitlines() if line.startswith("onestep train:")]
+    result = {"exit_code": proc.returncode, "exit_s": round(time.monotonic() - sent, 2), "lines": lines,
+              "exported": (stopped / "pipeline" / "model_index.json").is_file()}
+    log(f"SIGTERM after step {logged_steps(stopped)[-1]}: exit {proc.returncode} in {result['exit_s']} s: {lines}")
+    done = subprocess.run(command(stopped), cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**result, **compare(straight, stopped)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="an empty folder for the two runs")
@@ -264,6 +297,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rank-death", type=int, default=None, metavar="RANK",
                         help="instead: two processes (torchrun, CPU), kill -9 this rank mid-run, rerun, compare")
+    parser.add_argument("--sigterm", action="store_true",
+                        help="instead: SIGTERM to a digits run mid-run, rerun, compare with an uninterrupted run")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -271,6 +306,8 @@ def main() -> None:
     say = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.rank_death is not None:
         result = rank_death(out, args.rank_death, log=say)
+    elif args.sigterm:
+        result = sigterm(out, log=say)
     else:
         result = campaign(out, args.kills, args.seed, args.images, args.steps, log=say)
     print(json.dumps(result))
