@@ -114,6 +114,14 @@ def test_a_damaged_newest_checkpoint_is_named_and_passed_over(tmp_path, capsys, 
     assert damage(shard.parent) is None
 
 
+def test_a_checkpoint_without_the_states_a_run_keeps_is_refused_in_one_line(tmp_path):
+    _train(tmp_path, 2, checkpoint_every=2)  # no data stream to keep
+    task = TwoModelTask()
+    task.checkpointed = lambda: [nn.Linear(1, 1)]  # now one: its state is not in the checkpoint
+    with pytest.raises(UserInputError, match="holds another set of states than this run keeps"):
+        Trainer(task, tmp_path, TrainerConfig(max_steps=4)).train()
+
+
 def test_metrics_history_survives_a_resume(tmp_path):
     _train(tmp_path, 6, eval_every=2)  # evaluations at 2 and 4, the final one at 6, a checkpoint at 4 and 6
     _train(tmp_path, 10, eval_every=2)  # resumes at 6: evaluations at 8 and the final 10

@@ -154,6 +154,7 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.counter)
         for stateful in getattr(task, "checkpointed", list)():  # e.g. a data stream's position
             self.accelerator.register_for_checkpointing(stateful)
+        self.custom_states = len(self.emas) + 1 + len(getattr(task, "checkpointed", list)())
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
@@ -334,6 +335,9 @@ class Trainer:
             self._log({"step": self.step, "event": line})
         if found is None:
             return False
+        if len(list(found.glob("custom_checkpoint_*.pkl"))) != self.custom_states:
+            raise UserInputError(f"checkpoint {found} holds another set of states than this run keeps (written before "
+                                 "checkpoints kept the data stream's position?); start over with --overwrite")
         self.accelerator.load_state(str(found))
         state = read_state(found)
         assert self.counter.step == state["step"]
