@@ -26,7 +26,20 @@ def _train(args: argparse.Namespace) -> int:
     final = train(cfg, overwrite=args.overwrite)
     if is_main_process():  # one result line, however many processes trained
         print(json.dumps({"output_dir": cfg.output_dir, **final}))
-    return 130 if "interrupted" in final else 0
+        if "interrupted" in final:
+            print(f"onestep train: {stopped_line(final, args)}", file=sys.stderr)
+    return 0
+
+
+def stopped_line(final: dict, args: argparse.Namespace) -> str:
+    """Where a run stopped by a signal left its checkpoint and export, and the command that resumes it."""
+    import shlex
+
+    exported = (f"pipeline {final['pipeline']}" if "pipeline" in final
+                else f"no export ({final.get('export_skipped', 'skipped')})")
+    resume = shlex.join(["onestep", "train", args.config, *args.overrides])
+    return (f"stopped by {final['interrupted']} at step {final['step']}: checkpoint {final['checkpoint']}, "
+            f"{exported}; resume with: {resume}")
 
 
 def _quiet_loading() -> None:
@@ -407,7 +420,7 @@ def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argp
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onestep.errors import UserInputError
+    from onestep.errors import PeerLost, UserInputError
 
     args = _parse_args(build_parser(), argv)
     for name in ("num_images", "num_samples", "steps", "speed_batch", "train_steps", "batch_size"):
@@ -421,11 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"onestep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except PeerLost as err:  # another process of a multi-process run died; this one stopped, nothing half-written
+        print(f"onestep {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     except FloatingPointError as err:  # the trainer stopped on non-finite updates; its last checkpoint is intact
         print(f"onestep {args.command}: stopped: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"onestep {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Ctrl-C outside training, or a second stop signal (StoppedAtOnce)
+        print(f"onestep {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
 
 

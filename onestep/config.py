@@ -39,6 +39,7 @@ class DataConfig:
     # a folder inside output_dir, or one that already holds a complete cache of this dataset
     latent_cache: str | None = None
     latent_cache_dtype: str = "float16"  # float16 | bfloat16 | float32: the stored moments
+    latent_cache_shard_size: int = 4096  # images per shard; a killed build goes on from its last complete shard
     batch_size: int = 64  # per process and per micro-batch (train.gradient_accumulation_steps)
 
 

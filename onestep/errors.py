@@ -7,3 +7,7 @@ class UserInputError(ValueError):
 
 class EvalError(UserInputError):
     """Evaluation cannot run as asked (bad images, reference or feature setup); the message is one line."""
+
+
+class PeerLost(RuntimeError):
+    """Another process of a multi-process run died, and a collective call of this one failed: it stopped (one line)."""

@@ -115,3 +115,15 @@ def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that `atomic_file` / `atomic_folder` left in `folder` when their
+    process was killed (hidden, ending in .tmp or .old); returns them. Only for a folder no other process writes."""
+    found = [p for p in Path(folder).glob(".*") if p.suffix in (".tmp", ".old")] if Path(folder).is_dir() else []
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found

@@ -62,7 +62,9 @@ def check_output_dir(cfg: RunConfig, overwrite: bool = False) -> None:
     if not out.exists():
         return
     if not saved.is_file():
-        if any(out.iterdir()):
+        # a run killed while building its latent cache has left only that (config.json comes after the build)
+        cache = Path(cfg.data.latent_cache).resolve() if cfg.data.latent_cache else None
+        if any(entry.resolve() != cache for entry in out.iterdir()):
             raise UserInputError(f"output_dir {out} is not empty and holds no onestep run; pass --overwrite to move "
                                  "it aside")
         return

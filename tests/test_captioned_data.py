@@ -248,3 +248,64 @@ def test_in_memory_images_keep_their_captions_too(text_teacher):
     torch.testing.assert_close(condition.encoder_hidden_states, expected)
     own = real.subset(prompts=["a cat"])
     assert own.captions == ["a cat", "a cat"] and own.images[:, 0, 0, 0].tolist() == [0.0, 2.0]
+
+
+def test_a_killed_cache_build_goes_on_from_its_last_shard_and_a_damaged_shard_is_refused(tmp_path, text_teacher):
+    from onestep.data.latent_cache import INDEX, PROGRESS, CachedMoments, build_latent_cache
+
+    folder = captioned_folder(tmp_path / "images", n=12)
+    rows = source(text_teacher, folder).rows(center_crop=True, random_flip=False)
+    settings = {"the": "settings"}
+    build_latent_cache(rows, text_teacher.encode_moments, tmp_path / "straight", settings, batch_size=2,
+                       shard_size=4)
+    encoded = []
+
+    def killed_after_two_shards(x):
+        if len(encoded) == 5:  # the 6th batch: shards 0 (rows 0-3) and 1 (rows 4-7) are written, row 8-9 pending
+            raise KeyboardInterrupt
+        encoded.append(len(x))
+        return text_teacher.encode_moments(x)
+
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        build_latent_cache(rows, killed_after_two_shards, cache, settings, batch_size=2, shard_size=4)
+    assert not (cache / INDEX).exists() and json.loads((cache / PROGRESS).read_text())["rows"] == 8
+    encoded.clear()
+    rng = torch.get_rng_state()
+    build_latent_cache(rows, lambda x: (encoded.append(len(x)), text_teacher.encode_moments(x))[1], cache, settings,
+                       batch_size=2, shard_size=4)
+    assert encoded == [2, 2]  # only rows 8-11 were encoded again
+    # the networks built next draw the same random numbers whether the build ran whole, went on or was found done
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not (cache / PROGRESS).exists()
+    shards = sorted(p.name for p in cache.glob("shard-*"))
+    assert shards == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    for name in [*shards, INDEX]:  # the same bytes as an uninterrupted build
+        assert (cache / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert len(CachedMoments(cache).rows) == 12
+    size = (cache / shards[1]).stat().st_size
+    with open(cache / shards[1], "r+b") as f:
+        f.truncate(size - 7)
+    with pytest.raises(UserInputError, match=f"damaged: {shards[1]} is {size - 7} bytes, {size} bytes were written"):
+        CachedMoments(cache)
+
+
+def test_a_stream_resumed_from_its_state_reads_on_from_the_same_row(tmp_path, text_teacher):
+    folder = captioned_folder(tmp_path / "images", n=6)
+
+    def stream():
+        return source(text_teacher, folder).real(None, seed=0, cache_dir=None)
+
+    whole = stream()
+    torch.manual_seed(0)
+    straight = [whole.next_batch(4) for _ in range(5)]  # crosses epochs (6 rows), joins and splits batches
+    first = stream()
+    torch.manual_seed(0)
+    resumed = [first.next_batch(4) for _ in range(2)]
+    state, rng = first.state_dict(), torch.get_rng_state()
+    second = stream()
+    second.load_state_dict(state)
+    torch.set_rng_state(rng)  # as the checkpoint restores it
+    resumed += [second.next_batch(4) for _ in range(3)]
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a["x"], b["x"]) and a["caption"] == b["caption"]  # the same rows and the same flips

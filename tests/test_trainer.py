@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from onestep.errors import UserInputError
-from onestep.training.checkpoints import complete_checkpoints, latest_checkpoint
+from onestep.training.checkpoints import complete_checkpoints, damage, latest_checkpoint
 from onestep.training.trainer import Trainer, TrainerConfig
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 
@@ -90,6 +91,37 @@ def test_resume_gives_identical_weights(tmp_path):
     assert torch.equal(straight.exported, resumed.exported)  # EMA state resumed too
 
 
+@pytest.mark.parametrize("kind", ["truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_named_and_passed_over(tmp_path, capsys, kind):
+    straight = _train(tmp_path / "straight", 12, checkpoint_every=4)
+    _train(tmp_path / "run", 8, checkpoint_every=4)  # checkpoints 4 and 8
+    shard = tmp_path / "run" / "checkpoints" / "checkpoint-0000008" / "model_1.safetensors"
+    size = shard.stat().st_size
+    if kind == "truncated":
+        os.truncate(shard, size // 2)
+    else:
+        shard.unlink()
+    capsys.readouterr()
+    resumed = _train(tmp_path / "run", 12, checkpoint_every=4)
+    what = f"model_1.safetensors is {size // 2} bytes, {size} were written" if kind == "truncated" else \
+        "model_1.safetensors missing"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("onestep:")]
+    assert lines == [f"onestep: checkpoint {shard.parent} is damaged ({what}); passed over"]
+    assert len(resumed.calls["critic"]) == 8  # from step 4
+    assert torch.equal(straight.exported, resumed.exported)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == \
+        ["checkpoint-0000008", "checkpoint-0000012"]  # the damaged one was written again
+    assert damage(shard.parent) is None
+
+
+def test_a_checkpoint_without_the_states_a_run_keeps_is_refused_in_one_line(tmp_path):
+    _train(tmp_path, 2, checkpoint_every=2)  # no data stream to keep
+    task = TwoModelTask()
+    task.checkpointed = lambda: [nn.Linear(1, 1)]  # now one: its state is not in the checkpoint
+    with pytest.raises(UserInputError, match="holds another set of states than this run keeps"):
+        Trainer(task, tmp_path, TrainerConfig(max_steps=4)).train()
+
+
 def test_metrics_history_survives_a_resume(tmp_path):
     _train(tmp_path, 6, eval_every=2)  # evaluations at 2 and 4, the final one at 6, a checkpoint at 4 and 6
     _train(tmp_path, 10, eval_every=2)  # resumes at 6: evaluations at 8 and the final 10
@@ -118,7 +150,8 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, task.critic.parameters(), strict=True))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def _signalled_task(signals: int) -> TwoModelTask:
+    """A task that sends itself `signals` SIGTERMs during its 7th step's critic loss."""
     import os
     import signal
 
@@ -127,19 +160,51 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
     def critic_then_signal(critic):
         if len(task.calls["critic"]) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step finishes first
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step finishes first
         return original(critic)
 
     updates = task.updates()
     updates[1].loss = critic_then_signal
     task.updates = lambda: updates
+    return task
+
+
+def test_sigterm_saves_a_checkpoint_exports_and_exits_cleanly(tmp_path):
+    import signal
+
+    task = _signalled_task(1)
     before = signal.getsignal(signal.SIGTERM)
     result = Trainer(task, tmp_path, TrainerConfig(max_steps=100, checkpoint_every=0)).train()
-    assert result == {"interrupted": "SIGTERM", "step": 7}
-    assert latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint-0000007"
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-0000007"
+    assert result == {"interrupted": "SIGTERM", "step": 7, "checkpoint": str(checkpoint),
+                      "pipeline": str(tmp_path / "pipeline")}
+    assert latest_checkpoint(tmp_path / "checkpoints") == checkpoint
+    assert task.exported is not None  # the export ran, as at a normal end
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
     resumed = _train(tmp_path, 10, checkpoint_every=0)
     assert len(resumed.calls["critic"]) == 3  # continued from step 7
+
+
+def test_sigterm_without_time_left_skips_the_export_and_says_why(tmp_path):
+    task = _signalled_task(1)
+    result = Trainer(task, tmp_path, TrainerConfig(max_steps=100, checkpoint_every=0, stop_grace_s=0)).train()
+    assert result["step"] == 7 and "pipeline" not in result and task.exported is None
+    assert result["export_skipped"] == "0 s of the 0 s grace period left after the checkpoint (train.stop_grace_s)"
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    import pytest
+
+    from onestep.training.trainer import StoppedAtOnce
+
+    _train(tmp_path, 4, checkpoint_every=4)
+    task = _signalled_task(2)
+    # resumed at step 4, the signals come in the 7th critic loss, that is, inside step 10
+    with pytest.raises(StoppedAtOnce, match="second SIGTERM at step 10; the last complete checkpoint is .*0000004"):
+        Trainer(task, tmp_path, TrainerConfig(max_steps=100, checkpoint_every=0)).train()
+    assert task.exported is None
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-0000004"]
 
 
 def test_disk_full_mid_checkpoint_keeps_the_last_complete_one(tmp_path, monkeypatch):

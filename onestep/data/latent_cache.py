@@ -4,6 +4,10 @@ Stored are the moments (mean and log-variance, as diffusers' `DiagonalGaussianDi
 latent draw: training still samples a fresh latent from each image's posterior, exactly as on-the-fly encoding does
 (EDM2 caches its latents the same way). Images are center-cropped once; the random flip is applied to the cached
 moments (a horizontally flipped image has, to the VAE's accuracy, horizontally flipped latents).
+
+A build killed midway goes on from its last complete shard: each shard is written atomically, then
+`latents.partial.json` records the shards so far and how many rows they cover. The index records each shard's size,
+and the cache is opened only if every shard has it (a truncated or missing shard is refused, never read).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from onestep.files import atomic_file, write_json_atomic
 
 
 INDEX = "latents.json"  # written last: a folder without it is incomplete and is encoded again
+PROGRESS = "latents.partial.json"  # a build under way: its complete shards, and the rows they cover
 
 
 def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torch.Tensor], out_dir: Path,
@@ -46,22 +51,38 @@ def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torc
                   f"(listed in its {INDEX})", file=sys.stderr)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(_Numbered(rows), batch_size=batch_size,
-                                         num_workers=usable_workers(num_workers), collate_fn=_collate_numbered)
-    shards, skipped, pending = [], [], {"moments": [], "rows": []}
+    for leftover in out_dir.glob(".shard-*.tmp"):  # a shard being written when a build was killed
+        leftover.unlink()
+    done = {"settings": settings, "shard_size": shard_size, "shards": [], "bytes": {}, "skipped": [], "rows": 0}
+    if (out_dir / PROGRESS).is_file():
+        partial = json.loads((out_dir / PROGRESS).read_text())
+        if all(partial.get(k) == done[k] for k in ("settings", "shard_size")):
+            done = partial
+    remaining = torch.utils.data.Subset(_Numbered(rows), range(done["rows"], len(rows)))
+    # its own generator: the build must not move the random numbers that the networks built after it draw (a
+    # resumed, or found complete, build would then start another run)
+    loader = torch.utils.data.DataLoader(remaining, batch_size=batch_size,
+                                         num_workers=usable_workers(num_workers),
+                                         collate_fn=_collate_numbered, generator=torch.Generator())
+    pending, read = {"moments": [], "rows": []}, done["rows"]
 
     def flush() -> None:
-        name = f"shard-{len(shards):05d}.safetensors"
+        name = f"shard-{len(done['shards']):05d}.safetensors"
         tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
         with atomic_file(out_dir / name) as f:
             f.write(save(tensors))
-        shards.append(name)
+        done["shards"].append(name)
+        done["bytes"][name] = (out_dir / name).stat().st_size
+        done["rows"] = read
+        write_json_atomic(out_dir / PROGRESS, done)
         pending["moments"], pending["rows"] = [], []
 
-    for batch, numbers in tqdm(loader, desc="latent cache", dynamic_ncols=True):
+    for batch, numbers in tqdm(loader, desc="latent cache", initial=done["rows"] // batch_size,
+                               total=-(-len(rows) // batch_size), dynamic_ncols=True):
+        read += len(numbers) + len(batch["skipped"])
         for what in batch["skipped"]:  # none left out silently (docs/data.md)
-            skipped.append(what)
-            print(f"onestep: latent cache: skipped an unreadable image ({len(skipped)} so far): {what}",
+            done["skipped"].append(what)
+            print(f"onestep: latent cache: skipped an unreadable image ({len(done['skipped'])} so far): {what}",
                   file=sys.stderr)
         if "x" not in batch:
             continue
@@ -71,9 +92,10 @@ def build_latent_cache(rows: Rows, encode_moments: Callable[[torch.Tensor], torc
             flush()
     if pending["rows"]:
         flush()
-    if not shards:
-        raise UserInputError(f"no readable image to cache ({len(skipped)} skipped)")
-    write_json_atomic(index, {"settings": settings, "shards": shards, "skipped": skipped})
+    if not done["shards"]:
+        raise UserInputError(f"no readable image to cache ({len(done['skipped'])} skipped)")
+    write_json_atomic(index, {k: done[k] for k in ("settings", "shards", "bytes", "skipped")})
+    (out_dir / PROGRESS).unlink()
 
 
 class _Numbered(torch.utils.data.Dataset):
@@ -98,6 +120,12 @@ class CachedMoments:
 
     def __init__(self, cache_dir: Path, random_flip: bool = True):
         recorded = json.loads((cache_dir / INDEX).read_text())
+        for name, size in recorded.get("bytes", {}).items():  # caches from before sizes were recorded: as they are
+            found = (cache_dir / name).stat().st_size if (cache_dir / name).is_file() else None
+            if found != size:
+                raise UserInputError(f"latent cache {cache_dir} is damaged: {name} is "
+                                     f"{'missing' if found is None else f'{found} bytes'}, {size} bytes were written; "
+                                     "delete the folder to encode it again")
         self.files = [str(cache_dir / name) for name in recorded["shards"]]
         self.random_flip = random_flip
         shard_of, position_of = {}, {}

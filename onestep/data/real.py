@@ -72,7 +72,8 @@ class DataSource:
                     "vae": hashlib.sha256(json.dumps([float(p.double().sum()) for p in vae.parameters()])
                                           .encode()).hexdigest()[:16]}
         build_latent_cache(self.rows(center_crop=True, random_flip=False), self.teacher.encode_moments, cache_dir,
-                           settings, self.data.batch_size, dtype=DTYPES[self.data.latent_cache_dtype],
+                           settings, self.data.batch_size, self.data.latent_cache_shard_size,
+                           dtype=DTYPES[self.data.latent_cache_dtype],
                            num_workers=self.data.num_workers)
         cached = CachedMoments(cache_dir, self.data.random_flip)
         rows = Rows(self.table, self.columns, cached)

@@ -151,6 +151,7 @@ class StreamingImages:
         self.skipped: set[str] = set()
         self._batches: Iterator[dict] | None = None
         self._buffer: list[dict] = []
+        self._position = (0, 0)  # (epoch, loader batches of it taken into the buffer): saved in checkpoints
 
     @property
     def conditioned(self) -> bool:
@@ -174,23 +175,30 @@ class StreamingImages:
         from onestep.training.trainer import process_state
 
         state = process_state()
-        sampler = torch.utils.data.DistributedSampler(self.rows, num_replicas=state.num_processes,
-                                                      rank=state.process_index, shuffle=True, seed=self.seed)
+        sampler = _Resuming(torch.utils.data.DistributedSampler(self.rows, num_replicas=state.num_processes,
+                                                                rank=state.process_index, shuffle=True,
+                                                                seed=self.seed))
+        # its own generator: creating a loader iterator draws a seed, which must not come from the training's
+        # random numbers (a resumed run creates one where the uninterrupted run did not)
         loader = torch.utils.data.DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler,
                                              num_workers=self.num_workers, collate_fn=collate,
-                                             persistent_workers=self.num_workers > 0)
-        epoch = 0
+                                             persistent_workers=self.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(self.seed))
+        epoch, taken = self._position
         while True:
-            sampler.set_epoch(epoch)
-            produced = 0
+            sampler.inner.set_epoch(epoch)
+            sampler.skip = taken * self.batch_size
+            produced = taken
             for batch in loader:
                 self._report(batch["skipped"])
+                taken += 1
+                self._position = (epoch, taken)
                 if "x" in batch:
                     produced += len(batch["x"])
                     yield batch
             if not produced:
                 raise UserInputError(f"no readable image in {self.source} ({len(self.skipped)} skipped)")
-            epoch += 1
+            epoch, taken = epoch + 1, 0
 
     def _report(self, skipped: list[str]) -> None:
         for what in skipped:
@@ -215,6 +223,15 @@ class StreamingImages:
         self._buffer = [rest] if len(rest["x"]) else []
         return {k: v[:n] for k, v in joined.items()}
 
+    def state_dict(self) -> dict:
+        """Where the stream is (saved in checkpoints): a resumed run reads on from the same row. With
+        `num_workers: 0` it also draws the same flips (from the restored random numbers); workers draw their own."""
+        return {"epoch": self._position[0], "batches": self._position[1], "buffer": self._buffer}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position, self._buffer = (int(state["epoch"]), int(state["batches"])), list(state["buffer"])
+        self._batches = None
+
     def sample(self, n: int, device: torch.device | str) -> tuple[torch.Tensor, Condition]:
         """n real images in model space and their Condition (their captions' embeddings, or their labels)."""
         batch = self.next_batch(n)
@@ -226,3 +243,17 @@ class StreamingImages:
         if "label" in batch:
             return x, Condition(class_labels=batch["label"].to(device))
         return x, (self.unlabeled(n).to(device) if self.unlabeled is not None else Condition())
+
+
+class _Resuming(torch.utils.data.Sampler):
+    """A sampler that leaves out the first `skip` indices of its next pass (a resumed stream's position)."""
+
+    def __init__(self, inner: torch.utils.data.Sampler):
+        self.inner, self.skip = inner, 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices, self.skip = list(self.inner)[self.skip:], 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip

@@ -87,6 +87,11 @@ class Distiller:
         x_t = self.generator.simulate(noise, condition, step) if step else None
         return generator(noise, condition, step, x_t), index, condition
 
+    def checkpointed(self) -> list:
+        """What the trainer's checkpoints keep beside the networks: the real-image stream's position."""
+        real = getattr(self, "real", None)
+        return [real] if hasattr(real, "state_dict") else []
+
     # --- what the trainer reports and writes -------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return {} if self.judge is None else self.judge.generator_metrics(self.generator, self.teacher)

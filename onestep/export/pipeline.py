@@ -77,11 +77,7 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
     if lora_layers(unet):
         unet = without_adapters(generator.unet, merge=lora == "merge")
         adapter = functools.partial(save_lora_weights, generator.unet) if lora == "adapter" else None
-
-    def write_extra(folder: Path) -> None:
-        use_original_components(teacher, folder)  # the VAE, text encoders, tokenizers as on the teacher's disk
-        if adapter is not None:
-            adapter(folder)
+    from onestep.export.stock import export_stock_pipeline, stock_folder
 
     pipeline = OneStepPipeline(unet=unet, scheduler=teacher.scheduler, vae=teacher.vae,
                                text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
@@ -90,15 +86,23 @@ def export_generator(generator: Generator, teacher: Teacher, out_dir: str | os.P
                                text_encoder_3=teacher.text_encoder_3, tokenizer_3=teacher.tokenizer_3,
                                embedded_guidance=teacher.guidance_scale if teacher.embedded_guidance else None,
                                input_scaling=getattr(generator, "input_scaling", "sigma"))  # BOOT's has none
-    out_dir = export_pipeline(pipeline, out_dir, write_extra)
-    from onestep.export.stock import export_stock_pipeline
+    stock_dir = stock_folder(out_dir)
+    written = []
 
-    stock = export_stock_pipeline(out_dir)  # SD-family one-step students: also OUT_DIR_diffusers, a stock folder
-    if stock is not None and adapter is None:  # (an adapter run's stock folder holds the base UNet)
+    def write_extra(folder: Path) -> None:
+        use_original_components(teacher, folder)  # the VAE, text encoders, tokenizers as on the teacher's disk
+        if adapter is not None:
+            adapter(folder)
+        # SD-family and flow one-step students: also OUT_DIR_diffusers, a stock diffusers folder, written from the
+        # new folder before either replaces its old one: a failure in either (a full disk) leaves both as they were
+        written.append(export_stock_pipeline(folder, stock_dir))
+
+    out_dir = export_pipeline(pipeline, out_dir, write_extra)
+    if written[0] is not None and adapter is None and not teacher.is_flow:  # an adapter run's: the base UNet
         from onestep.export.single_file import export_single_file, single_file
 
         try:  # and OUT_DIR.safetensors (ComfyUI, A1111)
-            export_single_file(stock, single_file(out_dir))
+            export_single_file(written[0], single_file(out_dir))
         except (ValueError, KeyError) as err:  # a UNet / VAE with no original-layout equivalent: the rest stands
             warnings.warn(f"no single-file export beside {out_dir}: {err}", stacklevel=2)
     return out_dir

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -18,8 +19,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 
-from onestep.errors import UserInputError
-from onestep.files import write_json_atomic
+from onestep.errors import PeerLost, UserInputError
+from onestep.files import remove_leftovers, write_json_atomic
 from onestep.models.networks import reachable_modules
 from onestep.models.unet import diffusers_models, enable_gradient_checkpointing
 from onestep.training.checkpoints import (
@@ -27,6 +28,7 @@ from onestep.training.checkpoints import (
     read_state,
     refuse_changed_frozen_tensors,
     save_checkpoint,
+    verified_checkpoint,
 )
 from onestep.training.progress import Progress
 from onestep.training.sharding import (
@@ -55,6 +57,7 @@ class TrainingTask(Protocol):
     # DisBack's moving target); it must be a pure function of `step` so that a resumed run picks up exactly.
     # optional: `attention_backend`, the attention implementation its networks run (onestep.models.attention); logged.
     # optional: `sample_labels() -> list[str] | None`, the prompt of each `sample_images()` image (written under it).
+    # optional: `checkpointed() -> list`, objects with state_dict / load_state_dict that checkpoints keep (a stream).
     #
     # Multi-process training (`accelerate launch` / `torchrun`): every process runs the same task on its own random
     # numbers (the seed is offset by the process index), so `data.batch_size` is per process and the global batch is
@@ -86,6 +89,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     max_nonfinite_in_a_row: int = 20  # stop after N skipped non-finite updates
     resume: bool = True  # continue from the newest checkpoint in output_dir
+    # SIGTERM / SIGINT: seconds until the SIGKILL that follows (SLURM's KillWait, 30 s by default). The run finishes
+    # its step and checkpoints, then exports its pipeline if at least half of this is left; a second signal stops it
+    # at once (every write is atomic, so nothing is left half-written)
+    stop_grace_s: float = 30.0
     # memory and speed (all off by default): recompute the activations of every network's blocks in the backward pass
     # instead of keeping them; compile the trained networks' forward with torch.compile and this backend
     gradient_checkpointing: bool = False
@@ -155,10 +162,15 @@ class Trainer:
                 self.accelerator.register_for_checkpointing(ema)
                 self.emas[update.name] = (ema, params)
         self.accelerator.register_for_checkpointing(self.counter)
+        for stateful in getattr(task, "checkpointed", list)():  # e.g. a data stream's position
+            self.accelerator.register_for_checkpointing(stateful)
+        self.custom_states = len(self.emas) + 1 + len(getattr(task, "checkpointed", list)())
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
         self.stop_signal: str | None = None
+        self.stop_time = 0.0  # time.monotonic() when the stop signal arrived
+        self.signals_received = 0  # by this process: a second one stops it at once
 
     # --- helpers ----------------------------------------------------------------------------------------------
     @property
@@ -170,9 +182,26 @@ class Trainer:
         """FSDP: the trained networks hold shards (onestep.training.sharding)."""
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def export(self) -> None:
-        """The task's pipeline with the EMA weights, written by the main process. Under FSDP every process first
-        takes part in gathering each trained network's whole weights, and the main process exports plain copies."""
+    def export(self, metrics: dict | None = None) -> None:
+        """The task's pipeline with the EMA weights, written by the main process, then `metrics` (metrics.json, at
+        the end of training) and the model card. Under FSDP every process first takes part in gathering each trained
+        network's whole weights, and the main process exports plain copies. Every folder and file is replaced only
+        when complete, so a write that fails (a full disk) leaves what was there: one line, UserInputError."""
+        try:
+            self._export()
+            if self.accelerator.is_main_process:
+                if metrics is not None:
+                    write_json_atomic(self.output_dir / "metrics.json", metrics)
+                from onestep.export.model_card import write_model_card
+
+                run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
+                write_model_card(self.output_dir / "pipeline", run_config, metrics)
+        except OSError as err:
+            raise UserInputError(f"cannot write the export in {self.output_dir} ({err.strerror or err}); the previous "
+                                 f"export is as it was and {_last_checkpoint_line(self.output_dir)}") from None
+        self.accelerator.wait_for_everyone()
+
+    def _export(self) -> None:
         with self.ema_weights():
             if not self.sharded:
                 if self.accelerator.is_main_process:
@@ -295,6 +324,8 @@ class Trainer:
             votes = torch.tensor([signum, float(over_budget)], device=self.accelerator.device)
             signum, over_budget = (int(v) for v in self.accelerator.reduce(votes, "max").tolist())
         if signum:
+            if self.stop_signal is None:  # heard from another process: the grace period runs from here
+                self.stop_time = time.monotonic()
             self.stop_signal = signal.Signals(signum).name
             return f"stopped by {self.stop_signal}"
         return f"stopped at the {budget}-minute budget" if over_budget else None
@@ -311,10 +342,18 @@ class Trainer:
                         self.config.keep_checkpoints)
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint in output_dir/checkpoints, if any."""
-        found = latest_checkpoint(self.output_dir / "checkpoints")
+        """Load the newest complete, intact checkpoint in output_dir/checkpoints, if any; a damaged newer one is named
+        in one line on stderr (and in the log) and passed over."""
+        found, damaged = verified_checkpoint(self.output_dir / "checkpoints")
+        for line in damaged:
+            if self.accelerator.is_main_process:
+                print(f"onestep: {line}", file=sys.stderr)
+            self._log({"step": self.step, "event": line})
         if found is None:
             return False
+        if len(list(found.glob("custom_checkpoint_*.pkl"))) != self.custom_states:
+            raise UserInputError(f"checkpoint {found} holds another set of states than this run keeps (written before "
+                                 "checkpoints kept the data stream's position?); start over with --overwrite")
         self.accelerator.load_state(str(found))
         state = read_state(found)
         assert self.counter.step == state["step"]
@@ -390,9 +429,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGINT / SIGTERM end the loop after the current step; the run then checkpoints and returns."""
+        """SIGINT / SIGTERM end the loop after the current step; the run then checkpoints and returns. A second one
+        raises StoppedAtOnce wherever the run is: the atomic writes in flight remove their temporary files."""
         def request_stop(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            self.signals_received += 1
+            if self.signals_received > 1:
+                raise StoppedAtOnce(f"stopped at once by a second {name} at step {self.step}; "
+                                    f"{_last_checkpoint_line(self.output_dir)}")
+            self.stop_signal, self.stop_time = name, time.monotonic()
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -411,6 +456,12 @@ class Trainer:
         try:
             with self._stop_on_signals():
                 return self._train()
+        except RuntimeError as err:
+            if self.accelerator.num_processes == 1 or not _collective_failure(err):
+                raise
+            raise PeerLost(f"process {self.accelerator.process_index}: another process of this run is gone "
+                           f"({_first_line(err)}) at step {self.step}; {_last_checkpoint_line(self.output_dir)}; "
+                           "run the same command again to resume") from None
         finally:  # not accelerator.end_training(): it also ends the process group, which a next run may need
             for tracker in self.accelerator.trackers:
                 tracker.finish()
@@ -418,6 +469,11 @@ class Trainer:
     def _train(self) -> dict:
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:  # a killed run's half-written export or checkpoint, never read
+            remove_leftovers(self.output_dir)
+            for partial in (self.output_dir / "checkpoints").glob(".tmp-checkpoint-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         resumed = cfg.resume and self.resume()
         attention = getattr(self.task, "attention_backend", None)  # set by onestep.runs: the kernel that runs
         self._log({"step": self.step, "event": "resumed" if resumed else "started",
@@ -468,21 +524,49 @@ class Trainer:
         if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self._checkpoint()
         if self.stop_signal is not None:
-            return {"interrupted": self.stop_signal, "step": self.step}
+            return self._stopped()
         final = self.evaluate()
         self.save_samples()
-        self.export()
-        if self.accelerator.is_main_process:
-            metrics = {"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
-                       "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history}
-            write_json_atomic(self.output_dir / "metrics.json", metrics)
-            from onestep.export.model_card import write_model_card
-
-            run_config = self.run_config or {"method": type(self.task).__name__, "train": vars(self.config)}
-            write_model_card(self.output_dir / "pipeline", run_config, metrics)
-        self.accelerator.wait_for_everyone()
+        self.export({"step": self.step, "train_seconds": round(self.counter.elapsed, 2),
+                     "nonfinite_updates_skipped": self.nonfinite_total, "final": final, "history": self.history})
         return final
 
+    def _stopped(self) -> dict:
+        """After a stop signal and its checkpoint: the export, where the grace period leaves time for it (no
+        evaluation: it could take minutes). Returns what was written, and why the export was skipped if it was."""
+        result = {"interrupted": self.stop_signal, "step": self.step,
+                  "checkpoint": str(latest_checkpoint(self.output_dir / "checkpoints"))}
+        left = self.config.stop_grace_s - (time.monotonic() - self.stop_time)
+        if self._on_any_process(left < self.config.stop_grace_s / 2):
+            result["export_skipped"] = (f"{max(left, 0):.0f} s of the {self.config.stop_grace_s:g} s grace period "
+                                        "left after the checkpoint (train.stop_grace_s)")
+            return result
+        self.export()
+        result["pipeline"] = str(self.output_dir / "pipeline")
+        return result
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second stop signal: the run leaves wherever it is (its message is one line)."""
+
+
+def _collective_failure(err: RuntimeError) -> bool:
+    """A collective call that failed because a peer is gone (gloo: its connection closed; NCCL: DistBackendError)."""
+    text = str(err)
+    return isinstance(err, torch.distributed.DistBackendError) or "gloo" in text or "Connection reset" in text \
+        or "Connection closed" in text
+
+
+def _first_line(err: Exception) -> str:
+    """An error's first line without the source location gloo puts in front ("[.../pair.cc:537] Read error")."""
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    line = line.split("] ", 1)[1] if line.startswith("[") and "] " in line else line
+    return line.split(". ", 1)[0]  # gloo goes on with advice that does not fit here
+
+
+def _last_checkpoint_line(output_dir: Path) -> str:
+    last = latest_checkpoint(output_dir / "checkpoints")
+    return f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
 
 
 def process_state() -> PartialState:
