@@ -1,14 +1,14 @@
-"""Try it small first: tiny random diffusers folders of each published layout, and the overrides that run any SD
-recipe (configs/sd15/*.yaml, configs/sdxl/*.yaml) on one in seconds on a CPU.
+"""Try it small first: tiny random diffusers folders of each published layout, and the overrides that run any recipe
+(configs/{sd15,sdxl,sd3,flux}/*.yaml) on one in seconds on a CPU.
 
     onestep tiny sd15 /tmp/tiny_sd15
     onestep train configs/sd15/dmd2.yaml --tiny /tmp/tiny_sd15
 
-The weights are random (the components are built from `onestep/assets/shapes/tiny*/`): a tiny folder checks that a
-recipe, its data path, its export and the stock loaders work end to end, never what a recipe learns. The folder is a
-standard diffusers folder (`DiffusionPipeline.from_pretrained(OUT)` loads it) and also holds `prompts.txt` and, for
-the kinds onestep trains, `images/` (a captioned imagefolder of random pixels) for the recipes' data, and `runs/` for
-their outputs.
+The weights are random (the UNet kinds are built from `onestep/assets/shapes/tiny*/`, the flow-transformer kinds by
+`onestep.models.tiny_folders`): a tiny folder checks that a recipe, its data path, its export and the stock loaders
+work end to end, never what a recipe learns. The folder is a standard diffusers folder
+(`DiffusionPipeline.from_pretrained(OUT)` loads it) and also holds `prompts.txt` and `images/` (a captioned
+imagefolder of random pixels) for the recipes' data, and `runs/` for their outputs.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 from onestep.errors import UserInputError
 
 
-# `onestep tiny KIND` -> the shape (onestep/assets/shapes/<shape>/) and its pipeline class
-KINDS = {"sd15": "tiny", "sdxl": "tiny_sdxl", "sd3": "tiny_sd3", "flux": "tiny_flux"}
-# the kinds onestep distills today; SD3 and FLUX (flow-matching transformers) build and load, but train next
-TRAINABLE = ("sd15", "sdxl")
+# `onestep tiny KIND` for the UNet kinds -> the shape (onestep/assets/shapes/<shape>/) they are built from
+SHAPES = {"sd15": "tiny", "sdxl": "tiny_sdxl"}
+KINDS = (*SHAPES, "sd3", "flux")  # the flow-transformer kinds: onestep.models.tiny_folders (FLUX as FLUX.1-dev)
 PROMPTS = [f"a photo of a {colour} {thing}" for colour in ("red", "blue", "green", "black")
            for thing in ("cat", "car", "house", "tree")]  # enough distinct prompts for MSD's text partition
 NUM_IMAGES = 4
@@ -33,7 +32,8 @@ def write_tiny(kind: str, out: str | os.PathLike) -> dict:
     """Write the tiny folder of `kind` (sd15 | sdxl | sd3 | flux) to `out` (which must not hold anything yet);
     returns what was written, for the command's JSON line."""
     from onestep.files import atomic_folder
-    from onestep.models.shapes import PIPELINES, write_random_images, write_random_teacher
+    from onestep.models.shapes import write_random_images, write_random_teacher
+    from onestep.models.tiny_folders import tiny_flux_folder, tiny_sd3_folder
 
     if kind not in KINDS:
         raise UserInputError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -41,24 +41,23 @@ def write_tiny(kind: str, out: str | os.PathLike) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"{out} already exists and is not empty; choose a new folder")
     with atomic_folder(out) as tmp:
-        write_random_teacher(KINDS[kind], tmp)
+        if kind in SHAPES:
+            write_random_teacher(SHAPES[kind], tmp)
+        else:
+            (tiny_sd3_folder if kind == "sd3" else tiny_flux_folder)(tmp)
         (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-        if kind in TRAINABLE:
-            write_random_images(tmp / "images", image_side(tmp), NUM_IMAGES)
-    info = {"folder": str(out), "kind": kind, "pipeline": PIPELINES[KINDS[kind]]}
-    if kind in TRAINABLE:
-        info["try"] = f"onestep train configs/{kind}/dmd2.yaml --tiny {out}"
-    else:
-        info["note"] = (f"onestep does not distill {kind} teachers yet (flow-matching transformers come next); the "
-                        f"folder loads with diffusers' {info['pipeline']}.from_pretrained")
-    return info
+        write_random_images(tmp / "images", image_side(tmp), NUM_IMAGES)
+        pipeline = json.loads((tmp / "model_index.json").read_text())["_class_name"]
+    return {"folder": str(out), "kind": kind, "pipeline": pipeline,
+            "try": f"onestep train configs/{kind}/dmd2.yaml --tiny {out}"}
 
 
 def image_side(folder: Path) -> int:
-    """The pixel side of a tiny UNet folder's images: the UNet's sample size times the VAE's downscaling."""
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    """The pixel side of a tiny folder's images: the resolution its teacher trains at (for FLUX, whose transformer
+    has no sample size, the VAE's), as the training code itself reads it."""
+    from onestep.models.teacher import Teacher
+
+    return Teacher.from_pretrained(folder).image_size[0]
 
 
 # per method: what shortens its own schedule (DisBack records a degradation path first; MSD trains each student)
@@ -76,9 +75,6 @@ def tiny_overrides(folder: str | os.PathLike, recipe: str | os.PathLike) -> list
     folder, recipe = Path(folder), Path(recipe)
     if not (folder / "model_index.json").is_file() or not (folder / "prompts.txt").is_file():
         raise UserInputError(f"--tiny {folder} is not a folder written by `onestep tiny`")
-    if not (folder / "unet").is_dir():
-        raise UserInputError(f"--tiny {folder}: onestep distills UNet teachers (sd15, sdxl); this folder's denoiser "
-                             "is a flow-matching transformer (SD3 / FLUX), which it does not train yet")
     try:
         method = OmegaConf.load(recipe).get("method") if recipe.is_file() else None
     except Exception:  # an unreadable recipe: load_config names the problem

@@ -17,10 +17,10 @@ from onestep.errors import UserInputError
 
 SHAPES_DIR = Path(__file__).parent.parent / "assets" / "shapes"
 # tiny*: each layout at test size (dry runs, CI, `onestep tiny`); tiny is SD1.5's
-SHAPES = ("sd15", "sdxl", "tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux")
+# (tiny SD3 / FLUX folders: onestep.models.tiny_folders)
+SHAPES = ("sd15", "sdxl", "tiny", "tiny_sdxl")
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "tiny": "StableDiffusionPipeline",
-             "tiny_sdxl": "StableDiffusionXLPipeline", "tiny_sd3": "StableDiffusion3Pipeline",
-             "tiny_flux": "FluxPipeline"}
+             "tiny_sdxl": "StableDiffusionXLPipeline"}
 # pipeline settings of model_index.json as the published folders have them (SDXL base: zeros for the empty prompt)
 INDEX_CONFIG = {"StableDiffusionXLPipeline": {"force_zeros_for_empty_prompt": True}}
 
@@ -75,26 +75,13 @@ def write_tokenizer(folder: Path, max_length: int = 77) -> None:
                   model_max_length=max_length).save_pretrained(folder)
 
 
-def write_t5_tokenizer(folder: Path) -> None:
-    """A T5 (sentencepiece-style unigram) tokenizer over lower-case letters and digits, each also word-initial."""
-    import string
-
-    from transformers import T5Tokenizer
-
-    chars = string.ascii_lowercase + string.digits
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -1.5) for c in chars]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
-
-
 def write_tokenizers(folder: Path, configs: dict[str, dict], index: dict) -> None:
-    """The tokenizer of each text encoder (`text_encoder_2` -> `tokenizer_2`): CLIP or T5 as the encoder is."""
-    for name, config in configs.items():
+    """The CLIP tokenizer of each text encoder (`text_encoder_2` -> `tokenizer_2`)."""
+    for name in configs:
         if name.startswith("text_encoder"):
             tokenizer = name.replace("text_encoder", "tokenizer")
-            t5 = config.get("model_type") == "t5"
-            (write_t5_tokenizer if t5 else write_tokenizer)(folder / tokenizer)
-            index[tokenizer] = ["transformers", "T5TokenizerFast" if t5 else "CLIPTokenizer"]
+            write_tokenizer(folder / tokenizer)
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
 
 
 def write_random_teacher(shape: str, folder: Path, latent_size: int | None = None,
