@@ -185,6 +185,7 @@ def test_a_resume_never_writes_into_the_shared_teacher(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from onestep.errors import UserInputError
+    from onestep.training.checkpoints import COMPLETE_MARKER, MANIFEST
 
     run = tmp_path / "run"
     Trainer(_dmd(LoRAConfig(rank=2, critic=True), gan=True), run, TrainerConfig(max_steps=1)).train()
@@ -196,11 +197,15 @@ def test_a_resume_never_writes_into_the_shared_teacher(tmp_path):
     teacher = {id(t) for t in dmd.teacher.unet.parameters()}
     shared = [n for n, p in dmd.generator.state_dict(keep_vars=True).items() if id(p) in teacher]
     assert "unet.conv_in.weight" in shared or "unet.conv_in.base_layer.weight" in shared
-    for file in (run / "checkpoints" / "checkpoint-0000002").glob("model*.safetensors"):  # generator's, critic's
+    checkpoint = run / "checkpoints" / "checkpoint-0000002"
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    for file in checkpoint.glob("model*.safetensors"):  # generator's, critic's
         state = load_file(file)
         for name in [n for n in state if n in shared and "conv_in" in n]:
             state[name] = state[name] + 1.0  # as another teacher's checkpoint would hold
         save_file(state, file)
+        marker[MANIFEST][file.name] = file.stat().st_size  # a complete checkpoint, not a damaged one
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps(marker))
     before = {k: v.clone() for k, v in dmd.teacher.unet.state_dict().items()}
     with pytest.raises(UserInputError, match="holds a different unet.conv_in.*teacher is left as it is"):
         Trainer(dmd, run, TrainerConfig(max_steps=3)).train()

@@ -67,7 +67,12 @@ def test_sigterm_checkpoints_exports_and_says_how_to_resume_then_a_second_signal
     proc = start(out)
     wait_for_step(out, proc, step + 2)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)  # two signals sent at once would arrive as one
+    # the second signal lands while the first one's checkpoint is being written (two signals sent at once would
+    # arrive as one, and a fixed pause can outlast a small run's checkpoint and export)
+    deadline = time.monotonic() + 60
+    while not any((out / "checkpoints").glob(".tmp-checkpoint-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the first SIGTERM started no checkpoint"
+        time.sleep(0.001)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
