@@ -263,7 +263,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples or 1000,
                   teacher_steps=args.teacher_steps, speed_batch=args.speed_batch, seeds=args.seeds,
-                  forget=args.forget)
+                  forget=args.forget, use_cache=not args.no_cache)
     return 0
 
 
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
     bench.add_argument("--forget", type=int, nargs="+", default=[],
                        help="forgotten classes: add unlearning accuracy and FD on the remaining classes per row")
+    bench.add_argument("--no-cache", action="store_true",
+                       help="compare: resample the teacher's rows instead of reading the teacher-row cache")
     bench.set_defaults(run=_bench)
     return parser
 
