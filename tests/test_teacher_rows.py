@@ -14,6 +14,7 @@ from onestep.bench.compare import teacher_row_protocol
 from onestep.bench.teacher_rows import CARD_FILE, cached_row, lookup, row_key, store
 from onestep.cli import build_parser
 from onestep.models.loading import resolve_model
+from tests.conftest import bench_run
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,17 +92,7 @@ def test_the_card_file_is_read_first_and_a_damaged_entry_is_a_miss(teacher):
 
 
 def test_the_bench_table_reads_its_teacher_rows_from_the_cache(tmp_path, monkeypatch):
-    from onestep.export.pipeline import export_generator
-    from onestep.models.generator import Generator
-    from onestep.models.teacher import Teacher
-
-    teacher = Teacher.from_pretrained("builtin:digits")
-    run = tmp_path / "run"
-    export_generator(Generator.from_teacher(teacher.unet, teacher.schedule, [400]), teacher, run / "pipeline")
-    (run / "config.json").write_text(json.dumps({"method": "sid", "teacher": {"path": "builtin:digits",
-                                                                              "guidance_scale": 1.0}}))
-    history = [{"step": 10, "elapsed_s": 6.0, "fd_digits/student": 50.0}]
-    (run / "metrics.json").write_text(json.dumps({"step": 10, "train_seconds": 6.0, "history": history}))
+    run = bench_run(tmp_path / "run")
     sampled = []
     original = compare.sample_teacher_row
     monkeypatch.setattr(compare, "sample_teacher_row", lambda t, p: sampled.append(p) or original(t, p))

@@ -202,10 +202,10 @@ def markdown_table(report: dict) -> str:
         fds = " | ".join(_mean_std(r["judges"][key]) for key, _ in judges)
         lines.append(f"| {r['name']} | {r['nfe']} | {fds} | {_fmt(r['images_per_s'], 0)} | "
                      f"{_fmt(r['speedup_vs_teacher'], 1)}x | {_fmt(r.get('class_share_max_error'), 3)} | {training} |")
-    cached = [f"{r['name']}: {r['cached']}" for r in report["rows"] if r.get("cached")]
+    cached = [f"- {r['name']}: {r['cached']}" for r in report["rows"] if r.get("cached")]
     if cached:
         lines += ["", "Teacher rows read from the teacher-row cache (`onestep bench --no-cache` resamples them; "
-                  "their images/s are the measuring machine's): " + "; ".join(cached) + "."]
+                  "their images/s are the measuring machine's):", *cached]
     if report.get("forget"):
         lines += ["", *forgetting_table(report)]
     return "\n".join(lines) + "\n"

@@ -19,36 +19,24 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-from onestep.files import write_json_atomic
+from onestep.files import files_digest, write_json_atomic
 
 
 CARD_FILE = "teacher_rows.json"
 
 
-def files_digest(root: Path, files: Iterable[Path]) -> str:
-    """sha256 over files' paths relative to `root` and their bytes."""
-    digest = hashlib.sha256()
-    for file in sorted(files):
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def folder_digest(folder: Path) -> str:
     """sha256 of every file in a folder (a judge's weights and config)."""
-    return files_digest(folder, (f for f in folder.rglob("*") if f.is_file()))
+    return files_digest(folder, sorted(f for f in folder.rglob("*") if f.is_file()))
 
 
 def teacher_digest(teacher: Path) -> str:
     """sha256 of what sampling a teacher folder reads: model_index.json and its component folders' files."""
     files = [f for f in teacher.rglob("*") if f.is_file() and (f.parent != teacher or f.name == "model_index.json")]
-    return files_digest(teacher, files)
+    return files_digest(teacher, sorted(files))
 
 
 def row_key(teacher: Path, protocol: dict) -> str:
