@@ -1,7 +1,7 @@
 """Regenerate the teacher rows shipped with the builtin teachers (onestep/assets/*/teacher_rows.json), so that the
 tables of `make demo` (`onestep bench`) and `make demo-t2i` (scripts/t2i_table.py) read their teacher rows instead
-of resampling the teacher every time. Images/s are measured with torch's thread count (OMP_NUM_THREADS), which
-each row records.
+of resampling the teacher every time. `onestep bench` measures images/s anew each time; the t2i rows keep the
+images/s measured here, with torch's thread count (OMP_NUM_THREADS), which each row records.
 
     python scripts/teacher_rows.py [digits] [t2i]
 
@@ -36,9 +36,10 @@ def digits_rows() -> None:
     cfg = load_config(ROOT / "configs" / "digits" / "dmd2.yaml")
     bench = build_parser().parse_args(["bench", "--out", "unused"])  # the table's defaults, as `make demo` runs it
     teacher = resolve_model(cfg.teacher.path)
+    (teacher / CARD_FILE).unlink(missing_ok=True)  # rows of an older protocol would stay as dead entries
     for k in bench.teacher_steps:
         protocol = teacher_row_protocol(k, cfg.teacher.guidance_scale, bench.num_samples or 1000, bench.seeds,
-                                        bench.speed_batch, bench.forget)
+                                        bench.forget)
         start = time.perf_counter()
         row = sample_teacher_row(teacher, protocol)
         store(teacher / CARD_FILE, teacher, protocol, row, COMMAND, HEADER)
@@ -49,6 +50,7 @@ def t2i_rows() -> None:
     cfg = load_config(ROOT / "configs" / "t2i" / "dmd2.yaml")
     teacher = resolve_model(cfg.teacher.path, cfg.teacher.revision)
     judge = build_judge(cfg, None, is_text=True)
+    (teacher / CARD_FILE).unlink(missing_ok=True)
     for k in T2I_STEPS:
         protocol = t2i_teacher_protocol(cfg, judge, k)
         start = time.perf_counter()
