@@ -66,16 +66,17 @@ def _requests(sampler, n: int, prompts_file: str | None):
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from onestep.errors import UserInputError
-    from onestep.eval.grid import save_grid
-    from onestep.eval.quantize import to_uint8
-    from onestep.sampling.inference import load_sampler
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise UserInputError(f"--out must end in .png (grid) or .npz (arrays), got {out.name}")
+    import numpy as np
+
+    from onestep.eval.grid import save_grid
+    from onestep.eval.quantize import to_uint8
+    from onestep.sampling.inference import load_sampler
+
     _quiet_loading()
     sampler = load_sampler(args.folder, args.steps, args.sampler, args.guidance)
     labels, prompts = _requests(sampler, args.num_images, args.prompts)
@@ -122,18 +123,19 @@ def _npz_images(source: Path, limit: int | None):
 
 def _fid(args: argparse.Namespace) -> int:
     from onestep.errors import UserInputError
+
+    no_fd = args.features == "none"
+    if no_fd and (args.save_stats or not args.metrics):
+        raise UserInputError("--features none scores --metrics only (give at least one; no --save-stats)")
+    if args.source is None and not args.save_stats:
+        raise UserInputError("give a SOURCE to score, or --save-stats OUT.npz to write the reference's statistics")
     from onestep.eval.features import FeatureOptions
     from onestep.eval.metrics import FrechetMetric, MetricContext, build_metric, run_metrics
 
     _quiet_loading()
     options = FeatureOptions(args.inception_weights, args.allow_pickle)
     ctx = MetricContext(batch_size=args.batch_size, features=options, clip_model=args.clip_model)
-    no_fd = args.features == "none"
-    if no_fd and (args.save_stats or not args.metrics):
-        raise UserInputError("--features none scores --metrics only (give at least one; no --save-stats)")
     if args.source is None:
-        if not args.save_stats:
-            raise UserInputError("give a SOURCE to score, or --save-stats OUT.npz to write the reference's statistics")
         _save_reference_stats(args, options)
         return 0
     fd = None if no_fd else FrechetMetric(args.features, args.reference, ctx)
@@ -243,8 +245,6 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from onestep.bench.compare import run_benchmark, step_overhead
-    from onestep.config import load_config
     from onestep.errors import UserInputError
 
     if args.suite == "attention":
@@ -287,6 +287,9 @@ def _bench(args: argparse.Namespace) -> int:
         run_modes_suite([Path(r) for r in args.runs], Path(args.out), args.num_samples or 10000,
                         max(args.teacher_steps), args.seeds)
         return 0
+    from onestep.bench.compare import run_benchmark, step_overhead
+    from onestep.config import load_config
+
     if args.suite == "step-overhead":
         for config in args.runs:
             overrides = []
@@ -301,7 +304,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     run_benchmark([Path(r) for r in args.runs], Path(args.out), num_samples=args.num_samples or 1000,
                   teacher_steps=args.teacher_steps, speed_batch=args.speed_batch, seeds=args.seeds,
-                  forget=args.forget)
+                  forget=args.forget, use_cache=not args.no_cache)
     return 0
 
 
@@ -404,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
     bench.add_argument("--forget", type=int, nargs="+", default=[],
                        help="forgotten classes: add unlearning accuracy and FD on the remaining classes per row")
+    bench.add_argument("--no-cache", action="store_true",
+                       help="compare: resample the teacher's rows instead of reading the teacher-row cache")
     bench.set_defaults(run=_bench)
     return parser
 

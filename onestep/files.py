@@ -1,15 +1,16 @@
 """Atomic file and folder writes (a temporary file or folder beside the target, moved over the target only when
-complete), and JSON reads of user files that fail in one line."""
+complete), JSON reads of user files that fail in one line, and content digests of files (cache keys)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -127,3 +128,15 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return found
+
+
+def files_digest(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over files' paths relative to `root` and their bytes, in the order given: a cache key's content."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()

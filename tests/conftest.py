@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,21 @@ def sd_folder(out_dir: Path, kind: str = "sd15") -> Path:
                     tokenizer=tokenizer, scheduler=sched)
     shutil.rmtree(out_dir / "vocab")
     return out_dir
+
+
+def bench_run(run: Path) -> Path:
+    """A finished run folder of builtin:digits for `onestep bench`: the copied teacher exported as a one-step sid
+    student, with a one-point history."""
+    from onestep.export.pipeline import export_generator
+    from onestep.models.generator import Generator
+
+    teacher = Teacher.from_pretrained("builtin:digits")
+    export_generator(Generator.from_teacher(teacher.unet, teacher.schedule, [400]), teacher, run / "pipeline")
+    (run / "config.json").write_text(json.dumps({"method": "sid", "teacher": {"path": "builtin:digits",
+                                                                              "guidance_scale": 1.0}}))
+    history = [{"step": 10, "elapsed_s": 6.0, "fd_digits/student": 50.0}]
+    (run / "metrics.json").write_text(json.dumps({"step": 10, "train_seconds": 6.0, "history": history}))
+    return run
 
 
 def hub_snapshot(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40, ref: str = "main") -> Path:

@@ -1,21 +1,11 @@
 """`onestep bench`: teacher rows and run rows under one protocol, forgetting metrics, Markdown and chart."""
 
-import json
-
 from onestep.bench.compare import markdown_table, run_benchmark
-from onestep.export.pipeline import export_generator
-from onestep.models.generator import Generator
-from onestep.models.teacher import Teacher
+from tests.conftest import bench_run
 
 
 def test_benchmark_rows_forgetting_and_outputs(tmp_path):
-    teacher = Teacher.from_pretrained("builtin:digits")
-    run = tmp_path / "run"
-    export_generator(Generator.from_teacher(teacher.unet, teacher.schedule, [400]), teacher, run / "pipeline")
-    (run / "config.json").write_text(json.dumps({"method": "sid", "teacher": {"path": "builtin:digits",
-                                                                              "guidance_scale": 1.0}}))
-    history = [{"step": 10, "elapsed_s": 6.0, "fd_digits/student": 50.0}]
-    (run / "metrics.json").write_text(json.dumps({"step": 10, "train_seconds": 6.0, "history": history}))
+    run = bench_run(tmp_path / "run")
     report = run_benchmark([run], tmp_path / "bench", num_samples=40, teacher_steps=[2], speed_batch=8,
                            seeds=[0, 1], forget=[0])
     names = [r["name"] for r in report["rows"]]

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from onestep.bench.teacher_rows import cached_row, folder_digest
 from onestep.errors import UserInputError
+from onestep.eval.classifier import DIGITS_JUDGES
 from onestep.eval.fd import frechet_distance
 from onestep.eval.features import metric_key
 from onestep.eval.quantize import to_uint8
@@ -24,12 +26,15 @@ from onestep.sampling.inference import FolderSampler, load_sampler
 JUDGES = ("digits", "digits_mlp")  # the two digits judges every row is scored on (onestep.eval.classifier)
 
 
-def images_per_second(sampler: FolderSampler, batch: int, repeats: int = 3) -> float:
-    """Median throughput of sampling one batch of `batch` images (after one warm-up batch)."""
+def images_per_second(sampler: FolderSampler, batch: int, passes: int = 3) -> float:
+    """Median throughput of sampling one batch of `batch` images, over as many batches as time at least `passes`
+    network passes per image (3 batches of a one-step sampler, 1 of a 4-step teacher), after a warm-up batch (a
+    small one for a multi-step sampler: its timed batch's first pass already runs at the full batch size)."""
     labels = balanced_labels(batch, sampler.num_classes) if sampler.num_classes else None
-    sampler.sample(labels, batch, seed=0, batch_size=batch)
+    warm = batch if sampler.nfe < passes else min(batch, 16)
+    sampler.sample(labels[:warm] if labels is not None else None, warm, seed=0, batch_size=warm)
     times = []
-    for _ in range(repeats):
+    for _ in range(-(-passes // sampler.nfe)):
         start = time.perf_counter()
         sampler.sample(labels, batch, seed=0, batch_size=batch)
         times.append(time.perf_counter() - start)
@@ -123,15 +128,36 @@ def finished_runs(runs: list[Path]) -> tuple[dict[Path, dict], Path, float]:
     return configs, resolve_path(teachers.pop()), next(iter(configs.values()))["teacher"]["guidance_scale"]
 
 
+def teacher_row_protocol(steps: int, guidance: float, num_samples: int, seeds: list[int],
+                         forget: list[int] = ()) -> dict:
+    """Everything a teacher row of `run_benchmark` depends on besides the teacher's weights (the cache key)."""
+    return {"table": "onestep bench", "sampler": "ddim", "steps": steps, "guidance_scale": guidance,
+            "num_samples": num_samples, "seeds": list(seeds), "forget": list(forget), "reference": "digits",
+            "judges": {judge: folder_digest(DIGITS_JUDGES[judge]) for judge in JUDGES}}
+
+
+def sample_teacher_row(teacher_path: Path, protocol: dict) -> dict:
+    """The teacher's row under a `teacher_row_protocol`, sampled and scored (without images/s: see run_benchmark)."""
+    sampler = load_sampler(teacher_path, steps=protocol["steps"], guidance_scale=protocol["guidance_scale"])
+    row = evaluate_sampler(sampler, protocol["num_samples"], protocol["seeds"], None, protocol["forget"])
+    return {"name": f"teacher DDIM {protocol['steps']}", **row}
+
+
 def run_benchmark(runs: list[Path], out: Path, num_samples: int = 1000, teacher_steps: list[int] = (1, 4, 10, 50),
-                  speed_batch: int = 256, seeds: list[int] = (0,), forget: list[int] = ()) -> dict:
-    """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report."""
+                  speed_batch: int = 256, seeds: list[int] = (0,), forget: list[int] = (),
+                  use_cache: bool = True) -> dict:
+    """Evaluate the runs' exported pipelines and their shared teacher under one FD protocol; write the report.
+
+    The teacher's rows come from the teacher-row cache when it holds them (`use_cache=False` resamples them); their
+    images/s are measured here, beside the students', never cached."""
     configs, teacher_path, guidance = finished_runs(runs)
     rows = []
     for k in teacher_steps:
+        protocol = teacher_row_protocol(k, guidance, num_samples, seeds, forget)
+        row = cached_row(teacher_path, protocol, lambda p=protocol: sample_teacher_row(teacher_path, p),
+                         "onestep bench", use_cache)
         sampler = load_sampler(teacher_path, steps=k, guidance_scale=guidance)
-        row = evaluate_sampler(sampler, num_samples, seeds, speed_batch, forget)
-        rows.append({"name": f"teacher DDIM {k}", **row})
+        rows.append({**row, "images_per_s": images_per_second(sampler, speed_batch) if speed_batch else None})
     histories = {}
     for run, cfg in configs.items():
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
@@ -181,6 +207,10 @@ def markdown_table(report: dict) -> str:
         fds = " | ".join(_mean_std(r["judges"][key]) for key, _ in judges)
         lines.append(f"| {r['name']} | {r['nfe']} | {fds} | {_fmt(r['images_per_s'], 0)} | "
                      f"{_fmt(r['speedup_vs_teacher'], 1)}x | {_fmt(r.get('class_share_max_error'), 3)} | {training} |")
+    cached = [f"- {r['name']}: {r['cached']}" for r in report["rows"] if r.get("cached")]
+    if cached:
+        lines += ["", "Teacher rows whose Fréchet distances were read from the teacher-row cache (`onestep bench "
+                  "--no-cache` resamples them; images/s are always measured now):", *cached]
     if report.get("forget"):
         lines += ["", *forgetting_table(report)]
     return "\n".join(lines) + "\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from onestep.data.folders import IMAGE_SUFFIXES
 from onestep.eval.features import EvalError
+from onestep.files import files_digest
 
 
 def image_files(path: Path) -> list[Path]:
@@ -59,10 +59,4 @@ def iter_image_batches(path: Path, channels: int, batch_size: int = 256,
 
 def folder_digest(path: Path) -> str:
     """sha256 over the folder's image files (relative names and bytes): the content a statistics cache keys on."""
-    digest = hashlib.sha256()
-    for file in image_files(path):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return files_digest(path, image_files(path))
