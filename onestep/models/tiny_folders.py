@@ -53,14 +53,14 @@ def tiny_clip(vocab_dir: Path, projection_dim: int | None = None, seed: int = 0,
     return model_cls(config).eval(), tokenizer
 
 
-def tiny_t5(d_model: int = 32, seed: int = 0, max_length: int = 16):
-    """A 1-layer T5 encoder and a T5 tokenizer (a Unigram model over letters, 'cat', 'dog', built with `tokenizers`;
-    `max_length` its model_max_length)."""
+def tiny_t5(d_model: int = 32, seed: int = 0, max_length: int = 16, words: tuple[str, ...] = ("cat", "dog")):
+    """A 1-layer T5 encoder and a T5 tokenizer (a Unigram model over letters and whole `words`, built with
+    `tokenizers`; `max_length` its model_max_length)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), ("▁cat", -0.5), ("▁dog", -0.5)]
-    pieces += [(c, -1.0) for c in string.ascii_lowercase]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), (",", -1.0)]
+    pieces += [("▁" + word, -0.5) for word in words] + [(c, -1.0) for c in string.ascii_lowercase]
     model = Tokenizer(models.Unigram(pieces, unk_id=2))
     model.pre_tokenizer = pre_tokenizers.Metaspace()
     model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])

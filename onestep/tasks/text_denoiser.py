@@ -11,12 +11,13 @@ from onestep.training.text_denoiser_task import TextDenoiserTraining
 
 
 def build_text_denoiser_task(cfg: RunSettings) -> TextDenoiserTraining:
-    from onestep.data.digits_t2i import digits_t2i_tokenizer, load_digits_t2i
+    from onestep.data.digits_t2i import caption_vocabulary, digits_t2i_tokenizer, load_digits_t2i
 
     data = load_digits_t2i()
     try:
         task = TextDenoiserTraining(cfg.options, data.images, data.captions, cfg.data.batch_size,
-                                    digits_t2i_tokenizer(), build_judge(cfg, None, is_text=True))
+                                    digits_t2i_tokenizer(), build_judge(cfg, None, is_text=True),
+                                    words=tuple(w for w in caption_vocabulary() if w.isalpha()))
     except ValueError as err:
         raise UserInputError(str(err)) from None
     use_attention(task, cfg.attention)

@@ -30,7 +30,11 @@ class DenoiserOptions:
     # latent text-to-image teachers (captioned data): the UNet is a UNet2DConditionModel then
     vae: str | None = None  # a trained AutoencoderKL folder (`method: vae`'s exported pipeline/): train in its latents
     text_encoder: dict[str, Any] = field(default_factory=dict)  # CLIPTextConfig kwargs: random, frozen
-    text_encoder_seed: int = 0  # its initialisation
+    text_encoder_seed: int = 0  # its initialisation (the second and third encoders: seed + 1, + 2)
+    # a flow-matching transformer teacher in SD3's layout instead of a UNet (StableDiffusion3Pipeline):
+    transformer: dict[str, Any] = field(default_factory=dict)  # SD3Transformer2DModel kwargs; scheduler: FlowMatch...
+    text_encoder_2: dict[str, Any] = field(default_factory=dict)  # CLIP-G: CLIPTextConfig kwargs (projecting)
+    text_encoder_3: dict[str, Any] = field(default_factory=dict)  # T5: T5Config kwargs (d_model = joint_attention_dim)
     eval_guidance: float = 4.0  # guidance scale of the periodic sample grid
 
     def validate(self) -> None:
