@@ -45,8 +45,8 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    # a diffusers folder, builtin:digits for the shipped teacher, or a Hub id (owner/name) in the local Hugging Face
-    # cache (HF_HUB_CACHE / HF_HOME; never downloaded)
+    # a diffusers folder, a shipped teacher (builtin:digits, builtin:digits-t2i, builtin:digits-flow), or a Hub id
+    # (owner/name) in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded)
     path: str = "builtin:digits"
     # a single-file checkpoint as `path` (model.safetensors, original SD / SDXL layout): a diffusers folder (or cached
     # Hub id) of its model type whose configs, tokenizers and scheduler it loads with; nothing is downloaded

@@ -1,10 +1,11 @@
 """The digits-t2i table of a distillation run: its one-step student (the run's final metrics) against its teacher at
-4, 10 and 25 guided DDIM steps, on the same prompts, noise seed and classifier.
+4, 10 and 25 guided steps of the teacher's sampler (DDIM for builtin:digits-t2i, the Euler ODE on the flow schedule
+for builtin:digits-flow), on the same prompts, noise seed and classifier.
 
     python scripts/t2i_table.py runs/t2i_dmd2 [--steps 4 10 25] [--out TABLE.json] [--no-cache]
 
 The teacher's rows come from the teacher-row cache when it holds them (onestep/bench/teacher_rows.py: shipped with
-builtin:digits-t2i by scripts/teacher_rows.py, else filled on first use); --no-cache resamples them.
+the builtin teachers by scripts/teacher_rows.py, else filled on first use); --no-cache resamples them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Guidance sweep of a digits text-to-image teacher: FD-t2i, digit / colour accuracy, colour balance per scale.
 
     python scripts/t2i_teacher_sweep.py builtin:digits-t2i --steps 25 --guidance 1 2 3 4 5 7.5 --num-samples 1000
+    python scripts/t2i_teacher_sweep.py builtin:digits-flow --steps 4 10 25 --guidance 1 2 3 4 5 7.5 \
+        --num-samples 1000 --out flow_sweep.json
+
+Steps are DDIM steps for a UNet teacher, Euler steps of its ODE for a flow teacher (each row names its `sampler`).
 
 Prints one JSON line per (steps, scale) and, with --out, writes them all as one JSON file.
 """
@@ -17,6 +21,7 @@ import torch
 from onestep.eval.judge import digits_t2i_judge
 from onestep.files import write_json_atomic
 from onestep.models.teacher import Teacher
+from onestep.sampling.teacher import sampler_label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     teacher = Teacher.from_pretrained(args.teacher)
     judge = digits_t2i_judge(args.num_samples, args.seed)
+    sampler = sampler_label(teacher)
     rows = []
     for steps in args.steps:
         for scale in args.guidance:
             metrics = judge.teacher_metrics(teacher, [steps], guidance_scale=scale)
-            suffix = f"/teacher_ddim{steps}"
-            row = {"steps": steps, "guidance": scale,
+            suffix = f"/teacher_{sampler}{steps}"
+            row = {"sampler": sampler, "steps": steps, "guidance": scale,
                    **{k.removesuffix(suffix): v for k, v in metrics.items() if k.endswith(suffix)}}
             print(json.dumps(row), flush=True)
             rows.append(row)

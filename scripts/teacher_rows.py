@@ -1,13 +1,15 @@
 """Regenerate the teacher rows shipped with the builtin teachers (onestep/assets/*/teacher_rows.json), so that the
-tables of `make demo` (`onestep bench`) and `make demo-t2i` (scripts/t2i_table.py) read their teacher rows instead
-of resampling the teacher every time. `onestep bench` measures images/s anew each time; the t2i rows keep the
-images/s measured here, with torch's thread count (OMP_NUM_THREADS), which each row records.
+tables of `make demo` (`onestep bench`), `make demo-t2i` and `make demo-flow` (scripts/t2i_table.py) read their
+teacher rows instead of resampling the teacher every time. `onestep bench` measures images/s anew each time; the
+t2i and flow rows keep the images/s measured here, with torch's thread count (OMP_NUM_THREADS), which each row
+records.
 
-    python scripts/teacher_rows.py [digits] [t2i]
+    python scripts/teacher_rows.py [digits] [t2i] [flow]
 
 Run it after changing a builtin teacher, a judge or a table's protocol (tests/test_teacher_rows.py then fails: the
 shipped rows no longer match). Each row is sampled and scored afresh under the protocol the demo uses: `onestep
-bench`'s defaults and configs/digits/dmd2.yaml's teacher; scripts/t2i_table.py's defaults and configs/t2i/dmd2.yaml.
+bench`'s defaults and configs/digits/dmd2.yaml's teacher; scripts/t2i_table.py's defaults and configs/t2i/dmd2.yaml
+(builtin:digits-t2i, DDIM) or configs/flow/dmd2.yaml (builtin:digits-flow, Euler).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def digits_rows() -> None:
         print(f"digits teacher DDIM {k}: FD-digits {row['fd']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def t2i_rows() -> None:
-    cfg = load_config(ROOT / "configs" / "t2i" / "dmd2.yaml")
+def t2i_rows(table: str = "t2i") -> None:
+    """The rows of scripts/t2i_table.py for the teacher of configs/TABLE/dmd2.yaml (t2i or flow)."""
+    cfg = load_config(ROOT / "configs" / table / "dmd2.yaml")
     teacher = resolve_model(cfg.teacher.path, cfg.teacher.revision)
     judge = build_judge(cfg, None, is_text=True)
     (teacher / CARD_FILE).unlink(missing_ok=True)
@@ -56,15 +59,15 @@ def t2i_rows() -> None:
         start = time.perf_counter()
         row = t2i_teacher_row(cfg, judge, k)
         store(teacher / CARD_FILE, teacher, protocol, row, COMMAND, HEADER)
-        print(f"t2i teacher DDIM {k}: FD-t2i {row['fd_t2i']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{table}: {row['name']}: FD-t2i {row['fd_t2i']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tables", nargs="*", choices=["digits", "t2i"], default=["digits", "t2i"])
+    parser.add_argument("tables", nargs="*", choices=["digits", "t2i", "flow"], default=["digits", "t2i", "flow"])
     args = parser.parse_args(argv)
     for table in args.tables:
-        {"digits": digits_rows, "t2i": t2i_rows}[table]()
+        digits_rows() if table == "digits" else t2i_rows(table)
     return 0
 
 

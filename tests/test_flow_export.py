@@ -40,18 +40,24 @@ def test_stock_flow_pipeline_equals_the_student(tmp_path, sd3_dir, flux_dir, kin
     latents = student(prompt=PROMPTS, latents=z, output_type="latent").images
     assert torch.allclose(latents, generator(z, teacher.encode_prompts(PROMPTS)), atol=1e-6)
 
+    assert_stock_equals_student(folder, student, kind)
+
+
+def assert_stock_equals_student(folder, student: OneStepPipeline, kind: str = "sd3", prompts=PROMPTS) -> None:
+    """The exported folder's stock diffusers twin (pipeline_diffusers/, no custom code) gives the student's images
+    from the same seed: one FlowMatchEuler step from sigma 1 to 0."""
     stock_dir = stock_folder(folder)
     assert (stock_dir / "model_index.json").is_file() and not list(stock_dir.rglob("*.py"))
     stock = DiffusionPipeline.from_pretrained(stock_dir)
     assert type(stock.scheduler) is FlowMatchEulerDiscreteScheduler
-    expected = student(prompt=PROMPTS, generator=seeded(), output_type="pt").images
+    expected = student(prompt=prompts, generator=seeded(), output_type="pt").images
     if kind == "sd3":
         assert type(stock) is StableDiffusion3Pipeline
-        images = stock(PROMPTS, num_inference_steps=1, guidance_scale=1.0, generator=seeded(), output_type="pt",
+        images = stock(prompts, num_inference_steps=1, guidance_scale=1.0, generator=seeded(), output_type="pt",
                        max_sequence_length=16).images
     else:
         assert type(stock) is FluxPipeline
-        images = stock(PROMPTS, num_inference_steps=1, guidance_scale=4.0, generator=seeded(), output_type="pt",
+        images = stock(prompts, num_inference_steps=1, guidance_scale=4.0, generator=seeded(), output_type="pt",
                        max_sequence_length=16, height=16, width=16).images
     assert stock.scheduler.sigmas.tolist() == [1.0, 0.0]
     assert images.shape == expected.shape

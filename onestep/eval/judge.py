@@ -18,7 +18,7 @@ from onestep.eval.features import metric_key, metric_name
 from onestep.eval.metrics import MetricContext, SampleBatch, SampleMetric
 from onestep.models.conditioning import Condition
 from onestep.models.teacher import Teacher
-from onestep.sampling.teacher import sample_teacher
+from onestep.sampling.teacher import sample_teacher, sampler_label
 
 
 def cycle(items: list[str], n: int) -> list[str]:
@@ -175,8 +175,9 @@ class Judge:
             values = self.score_batches(self._stream(self._teacher_draw(teacher, k, sampler, guidance_scale),
                                                      self.num_samples), teacher.device)
             elapsed = time.perf_counter() - start
-            out.update({f"{key}/teacher_{sampler}{k}": value for key, value in values.items()})
-            out[f"images_per_s/teacher_{sampler}{k}"] = self.num_samples / elapsed
+            label = f"teacher_{sampler_label(teacher, sampler)}{k}"  # teacher_ddim25; a flow teacher's teacher_euler25
+            out.update({f"{key}/{label}": value for key, value in values.items()})
+            out[f"images_per_s/{label}"] = self.num_samples / elapsed
         return {**out, "protocol": self.protocol}
 
     # --- generators -----------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from onestep.files import read_json
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-BUILTIN = {"builtin:digits": Path(__file__).parent.parent / "assets" / "digits_teacher",
-           "builtin:digits-t2i": Path(__file__).parent.parent / "assets" / "digits_t2i_teacher"}
+ASSETS = Path(__file__).parent.parent / "assets"
+# the shipped teachers: class-conditional DDPM UNet, miniature Stable Diffusion, miniature SD3 (flow transformer)
+BUILTIN = {"builtin:digits": ASSETS / "digits_teacher",
+           "builtin:digits-t2i": ASSETS / "digits_t2i_teacher",
+           "builtin:digits-flow": ASSETS / "digits_flow_teacher"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 # the (text encoder, tokenizer) subfolders of a diffusers folder: SD 1.x/2.x have the first, SDXL and FLUX two, SD3
 # three (its T5 optional)
@@ -36,13 +39,16 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """`builtin:digits` names the shipped digits teacher; anything else is a filesystem path."""
+    """`builtin:NAME` names a shipped teacher (BUILTIN); anything else is a filesystem path."""
+    if str(path).startswith("builtin:") and str(path) not in BUILTIN:
+        raise UserInputError(f"unknown builtin teacher {path}; the builtins are {', '.join(BUILTIN)}")
     return BUILTIN.get(str(path), Path(path))
 
 
 def resolve_model(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """The folder of a model: `builtin:digits`, a local folder, or a Hub id (`owner/name`) already in the local
-    Hugging Face cache (`HF_HUB_CACHE`, or `HF_HOME/hub`), at `revision` (a branch, tag or commit; default main).
+    """The folder of a model: a builtin (`builtin:digits`, `builtin:digits-t2i`, `builtin:digits-flow`), a local
+    folder, or a Hub id (`owner/name`) already in the local Hugging Face cache (`HF_HUB_CACHE`, or `HF_HOME/hub`),
+    at `revision` (a branch, tag or commit; default main).
 
     Nothing is downloaded (`local_files_only`), so this works offline (`HF_HUB_OFFLINE=1`) and a run never fetches
     gigabytes behind the user's back: a Hub id not in the cache is one error naming the download command.

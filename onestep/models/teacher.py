@@ -104,8 +104,8 @@ class Teacher(nn.Module):
                         dtype: torch.dtype = torch.float32, allow_pickle: bool = False, variant: str | None = None,
                         revision: str | None = None, config: str | os.PathLike | None = None) -> Teacher:
         """Read a standard diffusers folder (`unet/`, `scheduler/`, optional `vae/`, `text_encoder/`, `tokenizer/`,
-        `text_encoder_2/`, `tokenizer_2/`): a local folder, `builtin:digits`, or a Hub id already in the local
-        Hugging Face cache (`revision` picks its snapshot; nothing is downloaded).
+        `text_encoder_2/`, `tokenizer_2/`): a local folder, a builtin (`builtin:digits`, `-t2i`, `-flow`), or a Hub
+        id already in the local Hugging Face cache (`revision` picks its snapshot; nothing is downloaded).
 
         Weights load from safetensors only (`variant`, e.g. "fp16", picks `*.fp16.safetensors`);
         `allow_pickle=True` accepts `.bin` files you trust.

@@ -14,6 +14,11 @@ from onestep.models.teacher import Teacher
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
+def sampler_label(teacher: Teacher, sampler: str = "ddim") -> str:
+    """How metric keys and tables name the sampler `sample_teacher` runs: a flow teacher's is its Euler ODE."""
+    return "euler" if isinstance(teacher.schedule, FlowSchedule) else sampler
+
+
 @torch.no_grad()
 def sample_teacher(teacher: Teacher, condition: Condition, num_images: int, num_steps: int, sampler: str = "ddim",
                    guidance_scale: float | None = None, generator: torch.Generator | None = None,
