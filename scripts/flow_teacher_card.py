@@ -108,7 +108,8 @@ def parts_table(teacher: Path) -> str:
         ("tokenizer_3/", f"T5 tokenizer over the caption words, max length {t5_tokens}"),
     ]
     lines = ["| part | what |", "|---|---|", *[f"| `{name}` | {what} |" for name, what in rows]]
-    lines += ["", "The text encoders are random (seed 0) and frozen; CLIP-L's and CLIP-G's pooled projections side by "
+    lines += ["", "The text encoders are random (seeds s, s + 1, s + 2 from `options.text_encoder_seed`, 0 in "
+              "configs/flow/teacher.yaml) and frozen; CLIP-L's and CLIP-G's pooled projections side by "
               "side are SD3's pooled condition, their penultimate states and T5's the token condition. Weights: "
               f"{_mb(teacher):.1f} MB in all (transformer and VAE float16, text encoders float32)."]
     return "\n".join(lines) + "\n"
@@ -126,13 +127,16 @@ def training_section(run: Path | None) -> str:
     lines = [head + f"`onestep train configs/flow/teacher.yaml`: {metrics['step']:,} steps at batch "
              f"{data['batch_size']} in {metrics['train_seconds'] / 60:.0f} minutes (stopped by "
              f"`train.max_steps={config['train']['max_steps']}` or `train.max_minutes="
-             f"{config['train']['max_minutes']}`, whichever came first), lr {options['optimizer']['lr']:g}, "
-             f"EMA {options['ema_decay']}, captions dropped to the empty prompt {options['label_dropout']:.0%} of "
-             "the time; velocity loss at t uniform on the shifted grid."]
-    if final:
+             f"{json.dumps(config['train']['max_minutes'])}`, whichever came first), lr "
+             f"{options['optimizer']['lr']:g}, EMA {options['ema_decay']}, captions dropped to the empty prompt "
+             f"{options['label_dropout']:.0%} of the time; velocity loss at t uniform on the shifted grid. "
+             "`samples.png`: the grid prompts (a row per digit: four colours, then four uncoloured) after 25 guided "
+             "Euler steps."]
+    if final:  # the trainer's evaluation: the guided teacher at options.eval_steps
         steps, guidance = options["eval_steps"], options["eval_guidance"]
-        scores = ", ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in final.items()
-                           if isinstance(v, float) and k.endswith(f"/teacher_euler{steps}"))
+        # runs before Euler rows were labelled as such named them teacher_ddim{steps}
+        scores = ", ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in final.items() if isinstance(v, float)
+                           and k.split("/")[-1] in (f"teacher_euler{steps}", f"teacher_ddim{steps}"))
         lines.append(f"\nIts end-of-training evaluation ({config['eval']['num_samples']} samples, {steps} Euler "
                      f"steps, guidance {guidance:g}): {scores}.")
     return "\n".join(lines) + "\n"
