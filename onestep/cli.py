@@ -252,16 +252,21 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_attention_suite(Path(args.out))
         return 0
+    if args.shape:
+        from onestep.bench.memory import check_shape
+
+        check_shape(args.shape)
     if args.suite == "memory" and args.shape:
-        from onestep.bench.memory import METHODS, SHAPE_VARIANTS, markdown, run_shape_suite
+        from onestep.bench.memory import METHODS, SHAPE_VARIANTS, markdown, run_shape_suite, shape_methods
 
         unknown = sorted(set(args.methods or []) - set(METHODS))
         unknown += sorted(set(args.variants or []) - set(SHAPE_VARIANTS))
         if unknown:
             raise UserInputError(f"unknown method or variant {unknown[0]!r}; methods: {', '.join(METHODS)}; "
                                  f"variants: {', '.join(SHAPE_VARIANTS)}")
-        report = run_shape_suite(args.shape, Path(args.out), list(args.methods or METHODS),
-                                 list(args.variants or SHAPE_VARIANTS), args.steps, args.latent_size, args.max_gb)
+        report = run_shape_suite(args.shape, Path(args.out), list(args.methods or shape_methods(args.shape)),
+                                 list(args.variants or SHAPE_VARIANTS), args.steps, args.latent_size, args.max_gb,
+                                 reference=Path(args.reference) if args.reference else None)
         (Path(args.out) / "memory.md").write_text(markdown(report))
         return 0
     if not args.runs:
@@ -386,9 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="scaling: process counts")
     bench.add_argument("--train-steps", type=int, default=30, help="scaling: training steps per process count")
     bench.add_argument("--batch-size", type=int, default=None, help="memory: data.batch_size (default: the config's)")
-    bench.add_argument("--shape", choices=["sd15", "sdxl", "tiny"], default=None,
-                       help="memory: real-size random-weight models in configs/SHAPE/METHOD.yaml at batch 1")
-    bench.add_argument("--methods", nargs="+", default=None, help="memory --shape: methods (default: all six)")
+    bench.add_argument("--shape", default=None,
+                       help="memory: real-size random-weight models (sd15, sdxl, sd35m; flux: estimated from sd35m; "
+                            "tiny, tiny_sd3, tiny_flux) in their configs/ recipes at batch 1")
+    bench.add_argument("--reference", default=None,
+                       help="memory --shape flux: the sd35m memory.json its rows are estimated from (default: "
+                            "measure sd35m first)")
+    bench.add_argument("--methods", nargs="+", default=None,
+                       help="memory --shape: methods (default: those with a recipe for the shape)")
     bench.add_argument("--variants", nargs="+", default=None, help="memory --shape: variants (default: all)")
     bench.add_argument("--steps", type=int, default=2, help="memory --shape: rounds of every update (first: warm-up)")
     bench.add_argument("--latent-size", type=int, default=None,

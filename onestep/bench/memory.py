@@ -4,11 +4,17 @@ process per variant.
 Two forms:
 - `onestep bench --suite memory CONFIG`: the config's own networks (e.g. digits), variants full / checkpointing /
   LoRA generator / LoRA generator and critics, one TTUR period each.
-- `onestep bench --suite memory --shape sd15|sdxl [--methods ...]`: real-size random-weight models
-  (`onestep.models.shapes`) in `configs/<shape>/<method>.yaml` at batch 1, through the cumulative variants of
-  SHAPE_VARIANTS.
+- `onestep bench --suite memory --shape sd15|sdxl|sd35m [--methods ...]`: real-size random-weight models
+  (`onestep.models.shapes`) in `configs/<shape>/<method>.yaml` (sd35m: `configs/sd3/`) at batch 1, through the
+  cumulative variants of SHAPE_VARIANTS.
   A variant whose estimate does not fit in the memory free now (or in `--max-gb`) is not run: it is estimated from
   the per-component figures of a measured variant of the same method and marked "estimated".
+- `--shape flux`: FLUX.1-dev's 12 B transformer (24 GB in bf16) is never built here; every row is estimated from the
+  measured SD3.5-medium reference row of the same method (`--reference` its memory.json, or measured first) by
+  parameter counts on the meta device (`scaled_reference`).
+  The flow shapes' T5-XXL encoders (4.76 B parameters, 8.9 GiB in bf16) are left out of the measured process: SD3's
+  pipeline feeds zeros of T5's shape in their place (the transformer attends to the same 333 text tokens); the
+  report gives their size separately (`left_out`).
 
 What is measured: on CUDA, `torch.cuda.max_memory_allocated` over the training steps (tensors only, exact); on the
 CPU, the peak resident set size over the training steps (`VmHWM`, reset after the networks are built through
@@ -60,6 +66,14 @@ SHAPE_VARIANTS: dict[str, list[str]] = {
     "bf16_ckpt_lora_offload": [*_LORA, "teacher.offload=true", "options.lora.share_base=false"],
 }
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's (benchmarks run from a checkout)
+# the shapes `--shape` takes and their recipes' folder under configs/ (tiny: SD1.5's recipes on a tiny UNet)
+CONFIG_DIRS = {"sd15": "sd15", "sdxl": "sdxl", "tiny": "sd15", "sd35m": "sd3", "tiny_sd3": "sd3", "flux": "flux",
+               "tiny_flux": "flux"}
+# shapes too large to build here, and the measured shape their rows are estimated from
+ESTIMATED_FROM = {"flux": "sd35m", "tiny_flux": "tiny_sd3"}
+# the text tokens a flow transformer attends to: SD3's CLIP 77 beside T5's 256 (its pipeline's max_sequence_length,
+# zeros without T5), FLUX's T5 512 (`onestep.pipelines.pipeline_onestep.flow_max_sequence_length`)
+TEXT_TOKENS = {"SD3Transformer2DModel": 77 + 256, "FluxTransformer2DModel": 512}
 # per method: the run the others are estimated from (it fits in ~14 GB at SD1.5 size)
 REFERENCE = "bf16_ckpt_lora"
 
@@ -284,15 +298,36 @@ def _wait_for_free(mib: float, patience_s: float = 600.0) -> bool:
     return True
 
 
+def check_shape(shape: str) -> None:
+    if shape not in CONFIG_DIRS:
+        raise UserInputError(f"unknown --shape {shape!r}; choose one of {', '.join(CONFIG_DIRS)}")
+
+
+def shape_methods(shape: str, configs: Path = CONFIGS) -> list[str]:
+    """The methods with a recipe for `shape` (configs/<dir>/<method>.yaml), in METHODS' order."""
+    return [m for m in METHODS if (configs / CONFIG_DIRS[shape] / f"{m}.yaml").is_file()]
+
+
+def left_out(shape: str) -> dict[str, int]:
+    """The components the measured process does without, with their parameters: a flow shape's T5 encoders (T5-XXL
+    is larger than SD3.5 medium's transformer). SD3's pipeline feeds zeros of T5's shape in their place."""
+    from onestep.models.shapes import component_configs, parameter_counts
+
+    names = [n for n, config in component_configs(shape).items() if config.get("model_type") == "t5"]
+    counts = parameter_counts(shape) if names else {}
+    return {name: counts[name] for name in names}
+
+
 def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None) -> list[str]:
     """The overrides that point configs/<shape>/<method>.yaml at a random-weight teacher and batch 1."""
-    from onestep.models.shapes import write_random_images, write_random_teacher
+    from onestep.models.shapes import component_configs, latent_size_of, write_random_images, write_random_teacher
 
     # written in bfloat16 (random weights; each variant loads them in its teacher.dtype): an SDXL UNet built in
     # float32 alone would take 10 GB
     teacher = write_random_teacher(shape, out / f"teacher_{shape}_{latent_size or 'full'}_bf16", latent_size,
-                                   dtype=torch.bfloat16)
-    size = 8 * (latent_size or json.loads((teacher / "unet" / "config.json").read_text())["sample_size"])
+                                   dtype=torch.bfloat16, leave_out=tuple(left_out(shape)))
+    vae = component_configs(shape)["vae"]
+    size = (latent_size or latent_size_of(component_configs(shape))) * 2 ** (len(vae["block_out_channels"]) - 1)
     prompts = out / "prompts.txt"
     # enough distinct prompts for MSD's text partition into its students
     prompts.write_text("".join(f"a photo of a {c} {n}\n" for c in ("red", "blue", "green", "black")
@@ -312,17 +347,24 @@ def shape_overrides(shape: str, method: str, out: Path, latent_size: int | None)
 
 
 def run_shape_suite(shape: str, out: Path, methods: list[str], variants: list[str], steps: int = 2,
-                    latent_size: int | None = None, max_gb: float = 14.0, configs: Path = CONFIGS) -> dict:
+                    latent_size: int | None = None, max_gb: float = 14.0, configs: Path = CONFIGS,
+                    reference: Path | None = None) -> dict:
     """Each method at `shape`: the reference variant first (measured when it fits), then the others, each measured
-    in a fresh process when its estimate fits in min(free memory - 2 GiB, max_gb), estimated otherwise."""
-    from onestep.models.shapes import component_configs, parameter_counts
+    in a fresh process when its estimate fits in min(free memory - 2 GiB, max_gb), estimated otherwise. A shape of
+    ESTIMATED_FROM is estimated throughout (`run_estimated_shape`)."""
+    from onestep.models.shapes import component_configs, denoiser_name, latent_size_of, parameter_counts
 
-    full_size = component_configs(shape)["unet"]["sample_size"]
-    unet_parameters = parameter_counts(shape)["unet"]  # the reference's guard: 16 bytes each (DMD2 LoRA measured ~16)
+    check_shape(shape)
+    if shape in ESTIMATED_FROM:
+        return run_estimated_shape(shape, out, methods, variants, reference, steps, latent_size, max_gb, configs)
+    shape_configs = component_configs(shape)
+    full_size = latent_size_of(shape_configs)
+    # the reference's guard: 16 bytes per denoiser parameter (DMD2 LoRA measured ~16)
+    unet_parameters = parameter_counts(shape)[denoiser_name(shape_configs)]
     scale = (full_size / latent_size) ** 2 if latent_size else 1.0
     rows = []
     for method in methods:
-        config = configs / ("sd15" if shape == "tiny" else shape) / f"{method}.yaml"  # tiny: SD1.5's recipes
+        config = configs / CONFIG_DIRS[shape] / f"{method}.yaml"
         if not config.is_file():
             raise UserInputError(f"no config {config} for method {method}")
         base = shape_overrides(shape, method, out, latent_size)
@@ -360,7 +402,122 @@ def run_shape_suite(shape: str, out: Path, methods: list[str], variants: list[st
             if reference is None:
                 break  # nothing to estimate the other variants from
     return _write(out, {"suite": "memory", "shape": shape, "latent_size": latent_size or full_size,
-                        "full_latent_size": full_size, "steps": steps, "rows": rows})
+                        "full_latent_size": full_size, "steps": steps, "rows": rows, "left_out": left_out(shape)})
+
+
+# --- flow shapes too large to build here --------------------------------------------------------------------------
+def flow_counts(shape: str, config: Path) -> dict:
+    """What the reference variant of `config` holds at a flow `shape`, counted on the meta device (nothing is
+    allocated): the transformer's parameters; the frozen elements (parameters and buffers of the transformer, text
+    encoders but the left-out T5 and VAE, held in teacher.dtype) and their parameters; the LoRA adapters of rank
+    LORA_RANK one trained network gets (the config's targets); the GAN head the config trains (DMD2's
+    TokenClassifier at its `gan_depths`); and the activation scale blocks x width x tokens at the full latent size
+    (image tokens in 2x2 patches beside TEXT_TOKENS)."""
+    from dataclasses import replace
+
+    from onestep.config import load_config
+    from onestep.models.critics import TokenClassifier, blocks_at_depths, transformer_blocks
+    from onestep.models.lora import add_lora
+    from onestep.models.shapes import build_component, component_configs, latent_size_of
+
+    configs = component_configs(shape)
+    skip = {"scheduler", *left_out(shape)}
+    options = load_config(config).options
+    with torch.device("meta"):
+        built = {name: build_component(name, c) for name, c in configs.items() if name not in skip}
+        transformer = built["transformer"]
+        frozen = [t for module in built.values() for t in (*module.parameters(), *module.buffers())]
+        frozen_parameters = sum(p.numel() for module in built.values() for p in module.parameters())
+        transformer_parameters = sum(p.numel() for p in transformer.parameters())
+        blocks = len(transformer_blocks(transformer))
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        add_lora(transformer, replace(options.lora, rank=LORA_RANK))
+        adapters = sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
+        head = 0
+        if getattr(options, "gan", False):
+            depths = blocks_at_depths(blocks, options.gan_depths)
+            head = sum(p.numel() for p in TokenClassifier(width, len(depths)).parameters())
+    tokens = (latent_size_of(configs) // 2) ** 2 + TEXT_TOKENS[configs["transformer"]["_class_name"]]
+    return {"transformer": transformer_parameters, "frozen_elements": sum(t.numel() for t in frozen),
+            "frozen_parameters": frozen_parameters, "adapters": adapters, "head": head,
+            "activation_scale": blocks * width * tokens}
+
+
+def scaled_reference(reference: dict, source: dict, target: dict) -> dict:
+    """A reference row of another flow shape estimated from a measured one of the same method (`flow_counts` of
+    both): frozen weights in the reference's bytes per element (2: bf16); per trained network its LoRA adapters,
+    plus the GAN head where the reference trained more than its adapters, float32; gradients, optimizer state and
+    EMA in the reference's bytes per trained parameter; activations x target / source `activation_scale` (with
+    gradient checkpointing the saved activations are each block's input tokens, blocks x width x tokens: an
+    assumption, not a measurement)."""
+    ref_trained = reference["trainable_parameters"]
+    trained = {name: target["adapters"] + (target["head"] if n > reference["lora_parameters"][name] else 0)
+               for name, n in ref_trained.items()}
+    frozen_bytes = 2 if reference["half_parameters"] else 4  # the teacher's dtype: bf16 or float32
+    generator = trained.get("generator", 0) / max(ref_trained.get("generator", 0), 1)
+    ema = reference["ema_mib"] * generator
+    weights = (reference["weights_mib"] - reference["ema_mib"]
+               + (target["frozen_elements"] - source["frozen_elements"]) * frozen_bytes / MIB
+               + (sum(trained.values()) - sum(ref_trained.values())) * 4 / MIB + ema)
+    base = target["transformer"] - source["transformer"]
+    row = {"weights_mib": weights, "ema_mib": ema,
+           "gradients_mib": reference["gradients_mib"] * max(trained.values()) / max(ref_trained.values()),
+           "optimizer_mib": reference["optimizer_mib"] * sum(trained.values()) / sum(ref_trained.values()),
+           "activations_mib": reference["activations_mib"] * target["activation_scale"] / source["activation_scale"],
+           "trainable_parameters": trained, "lora_parameters": {n: target["adapters"] for n in trained},
+           "update_parameters": {n: reference["update_parameters"][n] + base + trained[n] - ref_trained[n]
+                                 for n in trained},
+           "shared_parameters": {n: v + base if v else 0 for n, v in reference.get("shared_parameters", {}).items()},
+           "half_parameters": reference["half_parameters"] + target["frozen_parameters"] - source["frozen_parameters"]
+           if reference["half_parameters"] else 0,
+           "teacher_unet_mib": reference["teacher_unet_mib"] * target["transformer"] / source["transformer"]}
+    row["accelerator_peak_mib"] = sum(row[k] for k in ("weights_mib", "gradients_mib", "optimizer_mib",
+                                                       "activations_mib"))
+    return row
+
+
+def run_estimated_shape(shape: str, out: Path, methods: list[str], variants: list[str], reference: Path | None,
+                        steps: int, latent_size: int | None, max_gb: float, configs: Path = CONFIGS) -> dict:
+    """Every row of `shape` estimated from the measured reference rows of ESTIMATED_FROM[shape]: read from
+    `reference` (that shape's memory.json) or measured first into OUT/<that shape>."""
+    source = ESTIMATED_FROM[shape]
+    if reference is not None:
+        from onestep.files import read_json
+
+        report = read_json(reference)
+        if report.get("shape") != source:
+            raise UserInputError(f"--reference {reference} is a memory report of shape {report.get('shape')!r}; "
+                                 f"{shape} is estimated from a {source} report")
+    else:
+        report = run_shape_suite(source, out / source, methods, [REFERENCE], steps, latent_size, max_gb, configs)
+    rows = []
+    for method in methods:
+        config = configs / CONFIG_DIRS[shape] / f"{method}.yaml"
+        if not config.is_file():
+            raise UserInputError(f"no config {config} for method {method}")
+        measured = [r for r in report["rows"] if r["method"] == method and r["variant"] == REFERENCE
+                    and r["status"].startswith("measured")]
+        if not measured:
+            rows.append({"method": method, "variant": REFERENCE, "overrides": SHAPE_VARIANTS[REFERENCE],
+                         "status": f"not estimated: no measured {source} {REFERENCE} row of {method}"})
+            continue
+        source_counts = flow_counts(source, configs / CONFIG_DIRS[source] / f"{method}.yaml")
+        target_counts = flow_counts(shape, config)
+        ref = scaled_reference(measured[0], source_counts, target_counts)
+        ratio = target_counts["activation_scale"] / source_counts["activation_scale"]
+        status = (f"estimated from {source} (not built: parameter counts on the meta device, activations x{ratio:.2f} "
+                  f"by blocks x width x tokens)")
+        for name in [REFERENCE, *[v for v in variants if v != REFERENCE]]:
+            overrides = SHAPE_VARIANTS[name]
+            if method == "boot":
+                overrides = [o for o in overrides if "critic" not in o]
+            row = ref if name == REFERENCE else estimate(ref, overrides)
+            rows.append({"method": method, "variant": name, "overrides": SHAPE_VARIANTS[name], "status": status,
+                         **row})
+    return _write(out, {"suite": "memory", "shape": shape, "estimated_from": source,
+                        "reference": str(reference or out / source / "memory.json"),
+                        "latent_size": report["latent_size"], "full_latent_size": report["full_latent_size"],
+                        "steps": report["steps"], "rows": rows, "left_out": left_out(shape)})
 
 
 def markdown(report: dict) -> str:
@@ -371,11 +528,16 @@ def markdown(report: dict) -> str:
         if r["status"] == "failed":
             lines.append(f"| {r['method']} | {r['variant']} | failed: {r['error'][:60]} | | | | | | |")
             continue
+        if "accelerator_peak_mib" not in r:
+            lines.append(f"| {r['method']} | {r['variant']} | {r['status']} | | | | | | |")
+            continue
         gib = [r.get(k, 0) / 1024 for k in ("accelerator_peak_mib", "weights_mib", "gradients_mib", "optimizer_mib",
                                             "activations_mib")]
         speed = f"{r['seconds_per_step']:.0f}" if "seconds_per_step" in r else ""
         lines.append(f"| {r['method']} | {r['variant']} | {r['status']} | " + " | ".join(f"{g:.1f}" for g in gib)
                      + f" | {speed} |")
+    lines += [f"\n{name} ({n / 1e9:.2f} B parameters, {2 * n / 2**30:.1f} GiB in bf16) is not in these rows: add it "
+              f"where prompts are encoded on the same device" for name, n in report.get("left_out", {}).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -53,21 +53,28 @@ def tiny_clip(vocab_dir: Path, projection_dim: int | None = None, seed: int = 0,
     return model_cls(config).eval(), tokenizer
 
 
-def tiny_t5(d_model: int = 32, seed: int = 0, max_length: int = 16, words: tuple[str, ...] = ("cat", "dog")):
-    """A 1-layer T5 encoder and a T5 tokenizer (a Unigram model over letters and whole `words`, built with
-    `tokenizers`; `max_length` its model_max_length)."""
+def t5_tokenizer(max_length: int = 16, words: tuple[str, ...] = ("cat", "dog")):
+    """A T5 tokenizer over letters and whole `words` (a Unigram model built with `tokenizers`, ids 0-2 pad, eos,
+    unk as T5's); `max_length` its model_max_length."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), (",", -1.0)]
     pieces += [("▁" + word, -0.5) for word in words] + [(c, -1.0) for c in string.ascii_lowercase]
     model = Tokenizer(models.Unigram(pieces, unk_id=2))
     model.pre_tokenizer = pre_tokenizers.Metaspace()
     model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                extra_ids=0, model_max_length=max_length)
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def tiny_t5(d_model: int = 32, seed: int = 0, max_length: int = 16, words: tuple[str, ...] = ("cat", "dog")):
+    """A 1-layer T5 encoder and its `t5_tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_tokenizer(max_length, words)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(pieces), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
                       relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
                       eos_token_id=1, decoder_start_token_id=0)
     return T5EncoderModel(config).eval(), tokenizer
