@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from onestep.bench.compare import sample_teacher_row, teacher_row_protocol
-from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol, t2i_teacher_row
+from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol, t2i_teacher_rows, table_config
 from onestep.bench.teacher_rows import CARD_FILE, store
 from onestep.cli import build_parser
 from onestep.config import load_config
@@ -47,16 +47,17 @@ def digits_rows() -> None:
 
 
 def t2i_rows() -> None:
-    cfg = load_config(ROOT / "configs" / "t2i" / "dmd2.yaml")
+    cfg = table_config(load_config(ROOT / "configs" / "t2i" / "dmd2.yaml"))
     teacher = resolve_model(cfg.teacher.path, cfg.teacher.revision)
     judge = build_judge(cfg, None, is_text=True)
     (teacher / CARD_FILE).unlink(missing_ok=True)
     for k in T2I_STEPS:
-        protocol = t2i_teacher_protocol(cfg, judge, k)
         start = time.perf_counter()
-        row = t2i_teacher_row(cfg, judge, k)
-        store(teacher / CARD_FILE, teacher, protocol, row, COMMAND, HEADER)
-        print(f"t2i teacher DDIM {k}: FD-t2i {row['fd_t2i']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows = t2i_teacher_rows(cfg, judge, k)  # one sampling, both judges: one card entry each
+        for features, row in rows.items():
+            store(teacher / CARD_FILE, teacher, t2i_teacher_protocol(cfg, judge, k, features), row, COMMAND, HEADER)
+        print(f"t2i teacher DDIM {k}: FD-t2i {rows['t2i']['fd_t2i']:.3f}, FD-t2i_mlp "
+              f"{rows['t2i_mlp']['fd_t2i_mlp']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
