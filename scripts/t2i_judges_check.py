@@ -8,8 +8,9 @@
 half, the second on the second: each half is held out for one judge), both judges' digit / colour accuracy, how
 often they disagree, the correlation of their per-image probability of the true digit and of their errors; and the
 real-vs-real floor of each judge's FD at N = 1000 (three draws of 1000 real images against all 7188).
-`sample-teacher`: draws the teacher's samples for `eval_prompts(N)` (half uncoloured) from noise seed 1234 and
-writes them as a SAMPLES.npz (`onestep fid` reads it too), a batch at a time (a stopped run keeps what it drew).
+`sample-teacher`: draws the teacher's samples for `eval_prompts(N)` (half uncoloured, alternating) from noise seed
+1234 and writes them as a SAMPLES.npz (`onestep fid` reads it too), a batch at a time (a stopped run keeps what it
+drew).
 `samples`: the same comparison on generated samples against the prompts they were asked for, each judge's FD and
 its ratio to its floor at the same N, and a grid of the samples the judges disagree on most (DIR/disagreements.png).
 """
@@ -101,12 +102,14 @@ def real_report() -> dict:
 
 
 def sample_teacher(out: Path, num_samples: int, steps: int, guidance: float, seed: int = 1234,
-                   batch_size: int = 50) -> None:
-    """The teacher's samples of eval_prompts(num_samples), appended to `out` a batch at a time."""
+                   batch_size: int = 20) -> None:
+    """The teacher's samples of eval_prompts(num_samples), appended to `out` a batch at a time; coloured and
+    uncoloured prompts alternate, so that what a stopped run drew is still half uncoloured."""
     from onestep.files import atomic_file
     from onestep.sampling.inference import load_sampler
 
-    prompts = eval_prompts(num_samples)[0]
+    listed, half = eval_prompts(num_samples)[0], num_samples // 2
+    prompts = [p for pair in zip(listed[:half], listed[half:], strict=False) for p in pair] + listed[2 * half:]
     sampler = load_sampler("builtin:digits-t2i", steps=steps, guidance_scale=guidance)
     drawn = []
     for images, _, _ in sampler.batches(None, num_samples, seed, batch_size, prompts):
