@@ -32,7 +32,7 @@ demo-t2i: $(STAMP)
 	$(PY) scripts/t2i_table.py $(DEMO_DIR)-t2i --out $(DEMO_DIR)-t2i/table.json
 
 # DMD2 on the miniature flow transformer (builtin:digits-flow, SD3's layout), 15 minutes, then its table against the
-# teacher at 4/10/25 guided Euler steps.
+# teacher at 4/10/25 guided Euler steps under both t2i judges.
 demo-flow: $(STAMP)
 	$(VENV)/bin/onestep train configs/flow/dmd2.yaml output_dir=$(DEMO_DIR)-flow
 	$(PY) scripts/t2i_table.py $(DEMO_DIR)-flow --out $(DEMO_DIR)-flow/table.json

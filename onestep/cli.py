@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 
+DIGITS_TEACHER_STEPS = [1, 4, 10, 50]  # `onestep bench`'s teacher rows (digits-t2i runs: 4, 10, 25 unless given)
+
+
 def _train(args: argparse.Namespace) -> int:
     from onestep.config import load_config
     from onestep.runs import is_main_process, train
@@ -292,6 +295,13 @@ def _bench(args: argparse.Namespace) -> int:
         run_modes_suite([Path(r) for r in args.runs], Path(args.out), args.num_samples or 10000,
                         max(args.teacher_steps), args.seeds)
         return 0
+    if args.suite == "compare":
+        from onestep.bench.t2i_teacher import T2I_STEPS, is_t2i_run, run_t2i_benchmark
+
+        if is_t2i_run(Path(args.runs[0])):  # students of builtin:digits-t2i: the t2i table, both t2i judges
+            steps = args.teacher_steps if args.teacher_steps != DIGITS_TEACHER_STEPS else list(T2I_STEPS)
+            run_t2i_benchmark([Path(r) for r in args.runs], Path(args.out), steps, not args.no_cache)
+            return 0
     from onestep.bench.compare import run_benchmark, step_overhead
     from onestep.config import load_config
 
@@ -411,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True)
     bench.add_argument("--num-samples", type=int, default=None,
                        help="samples per noise seed (default: compare 1000, modes 10000)")
-    bench.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 4, 10, 50],
-                       help="teacher DDIM steps (modes: the largest is the reference)")
+    bench.add_argument("--teacher-steps", type=int, nargs="+", default=DIGITS_TEACHER_STEPS,
+                       help="teacher DDIM steps (modes: the largest is the reference; digits-t2i runs: 4 10 25 "
+                            "unless given)")
     bench.add_argument("--speed-batch", type=int, default=256)
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
     bench.add_argument("--forget", type=int, nargs="+", default=[],

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from onestep.bench.compare import sample_teacher_row, teacher_row_protocol
-from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol, t2i_teacher_row
+from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol, t2i_teacher_rows, table_config
 from onestep.bench.teacher_rows import CARD_FILE, store
 from onestep.cli import build_parser
 from onestep.config import load_config
@@ -49,17 +49,18 @@ def digits_rows() -> None:
 
 
 def t2i_rows(table: str = "t2i") -> None:
-    """The rows of scripts/t2i_table.py for the teacher of configs/TABLE/dmd2.yaml (t2i or flow)."""
-    cfg = load_config(ROOT / "configs" / table / "dmd2.yaml")
+    """The rows of scripts/t2i_table.py for the teacher of configs/TABLE/dmd2.yaml (t2i or flow), under both judges."""
+    cfg = table_config(load_config(ROOT / "configs" / table / "dmd2.yaml"))
     teacher = resolve_model(cfg.teacher.path, cfg.teacher.revision)
     judge = build_judge(cfg, None, is_text=True)
     (teacher / CARD_FILE).unlink(missing_ok=True)
     for k in T2I_STEPS:
-        protocol = t2i_teacher_protocol(cfg, judge, k)
         start = time.perf_counter()
-        row = t2i_teacher_row(cfg, judge, k)
-        store(teacher / CARD_FILE, teacher, protocol, row, COMMAND, HEADER)
-        print(f"{table}: {row['name']}: FD-t2i {row['fd_t2i']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows = t2i_teacher_rows(cfg, judge, k)  # one sampling, both judges: one card entry each
+        for features, row in rows.items():
+            store(teacher / CARD_FILE, teacher, t2i_teacher_protocol(cfg, judge, k, features), row, COMMAND, HEADER)
+        print(f"{table}: {rows['t2i']['name']}: FD-t2i {rows['t2i']['fd_t2i']:.3f}, FD-t2i_mlp "
+              f"{rows['t2i_mlp']['fd_t2i_mlp']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,9 +114,15 @@ def test_one_step_student_of_the_builtin_exports_a_stock_folder_and_its_table(tm
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     assert table.main([str(out), "--steps", "2", "--out", str(out / "table.json")]) == 0
-    rows = json.loads((out / "table.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["dmd2 1 step", "teacher 2 Euler (cfg 4)"]
-    assert rows[1]["fd_t2i"] > 0 and 0 <= rows[1]["digit_acc"] <= 1
+    table_rows = json.loads((out / "table.json").read_text())
+    rows = table_rows["rows"]
+    assert [r["name"] for r in rows] == ["dmd2 1 step (dmd2)", "teacher 2 Euler (cfg 1.25)"]
+    assert rows[0]["source"] == "the run's final evaluation"  # configs/flow records both judges
+    assert rows[1]["fd_t2i"] > 0 and rows[1]["fd_t2i_mlp"] > 0 and 0 <= rows[1]["digit_acc"] <= 1
+    assert rows[0]["ratio_t2i"] == pytest.approx(rows[0]["fd_t2i"] / rows[1]["fd_t2i"])
+    assert rows[0]["ratio_t2i_mlp"] == pytest.approx(rows[0]["fd_t2i_mlp"] / rows[1]["fd_t2i_mlp"])
+    assert rows[1]["ratio_t2i"] == rows[1]["ratio_t2i_mlp"] == 1 and rows[1]["judge_disagreement"] == 0
+    assert "| teacher 2 Euler (cfg 1.25) |" in (out / "table.md").read_text()
 
 
 def test_the_card_reads_the_folder_and_names_the_best_scale():

@@ -1,5 +1,6 @@
 """Feature networks for Fréchet distances, by name: "digits" (FD-digits), "digits_mlp" (FD-digits_mlp, the second
-digits judge), "inception" (FID), "t2i" (FD-t2i, the digits text-to-image evaluator), and any registered one.
+digits judge), "inception" (FID), "t2i" (FD-t2i, the digits text-to-image evaluator), "t2i_mlp" (FD-t2i_mlp, the second
+one), and any registered one.
 
 A feature network maps uint8 (N, C, H, W) images to (N, d) features and has an int `num_features`. Registering
 one (`register_features`) makes it usable everywhere a Fréchet distance is computed: `eval.features`, the training
@@ -136,18 +137,27 @@ register_features("digits_mlp", lambda options: DigitsFeatures(judge="digits_mlp
 register_features("inception", _build_inception, channels=3, protocol=_inception_protocol, dtype=torch.float32)
 
 
-def _build_t2i(options: FeatureOptions) -> nn.Module:
-    from onestep.eval.t2i_classifier import T2IFeatures, load_t2i_classifier
+def _t2i_builder(name: str) -> Callable[[FeatureOptions], nn.Module]:
+    """Build the t2i judge `name` ("t2i", "t2i_mlp"): the shipped one, or the folder `extra["<name>_classifier"]`."""
+    def build(options: FeatureOptions) -> nn.Module:
+        from onestep.eval.t2i_classifier import T2I_JUDGES, T2IFeatures, load_t2i_classifier
 
-    return T2IFeatures(load_t2i_classifier(options.extra.get("t2i_classifier")))
+        return T2IFeatures(load_t2i_classifier(options.extra.get(f"{name}_classifier") or T2I_JUDGES[name]))
+
+    return build
 
 
-def _t2i_protocol(options: FeatureOptions) -> dict:
-    return {"extractor": "digits-t2i classifier penultimate layer (64-d)", "resize": "none (32x32 input)",
-            "dtype": "float32", "classifier": str(options.extra.get("t2i_classifier")
-                                                  or "onestep/assets/digits_t2i_classifier")}
+def _t2i_protocol(name: str, extractor: str) -> Callable[[FeatureOptions], dict]:
+    def protocol(options: FeatureOptions) -> dict:
+        folder = options.extra.get(f"{name}_classifier") or f"onestep/assets/digits_{name}_classifier"
+        return {"extractor": extractor, "resize": "none (32x32 input)", "dtype": "float32", "classifier": str(folder)}
+
+    return protocol
 
 
 # FD-t2i: the miniature text-to-image teacher's evaluator (onestep.eval.t2i), against reference "digits_t2i"
-register_features("t2i", _build_t2i, channels=3, protocol=_t2i_protocol, dtype=torch.float32,
-                  image_shape=(3, 32, 32))
+register_features("t2i", _t2i_builder("t2i"), channels=3, dtype=torch.float32, image_shape=(3, 32, 32),
+                  protocol=_t2i_protocol("t2i", "digits-t2i classifier penultimate layer (64-d)"))
+# the second t2i judge: an MLP trained differently (onestep/assets/digits_t2i_mlp_classifier/README.md)
+register_features("t2i_mlp", _t2i_builder("t2i_mlp"), channels=3, dtype=torch.float32, image_shape=(3, 32, 32),
+                  protocol=_t2i_protocol("t2i_mlp", "digits-t2i MLP classifier penultimate layer (128-d)"))

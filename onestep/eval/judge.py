@@ -277,10 +277,11 @@ class Judge:
 
 def digits_t2i_judge(num_samples: int = 1000, seed: int = 1234, batch_size: int = 500):
     """The judge of the digits-t2i teacher and its students: `eval_prompts(num_samples)` (half coloured, half
-    uncoloured) from fixed noise, FD-t2i against all 7188 real coloured digits and the three metrics above."""
+    uncoloured) from fixed noise, FD-t2i against all 7188 real coloured digits, the three metrics above and the
+    second judge's FD (FD-t2i_mlp) on the same samples."""
     from onestep.data.digits_t2i import eval_prompts, validation_prompts
-    from onestep.eval.t2i import T2I_METRICS
+    from onestep.eval.t2i import SECOND_JUDGE_METRIC, T2I_METRICS
 
     return Judge(num_samples, "t2i", "digits_t2i", seed=seed, batch_size=batch_size,
                  prompts=eval_prompts(num_samples)[0], validation_prompts=validation_prompts(),
-                 metrics=list(T2I_METRICS))
+                 metrics=[*T2I_METRICS, SECOND_JUDGE_METRIC])

@@ -7,7 +7,12 @@ interface (`onestep.eval.metrics`): its classifier's features give FD-t2i (`feat
   * `colour_balance`: on prompts that name no colour, max over the four colours of |share - 1/4| (0: all four
     equally often; a sampler that paints every uncoloured prompt one colour scores 0.75).
 
-`eval.metric_options.t2i_classifier` (`FeatureOptions.extra` for FD-t2i) names another classifier folder.
+  * `fd_t2i_mlp`: FD-t2i_mlp, the Fréchet distance in the second t2i judge's features against `digits_t2i`, so
+    that a run judged by FD-t2i (`eval.features: t2i`) records both judges' distances on the same samples.
+
+`eval.metric_options.t2i_classifier` (`FeatureOptions.extra` for FD-t2i) names another classifier folder, for
+FD-t2i and the three classifier metrics (the second judge's folder gives them by the MLP);
+`t2i_mlp_classifier` does so for FD-t2i_mlp.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from onestep.eval.metrics import MetricContext, PerSampleMetric, SampleBatch, Sa
 
 
 T2I_METRICS = ("digit_acc", "colour_acc", "colour_balance")
+SECOND_JUDGE_METRIC = "fd_t2i_mlp"  # FD in the second t2i judge's features, as a metric beside FD-t2i
 T2I_CLASSIFIER_OPTION = "t2i_classifier"  # eval.metric_options key: the classifier folder (default: the shipped one)
 
 
@@ -118,3 +124,12 @@ class ColourBalance(SampleMetric):
 register_metric("digit_acc", _accuracy("digit_acc", "digit"))
 register_metric("colour_acc", _accuracy("colour_acc", "colour"))
 register_metric("colour_balance", ColourBalance)
+
+
+def _second_judge_fd(ctx: MetricContext) -> SampleMetric:
+    from onestep.eval.metrics import FrechetMetric
+
+    return FrechetMetric("t2i_mlp", "digits_t2i", ctx)
+
+
+register_metric(SECOND_JUDGE_METRIC, _second_judge_fd)

@@ -1,5 +1,14 @@
-"""The evaluator of the digits text-to-image teacher: a CNN on 32x32 coloured digits with a digit and a colour head,
-whose features are those of FD-t2i (`features: t2i`); the metrics it gives are in `onestep.eval.t2i`."""
+"""The evaluators ("judges") of the digits text-to-image teacher: classifiers of 32x32 coloured digits with a digit and
+a colour head, whose penultimate features give a Fréchet distance; the metrics they give are in `onestep.eval.t2i`.
+
+Two are shipped, trained differently so that their errors are not the same:
+  * "t2i" (FD-t2i): a CNN, 64-d features, the coloured first half of `split_halves(seed=0)`, ±2-pixel shifts and
+    brightness (scripts/train_t2i_classifier.py);
+  * "t2i_mlp" (FD-t2i_mlp): an MLP on 2x2-average-pooled pixels (no convolution), 128-d features, the coloured
+    second half, another seed, ±1-pixel shifts, blur, per-channel gain and pixel noise, label smoothing
+    (scripts/train_t2i_mlp_classifier.py).
+Both take (N, 3, 32, 32) in [-1, 1] and return (digit logits, colour logits); `features` gives the FD features.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +23,10 @@ from torch import nn
 from onestep.eval.quantize import uint8_to_float
 
 
-DEFAULT_T2I_CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits_t2i_classifier"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_T2I_CLASSIFIER_DIR = ASSETS / "digits_t2i_classifier"
+# feature-network name -> shipped weights; every t2i judge is also a registered feature network of that name
+T2I_JUDGES = {"t2i": DEFAULT_T2I_CLASSIFIER_DIR, "t2i_mlp": ASSETS / "digits_t2i_mlp_classifier"}
 
 
 class ColouredDigitsClassifier(ModelMixin, ConfigMixin):
@@ -45,16 +57,63 @@ class ColouredDigitsClassifier(ModelMixin, ConfigMixin):
         return self.digit_head(h), self.colour_head(h)
 
 
-def load_t2i_classifier(path: str | Path | None = None) -> ColouredDigitsClassifier:
-    model = ColouredDigitsClassifier.from_pretrained(Path(path) if path is not None else DEFAULT_T2I_CLASSIFIER_DIR)
+class ColouredDigitsMLP(ModelMixin, ConfigMixin):
+    """2x2 average pooling of (N, 3, 32, 32) in [-1, 1] to 3x16x16, flattened -> Linear ReLU Dropout (`hidden`
+    widths) -> Linear(-> num_features) SiLU, the features of FD-t2i_mlp, then a digit head (10) and a colour head (4).
+
+    The second t2i judge: no convolution and no pooling beyond the input's, so no translation prior but what its
+    training shifts teach it (a CNN's errors and an MLP's are not the same ones). The 2x2 pooling keeps the weights
+    under 1 MB; the data are 8x8 digits upsampled, so 16x16 still resolves every stroke."""
+
+    @register_to_config
+    def __init__(self, hidden: tuple[int, ...] = (256,), num_features: int = 128, num_digits: int = 10,
+                 num_colours: int = 4, dropout: float = 0.0):
+        super().__init__()
+        widths = [3 * 16 * 16, *hidden]
+        layers: list[nn.Module] = [nn.AvgPool2d(2), nn.Flatten()]
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+        self.body = nn.Sequential(*layers, nn.Linear(widths[-1], num_features), nn.SiLU())
+        self.digit_head = nn.Linear(num_features, num_digits)
+        self.colour_head = nn.Linear(num_features, num_colours)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(digit logits, colour logits)."""
+        h = self.body(x)
+        return self.digit_head(h), self.colour_head(h)
+
+
+T2IClassifier = ColouredDigitsClassifier | ColouredDigitsMLP
+_CLASSES = {cls.__name__: cls for cls in (ColouredDigitsClassifier, ColouredDigitsMLP)}
+
+
+def load_t2i_classifier(path: str | Path | None = None) -> T2IClassifier:
+    """A t2i judge's classifier from its folder (default: the first judge's), of the class its config names."""
+    from onestep.files import read_json
+
+    folder = Path(path) if path is not None else DEFAULT_T2I_CLASSIFIER_DIR
+    name = read_json(folder / "config.json").get("_class_name") if (folder / "config.json").is_file() else None
+    model = _CLASSES.get(name, ColouredDigitsClassifier).from_pretrained(folder)
     return model.eval().requires_grad_(False)
 
 
-class T2IFeatures(nn.Module):
-    """uint8 (N, 3, 32, 32) images -> the classifier's 64-d features, the network of FD-t2i (`features: t2i`); its
-    own copy of the classifier (a metric may cast it)."""
+def load_t2i_judge(name: str = "t2i") -> T2IClassifier:
+    """A shipped t2i judge by its feature-network name ("t2i", "t2i_mlp")."""
+    if name not in T2I_JUDGES:
+        from onestep.errors import EvalError
 
-    def __init__(self, classifier: ColouredDigitsClassifier):
+        raise EvalError(f"no t2i classifier for features {name!r}: choose from {', '.join(T2I_JUDGES)}")
+    return load_t2i_classifier(T2I_JUDGES[name])
+
+
+class T2IFeatures(nn.Module):
+    """uint8 (N, 3, 32, 32) images -> a t2i judge's features (64-d for FD-t2i, 128-d for FD-t2i_mlp); its own copy of
+    the classifier (a metric may cast it)."""
+
+    def __init__(self, classifier: T2IClassifier):
         super().__init__()
         self.classifier = copy.deepcopy(classifier)
         self.num_features = classifier.config.num_features  # torchmetrics reads it instead of probing at 299x299
@@ -64,7 +123,7 @@ class T2IFeatures(nn.Module):
 
 
 @torch.no_grad()
-def classify(classifier: ColouredDigitsClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(classifier: T2IClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted digits and colour indices of uint8 images."""
     digits, colours = [], []
     device = next(classifier.parameters()).device
