@@ -309,7 +309,11 @@ def _bench(args: argparse.Namespace) -> int:
         for config in args.runs:
             overrides = []
             if args.shape:  # real-size random-weight networks, batch 1, the savers of the first --variants entry
-                from onestep.bench.memory import SHAPE_VARIANTS, shape_overrides
+                from onestep.bench.memory import ESTIMATED_FROM, SHAPE_VARIANTS, shape_overrides
+
+                if args.shape in ESTIMATED_FROM:
+                    raise UserInputError(f"--shape {args.shape} is never built here: its memory rows are estimated "
+                                         f"from {ESTIMATED_FROM[args.shape]}'s")
 
                 method = load_config(config, [f"output_dir={args.out}"]).method
                 overrides = [*shape_overrides(args.shape, method, Path(args.out), args.latent_size),

@@ -141,9 +141,13 @@ def test_flux_rows_are_estimated_from_a_sd35m_report(tmp_path, capsys):
     assert report["rows"][0]["accelerator_peak_mib"] == pytest.approx(expected["accelerator_peak_mib"])
     assert report["left_out"] == {"text_encoder_2": 1_036_400} and "text_encoder_2 (0.00 B" in markdown(report)
     capsys.readouterr()
-    for bad in (["--shape", "bogus"], ["--shape", "tiny_flux", "--reference", str(out / "memory.json")]):
-        assert main(["bench", "--suite", "memory", *bad, "--out", str(tmp_path / "x")]) == 2
+    for bad, says in ((["--suite", "memory", "--shape", "bogus"], "unknown --shape 'bogus'"),
+                      (["--suite", "memory", "--shape", "tiny_flux", "--reference", str(out / "memory.json")],
+                       "shape 'tiny_flux'"),
+                      (["--suite", "step-overhead", str(CONFIGS / "flux" / "sid.yaml"), "--shape", "tiny_flux"],
+                       "never built here")):
+        assert main(["bench", *bad, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and ("bogus" in err or "shape 'tiny_flux'" in err), err
+        assert len(err.splitlines()) == 1 and says in err, err
     with pytest.raises(UserInputError, match="unknown --shape"):
         run_shape_suite("sd3", tmp_path, ["dmd2"], [REFERENCE])
