@@ -160,11 +160,13 @@ class Backtracking:
         return max(len(self.path) - 2 - step // self.options.switch_every, 0)
 
     def begin_step(self, step: int) -> dict[str, float]:
+        base = getattr(super(), "begin_step", None)  # DMD's (its lazy R1 counts steps); SiD has none
+        logs = base(step) if base is not None else {}
         index = self.target_at(step)
         if index != self.target_index:
             load_strict(self.teacher.unet, self.path[index])
             self.target_index = index
-        return {"disback/target_checkpoint": float(index)}
+        return {**logs, "disback/target_checkpoint": float(index)}
 
 
 class DisBack(Backtracking, DMD):

@@ -5,23 +5,30 @@ Algorithm (one iteration; `dmd` and `dmd2` are presets of these options):
        x = G(z, c)                                        (backward simulation for multi-step generators)
        L_G = L_DM(x) + w_gan_G * softplus(-D(x_t)) + w_reg * d(G(z_ref), y_ref)
   2. every step, critic update on sg(x):
-       L_mu = denoising loss of the fake score on sg(x) + w_gan_D * [softplus(D(fake_t)) + softplus(-D(real_t))]
+       L_mu = denoising loss of the fake score on sg(x) + w_gan_D * [softplus(D(fake_t)) + softplus(-D(real_t))
+              + k gamma / 2 ||grad_{real_t} D(real_t)||^2]      (R1 on every k = `gan_r1_every`-th step)
+  D reads x_t = alpha_t A(x) + sigma_t eps, A = DiffAugment's `gan_augment` ops (identity when empty).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from onestep.distillers.base import Distiller
 from onestep.distillers.regression import PairedRegression, RegressionOptions
+from onestep.errors import UserInputError
+from onestep.models.attention import differentiable_twice
+from onestep.models.augment import augment_ops, diff_augment
 from onestep.models.conditioning import Condition
-from onestep.models.critics import DEFAULT_DEPTHS, FakeScore, gan_discriminator_loss, gan_generator_loss
+from onestep.models.critics import DEFAULT_DEPTHS, FakeScore, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from onestep.models.denoising import denoising_loss, sample_timesteps
 from onestep.models.generator import INPUT_SCALINGS
 from onestep.models.lora import LoRAConfig
+from onestep.models.networks import is_sharded
 from onestep.models.unet import call_frozen
 from onestep.training.updates import LossOutput, OptimizerConfig, Update
 
@@ -63,6 +70,13 @@ class DMDOptions:
     gan_t_max: float = 1.0
     # a flow transformer's GAN head reads the blocks at these fractional depths (FastGen: ~50/75/99%); UNets: mid block
     gan_depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
+    # R1 gradient penalty (Mescheder et al. 2018, eq. 9; DMD2's code has none): gamma / 2 E||grad D(real_t)||^2 on
+    # D's noised real input, beside the discriminator loss (both weighted by gan_critic_weight); 0 = off
+    gan_r1_gamma: float = 0.0
+    gan_r1_every: int = 1  # lazy R1 (StyleGAN2): on every N-th step only, scaled by N
+    # DiffAugment (Zhao et al. 2020; DMD2: none) on both inputs of D, before its noise (a latent model: on latents):
+    # "translation,cutout" or a list of color, translation, cutout; "" = off
+    gan_augment: Any = ""
     regression: RegressionOptions = field(default_factory=RegressionOptions)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
 
@@ -73,6 +87,12 @@ class DMDOptions:
             raise ValueError(f"gan_depths must be fractions in (0, 1], got {self.gan_depths}")
         if not 0.0 <= self.gan_t_max <= 1.0:
             raise ValueError(f"gan_t_max must be in [0, 1], got {self.gan_t_max}")
+        if self.gan_r1_gamma < 0 or self.gan_r1_every < 1:
+            raise ValueError(f"need gan_r1_gamma >= 0 and gan_r1_every >= 1, got {self.gan_r1_gamma}, "
+                             f"{self.gan_r1_every}")
+        augment = augment_ops(self.gan_augment)  # (raises on an unknown op)
+        if not self.gan and (self.gan_r1_gamma > 0 or augment):
+            raise ValueError("gan_r1_gamma and gan_augment act on the GAN's discriminator: set gan: true")
         if self.generator_input not in INPUT_SCALINGS:
             raise ValueError(f"generator_input must be one of {', '.join(INPUT_SCALINGS)}, "
                              f"got {self.generator_input!r}")
@@ -114,6 +134,8 @@ class DMD(Distiller):
         self.dm_range = (round(options.dm_t_min * T), min(round(options.dm_t_max * T), T - 1) + 1)
         self.gan_range = (0, max(1, round(options.gan_t_max * T)))
         self._fresh: tuple[torch.Tensor, Condition] | None = None  # the generator step's sample, reused by the critic
+        self.gan_augment = augment_ops(options.gan_augment)
+        self.step = 0  # the training step (begin_step): lazy R1 runs on its multiples of gan_r1_every
 
     def updates(self) -> list[Update]:
         o = self.options
@@ -121,9 +143,17 @@ class DMD(Distiller):
                        o.generator_ema),
                 Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
 
+    def begin_step(self, step: int) -> dict[str, float]:
+        self.step = step
+        return {}
+
     def gan_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, t) the discriminator reads: x noised at t ~ U[0, gan_t_max T) (DMD2's `--diffusion_gan`), or with
-        gan_t_max 0 the clean x itself at t = 0 (DMD2 without it: sd_guidance.py `compute_cls_logits`)."""
+        gan_t_max 0 the clean x itself at t = 0 (DMD2 without it: sd_guidance.py `compute_cls_logits`).
+
+        `gan_augment`'s DiffAugment ops act on the clean x (latents for a latent model) before the noise, so that
+        x_t stays a noised sample of the augmented data."""
+        x = diff_augment(x, self.gan_augment)
         t = sample_timesteps(x.shape[0], *self.gan_range, self.device)
         if self.options.gan_t_max == 0:
             return x, t
@@ -171,8 +201,32 @@ class DMD(Distiller):
         if self.options.gan:
             real, real_condition = self.real.sample(x.shape[0], self.device)
             fake_logits = fake(*self.gan_input(x), condition, output="logits")
-            real_logits = fake(*self.gan_input(real), real_condition, output="logits")
+            real_t, real_time = self.gan_input(real)
+            if self._r1_now():
+                real_logits, penalty = self._real_logits_and_r1(fake, real_t, real_time, real_condition)
+                r1_weight = self.options.gan_critic_weight * self.options.gan_r1_every * self.options.gan_r1_gamma / 2
+                loss = loss + r1_weight * penalty
+                logs["r1"] = penalty.item()
+            else:
+                real_logits = fake(real_t, real_time, real_condition, output="logits")
             loss_d = gan_discriminator_loss(fake_logits, real_logits).mean()
             loss = loss + self.options.gan_critic_weight * loss_d
             logs.update(gan_d=loss_d.item(), d_real=real_logits.mean().item(), d_fake=fake_logits.mean().item())
         return LossOutput(loss, logs)
+
+    def _r1_now(self) -> bool:
+        o = self.options
+        return o.gan_r1_gamma > 0 and self.step % o.gan_r1_every == 0
+
+    def _real_logits_and_r1(self, fake, real_t: torch.Tensor, t: torch.Tensor,
+                            condition: Condition) -> tuple[torch.Tensor, torch.Tensor]:
+        """D(real_t) and R1's mean ||grad_{real_t} D(real_t)||^2 from one pass (a double backward through the
+        critic's network under attention that allows it)."""
+        if is_sharded(fake):
+            raise UserInputError("gan_r1_gamma > 0 is not supported under FSDP: its double backward through a "
+                                 "sharded critic is untested; train with DDP or set options.gan_r1_gamma=0")
+        real_t = real_t.detach().requires_grad_(True)
+        with differentiable_twice(fake):
+            logits = fake(real_t, t, condition, output="logits")
+            penalty = r1_penalty(logits, real_t).mean()
+        return logits, penalty

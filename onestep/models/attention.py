@@ -7,6 +7,9 @@ the CUDA cases can be tested on a CPU-only machine.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from diffusers.models.attention_processor import (
     Attention,
@@ -21,6 +24,7 @@ from diffusers.models.attention_processor import (
 )
 from diffusers.utils import is_xformers_available
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from onestep.errors import UserInputError
 from onestep.models.networks import reachable_modules
@@ -36,6 +40,9 @@ _PROCESSORS: tuple[dict[str, type], ...] = (
     {"eager": AttnAddedKVProcessor, "sdpa": AttnAddedKVProcessor2_0, "xformers": XFormersAttnAddedKVProcessor},
     {"sdpa": JointAttnProcessor2_0, "xformers": XFormersJointAttnProcessor},
 )
+
+
+XFORMERS = tuple(row["xformers"] for row in _PROCESSORS)
 
 
 def resolve_backend(requested: str, device_type: str, xformers_available: bool) -> str:
@@ -110,6 +117,18 @@ def set_attention_backend(model: nn.Module, backend: str = "auto", device_type: 
     resolved = resolve_backend(backend, device_type, xformers_available(device_type))
     _install([model], resolved)
     return resolved
+
+
+@contextlib.contextmanager
+def differentiable_twice(model: nn.Module) -> Iterator[None]:
+    """Attention whose backward can itself be differentiated (a gradient penalty's double backward) for the calls
+    inside: PyTorch's math SDPA kernel. The fused SDPA kernels (flash, memory-efficient, the CPU's flash) have no
+    derivative of their backward, and neither has xformers' kernel: a model set to xformers is refused."""
+    if any(isinstance(m, Attention) and isinstance(m.processor, XFORMERS) for m in model.modules()):
+        raise UserInputError("a gradient penalty (gan_r1_gamma > 0) needs a double backward through the critic, which "
+                             "xformers attention lacks: use attention=sdpa")
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def set_task_attention_backend(task: object, backend: str, device_type: str) -> str:

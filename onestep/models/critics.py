@@ -89,6 +89,17 @@ def gan_discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor)
     return F.softplus(fake_logits.float()) + F.softplus(-real_logits.float())
 
 
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018, eq. 9, without its gamma / 2): the per-sample ||grad_x D(x)||^2 at the real inputs
+    x the logits were computed from (x must require grad; a multi-logit head's D is the sum of its logits).
+
+    The gradient keeps its graph (`create_graph`) so that minimising the penalty trains the discriminator: a double
+    backward through the network that computed the logits.
+    """
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_inputs, create_graph=True)
+    return grad.float().square().flatten(1).sum(1)
+
+
 class _Bottleneck(Exception):
     """Raised by the last feature hook (a UNet's mid block, a transformer's deepest chosen block) to end a pass early
     when only the GAN logit is wanted."""
