@@ -18,7 +18,7 @@ from pathlib import Path
 from onestep.files import atomic_file, read_json
 
 
-SWEEP_COMMAND = ("python scripts/t2i_teacher_sweep.py builtin:digits-flow --steps 4 10 25 --guidance 1 2 3 4 5 7.5 "
+SWEEP_COMMAND = ("python scripts/t2i_teacher_sweep.py builtin:digits-flow --steps 25 --guidance 1 1.25 1.5 2 "
                  "--num-samples 1000 --out runs/flow_teacher/sweep.json")
 CARD_COMMAND = ("python scripts/flow_teacher_card.py onestep/assets/digits_flow_teacher --run runs/flow_teacher "
                 "--sweep runs/flow_teacher/sweep.json")
