@@ -29,7 +29,23 @@ DEFAULT_T2I_CLASSIFIER_DIR = ASSETS / "digits_t2i_classifier"
 T2I_JUDGES = {"t2i": DEFAULT_T2I_CLASSIFIER_DIR, "t2i_mlp": ASSETS / "digits_t2i_mlp_classifier"}
 
 
-class ColouredDigitsClassifier(ModelMixin, ConfigMixin):
+class DigitAndColourHeads(nn.Module):
+    """Both t2i judges' read-out: the features of a `body`, then a digit head and a colour head on them."""
+
+    body: nn.Module
+    digit_head: nn.Linear
+    colour_head: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(digit logits, colour logits)."""
+        h = self.body(x)
+        return self.digit_head(h), self.colour_head(h)
+
+
+class ColouredDigitsClassifier(DigitAndColourHeads, ModelMixin, ConfigMixin):
     """(Conv 3x3 ReLU, max-pool) x3 on (N, 3, 32, 32) in [-1, 1] -> Linear(16 c3 -> num_features) SiLU, the features
     of FD-t2i, then two heads: the digit (10 logits) and the colour (4 logits, onestep.data.digits_t2i.COLOUR_NAMES).
     SiLU on the features for the reason DigitsClassifier gives (no dead features, a full-rank covariance)."""
@@ -48,16 +64,8 @@ class ColouredDigitsClassifier(ModelMixin, ConfigMixin):
         self.digit_head = nn.Linear(num_features, num_digits)
         self.colour_head = nn.Linear(num_features, num_colours)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(digit logits, colour logits)."""
-        h = self.body(x)
-        return self.digit_head(h), self.colour_head(h)
-
-
-class ColouredDigitsMLP(ModelMixin, ConfigMixin):
+class ColouredDigitsMLP(DigitAndColourHeads, ModelMixin, ConfigMixin):
     """2x2 average pooling of (N, 3, 32, 32) in [-1, 1] to 3x16x16, flattened -> Linear ReLU Dropout (`hidden`
     widths) -> Linear(-> num_features) SiLU, the features of FD-t2i_mlp, then a digit head (10) and a colour head (4).
 
@@ -76,14 +84,6 @@ class ColouredDigitsMLP(ModelMixin, ConfigMixin):
         self.body = nn.Sequential(*layers, nn.Linear(widths[-1], num_features), nn.SiLU())
         self.digit_head = nn.Linear(num_features, num_digits)
         self.colour_head = nn.Linear(num_features, num_colours)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(digit logits, colour logits)."""
-        h = self.body(x)
-        return self.digit_head(h), self.colour_head(h)
 
 
 T2IClassifier = ColouredDigitsClassifier | ColouredDigitsMLP
