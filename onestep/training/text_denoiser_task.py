@@ -121,7 +121,7 @@ class TextDenoiserTraining:
         prompt[torch.rand(self.batch_size) < self.options.label_dropout] = self.null_index
         condition = self.prompt_conditions[prompt].to(self.device)
         schedule = self.teacher_view.schedule
-        net = functools.partial(unet_forward, unet, schedule=schedule if self.is_flow else None)
+        net = functools.partial(unet_forward, unet, schedule=schedule)  # VP: the grid time itself
         return LossOutput(denoising_loss(net, schedule, x0, condition).mean())
 
     @property
