@@ -75,6 +75,10 @@ class EvalConfig:
     clip_model: str | None = None  # a local CLIP model folder for clip_score
     prompts: str | None = None  # text teachers: the eval prompt file (default data.prompts), cycled over N samples
     validation_prompts: Any = None  # text teachers: a list or a prompt file, a grid row each (default: 8 eval prompts)
+    # the guidance of the teacher rows a student is compared with (`onestep bench`, scripts/t2i_table.py); null:
+    # teacher.guidance_scale. A DMD student's real score wants less guidance than the teacher's sampler at its best
+    # (DMD2 on SD1.5: 1.75 vs 7.5), so the two can differ
+    teacher_guidance_scale: float | None = None
 
 
 @dataclass
@@ -92,6 +96,13 @@ class RunConfig:
     # DMD2's GAN stage does; unset, the critics start from teacher.path
     init_critic: str | None = None
     options: Any = field(default_factory=dict)  # the method's own options, validated against its dataclass
+
+
+def reference_guidance(cfg: dict) -> float:
+    """The guidance of the teacher rows a run's student is compared with, from its saved config (a dict):
+    eval.teacher_guidance_scale, else teacher.guidance_scale (configs saved before the field have only the latter)."""
+    scale = cfg.get("eval", {}).get("teacher_guidance_scale")
+    return cfg["teacher"]["guidance_scale"] if scale is None else scale
 
 
 def method_options(method: str, data_name: str | None = None) -> type:
@@ -143,6 +154,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise UserInputError(f"config teacher.dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher.dtype!r}")
     if cfg.teacher.guidance_scale < 0:
         raise UserInputError(f"config teacher.guidance_scale must be >= 0, got {cfg.teacher.guidance_scale}")
+    if cfg.eval.teacher_guidance_scale is not None and cfg.eval.teacher_guidance_scale < 0:
+        raise UserInputError(f"config eval.teacher_guidance_scale must be >= 0, got {cfg.eval.teacher_guidance_scale}")
     if cfg.attention not in BACKENDS:
         raise UserInputError(f"config attention must be one of {', '.join(BACKENDS)}, got {cfg.attention!r}")
     from onestep.eval.features import FEATURES

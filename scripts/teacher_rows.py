@@ -23,7 +23,7 @@ from onestep.bench.compare import sample_teacher_row, teacher_row_protocol
 from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol, t2i_teacher_rows, table_config
 from onestep.bench.teacher_rows import CARD_FILE, store
 from onestep.cli import build_parser
-from onestep.config import load_config
+from onestep.config import load_config, reference_guidance, to_dict
 from onestep.models.loading import resolve_model
 from onestep.runs import build_judge
 
@@ -40,7 +40,7 @@ def digits_rows() -> None:
     teacher = resolve_model(cfg.teacher.path)
     (teacher / CARD_FILE).unlink(missing_ok=True)  # rows of an older protocol would stay as dead entries
     for k in bench.teacher_steps:
-        protocol = teacher_row_protocol(k, cfg.teacher.guidance_scale, bench.num_samples or 1000, bench.seeds,
+        protocol = teacher_row_protocol(k, reference_guidance(to_dict(cfg)), bench.num_samples or 1000, bench.seeds,
                                         bench.forget)
         start = time.perf_counter()
         row = sample_teacher_row(teacher, protocol)

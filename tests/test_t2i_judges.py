@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from onestep.data.digits_t2i import coloured_digits
+from onestep.errors import UserInputError
 from onestep.eval.quantize import to_uint8, uint8_to_float
 
 
@@ -181,6 +182,32 @@ def test_the_first_judges_teacher_rows_keep_their_key():
     assert t2i_teacher_protocol(cfg, judge, 4) == t2i_teacher_protocol(without, judge, 4)
     second = t2i_teacher_protocol(cfg, judge, 4, "t2i_mlp")
     assert second["judge"] == "t2i_mlp" and second["evaluator"] != t2i_teacher_protocol(cfg, judge, 4)["evaluator"]
+
+
+def test_teacher_rows_are_sampled_at_eval_teacher_guidance_scale(tmp_path):
+    """A student distilled at one real-score guidance is compared with the teacher at eval.teacher_guidance_scale:
+    the table's teacher rows (and their cache key) are those of a run whose teacher.guidance_scale is that scale."""
+    from onestep.bench.compare import finished_runs
+    from onestep.bench.t2i_teacher import t2i_teacher_protocol, table_config
+    from onestep.config import config_from, load_config, reference_guidance, to_dict
+    from onestep.runs import build_judge
+
+    base = to_dict(load_config(ROOT / "configs" / "t2i" / "dmd2.yaml"))
+    split = table_config(config_from(base, ["teacher.guidance_scale=1.5", "eval.teacher_guidance_scale=3"]))
+    plain = table_config(config_from(base, ["teacher.guidance_scale=3", "eval.teacher_guidance_scale=null"]))
+    unset = table_config(config_from(base, ["teacher.guidance_scale=1.5", "eval.teacher_guidance_scale=null"]))
+    assert split.teacher.guidance_scale == 3 and unset.teacher.guidance_scale == 1.5
+    judge = build_judge(split, None, is_text=True)
+    assert t2i_teacher_protocol(split, judge, 4) == t2i_teacher_protocol(plain, judge, 4)
+    assert t2i_teacher_protocol(split, judge, 4) != t2i_teacher_protocol(unset, judge, 4)
+    saved = to_dict(config_from(base, ["teacher.guidance_scale=1.5", "eval.teacher_guidance_scale=3"]))
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert reference_guidance(saved) == 3 and finished_runs([tmp_path])[2] == 3  # `onestep bench`'s teacher rows
+    del saved["eval"]["teacher_guidance_scale"]  # a run saved before the field
+    assert reference_guidance(saved) == 1.5
+    with pytest.raises(UserInputError, match="eval.teacher_guidance_scale must be >= 0"):
+        config_from(base, ["eval.teacher_guidance_scale=-1"])
 
 
 def _history_run(folder: Path, method: str, fds: list[float], second: list[float], acc: list[float],

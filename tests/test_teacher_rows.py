@@ -127,12 +127,12 @@ def test_the_shipped_digits_rows_match_make_demo():
 def test_the_shipped_t2i_rows_match_make_demo_t2i():
     """`make demo-t2i`'s table reads its teacher rows from the card: the protocol of a run of configs/t2i/dmd2.yaml
     (as scripts/t2i_table.py rebuilds it from the run's saved config)."""
-    from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol
+    from onestep.bench.t2i_teacher import T2I_STEPS, t2i_teacher_protocol, table_config
     from onestep.config import config_from, load_config, to_dict
     from onestep.runs import build_judge
 
     cfg = load_config(ROOT / "configs" / "t2i" / "dmd2.yaml")
-    cfg = config_from(json.loads(json.dumps(to_dict(cfg))))  # a run folder's config.json, read back
+    cfg = table_config(config_from(json.loads(json.dumps(to_dict(cfg)))))  # a run folder's config.json, read back
     judge = build_judge(cfg, None, is_text=True)
     teacher = resolve_model(cfg.teacher.path)
     for k in T2I_STEPS:

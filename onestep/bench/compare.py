@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from onestep.bench.teacher_rows import cached_row, folder_digest
+from onestep.config import reference_guidance
 from onestep.errors import UserInputError
 from onestep.eval.classifier import DIGITS_JUDGES
 from onestep.eval.fd import frechet_distance
@@ -115,7 +116,7 @@ def _fmt(value, digits=2) -> str:
 
 
 def finished_runs(runs: list[Path]) -> tuple[dict[Path, dict], Path, float]:
-    """The runs' saved configs, their one shared teacher folder and its guidance scale (UserInputError when a
+    """The runs' saved configs, their one shared teacher folder and the teacher rows' guidance (UserInputError when a
     folder is not a finished run or the runs distill different teachers)."""
     configs = {}
     for run in runs:
@@ -125,7 +126,7 @@ def finished_runs(runs: list[Path]) -> tuple[dict[Path, dict], Path, float]:
     teachers = {c["teacher"]["path"] for c in configs.values()}
     if len(teachers) != 1:
         raise UserInputError(f"runs distill different teachers ({', '.join(sorted(teachers))}); bench them apart")
-    return configs, resolve_path(teachers.pop()), next(iter(configs.values()))["teacher"]["guidance_scale"]
+    return configs, resolve_path(teachers.pop()), reference_guidance(next(iter(configs.values())))
 
 
 def teacher_row_protocol(steps: int, guidance: float, num_samples: int, seeds: list[int],

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from onestep.bench.teacher_rows import cache_dir, folder_digest, lookup, row_key, store
-from onestep.config import RunConfig, config_from, to_dict
+from onestep.config import RunConfig, config_from, reference_guidance, to_dict
 from onestep.errors import UserInputError
 from onestep.eval.judge import Judge
 from onestep.eval.t2i import SECOND_JUDGE_METRIC, T2I_METRICS
@@ -48,10 +48,13 @@ def t2i_sampler(cfg: RunConfig) -> str:
 
 
 def table_config(cfg: RunConfig) -> RunConfig:
-    """A run's config as the table judges it: FD-t2i with the three classifier metrics and FD-t2i_mlp."""
+    """A run's config as the table judges it: FD-t2i with the three classifier metrics and FD-t2i_mlp, the teacher
+    at the rows' guidance (eval.teacher_guidance_scale folded into teacher.guidance_scale, so that the teacher-row
+    cache key is the teacher's as sampled)."""
+    teacher = dataclasses.replace(cfg.teacher, guidance_scale=reference_guidance(to_dict(cfg)))
     evaluation = dataclasses.replace(cfg.eval, features="t2i", reference="digits_t2i",
-                                     metrics=[*T2I_METRICS, SECOND_JUDGE_METRIC])
-    return dataclasses.replace(cfg, eval=evaluation)
+                                     metrics=[*T2I_METRICS, SECOND_JUDGE_METRIC], teacher_guidance_scale=None)
+    return dataclasses.replace(cfg, teacher=teacher, eval=evaluation)
 
 
 def t2i_teacher_protocol(cfg: RunConfig, judge: Judge, steps: int, features: str = "t2i") -> dict:
@@ -62,6 +65,7 @@ def t2i_teacher_protocol(cfg: RunConfig, judge: Judge, steps: int, features: str
     prompts = hashlib.sha256("\n".join(judge.prompts or []).encode()).hexdigest()
     teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("variant", "guidance_scale", "dtype")}
     evaluation = to_dict(cfg.eval)
+    evaluation.pop("teacher_guidance_scale", None)  # table_config folds it into the teacher's guidance_scale
     if features == "t2i":
         evaluation["metrics"] = [m for m in evaluation["metrics"] if m != SECOND_JUDGE_METRIC]
     else:
