@@ -76,8 +76,8 @@ class EvalConfig:
     prompts: str | None = None  # text teachers: the eval prompt file (default data.prompts), cycled over N samples
     validation_prompts: Any = None  # text teachers: a list or a prompt file, a grid row each (default: 8 eval prompts)
     # the guidance of the teacher rows a student is compared with (`onestep bench`, scripts/t2i_table.py); null:
-    # teacher.guidance_scale. A DMD student's real score wants less guidance than the teacher's sampler at its best
-    # (DMD2 on SD1.5: 1.75 vs 7.5), so the two can differ
+    # teacher.guidance_scale. A recipe may distill at another scale than the one its teacher samples best at (DMD2
+    # on SD1.5: 1.75 vs 7.5), and the comparison should be with the teacher at its best
     teacher_guidance_scale: float | None = None
 
 

@@ -53,7 +53,7 @@ def table_config(cfg: RunConfig) -> RunConfig:
     cache key is the teacher's as sampled)."""
     teacher = dataclasses.replace(cfg.teacher, guidance_scale=reference_guidance(to_dict(cfg)))
     evaluation = dataclasses.replace(cfg.eval, features="t2i", reference="digits_t2i",
-                                     metrics=[*T2I_METRICS, SECOND_JUDGE_METRIC], teacher_guidance_scale=None)
+                                     metrics=[*T2I_METRICS, SECOND_JUDGE_METRIC])
     return dataclasses.replace(cfg, teacher=teacher, eval=evaluation)
 
 
@@ -65,7 +65,7 @@ def t2i_teacher_protocol(cfg: RunConfig, judge: Judge, steps: int, features: str
     prompts = hashlib.sha256("\n".join(judge.prompts or []).encode()).hexdigest()
     teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("variant", "guidance_scale", "dtype")}
     evaluation = to_dict(cfg.eval)
-    evaluation.pop("teacher_guidance_scale", None)  # table_config folds it into the teacher's guidance_scale
+    evaluation.pop("teacher_guidance_scale", None)  # in the teacher's guidance_scale (table_config); keys stay stable
     if features == "t2i":
         evaluation["metrics"] = [m for m in evaluation["metrics"] if m != SECOND_JUDGE_METRIC]
     else:
