@@ -3,6 +3,7 @@ the config's kind builds (onestep.tasks: which method, which teacher, which data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -180,6 +181,8 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     if not saved.is_file():
         raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")
     cfg = config_from(read_json(saved), label=str(saved))
+    if Path(cfg.output_dir).resolve() != run_dir.resolve():  # a run folder moved or copied since it trained
+        cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):  # none yet (an interrupted run), or unreadable: a card without metrics

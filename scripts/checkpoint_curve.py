@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from onestep.config import config_from, to_dict
@@ -25,19 +26,24 @@ from onestep.runs import RUN_CONFIG, build_trainer
 from onestep.training.checkpoints import complete_checkpoints, read_state
 
 
-def judge_checkpoint(cfg, checkpoint: Path, metrics: list[str]) -> dict:
-    """The run's evaluation (plus `metrics`) of one checkpoint, rebuilt in a scratch run folder that links it."""
+def judge_checkpoints(cfg, checkpoints: list[Path], metrics: list[str]) -> Iterator[dict]:
+    """The run's evaluation (plus `metrics`) of each checkpoint in turn: one trainer, built once in a scratch run
+    folder, resumes from each checkpoint linked there alone."""
     with tempfile.TemporaryDirectory() as scratch:
-        (Path(scratch) / "checkpoints").mkdir()
-        (Path(scratch) / "checkpoints" / checkpoint.name).symlink_to(checkpoint.resolve())
+        linked = Path(scratch) / "checkpoints"
+        linked.mkdir()
         evaluation = dataclasses.replace(cfg.eval, metrics=[*cfg.eval.metrics, *metrics])
         run_cfg = dataclasses.replace(cfg, output_dir=scratch, eval=evaluation)
         write_json_atomic(Path(scratch) / RUN_CONFIG, to_dict(run_cfg))  # the scratch folder holds this run
         trainer = build_trainer(run_cfg)
-        if not trainer.resume():
-            raise UserInputError(f"{checkpoint} is not a complete checkpoint")
-        with trainer.ema_weights():
-            return {"step": trainer.step, **trainer.task.evaluate()}
+        for checkpoint in checkpoints:
+            link = linked / checkpoint.name
+            link.symlink_to(checkpoint.resolve())
+            if not trainer.resume():
+                raise UserInputError(f"{checkpoint} is not a complete checkpoint")
+            with trainer.ema_weights():
+                yield {"step": trainer.step, **trainer.task.evaluate()}
+            link.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError(f"{args.run} has no complete checkpoint")
         chosen = [c for c in found if read_state(c)["step"] % args.every == 0 or c == found[-1]]
         history = []
-        for checkpoint in chosen:
-            record = {k: v for k, v in judge_checkpoint(cfg, checkpoint, args.metrics).items() if k != "protocol"}
+        for judged in judge_checkpoints(cfg, chosen, args.metrics):
+            record = {k: v for k, v in judged.items() if k != "protocol"}
             history.append(record)
             print(json.dumps(record), flush=True)
     except UserInputError as err:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,22 @@ def test_same_config_and_seed_give_the_same_samples_and_metrics(tmp_path):
     (metrics_a, weights_a), (metrics_b, weights_b) = outputs
     assert metrics_a["fd_digits/student"] == metrics_b["fd_digits/student"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_moved_run_folder_exports_its_own_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    trained, moved = tmp_path / "trained", tmp_path / "moved"
+    assert main(["train", str(DEMO), f"output_dir={trained}", "train.max_steps=2", "train.max_minutes=null",
+                 "train.eval_every=0", "eval.num_samples=20", "data.batch_size=4"]) == 0
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    exported = load_file(trained / weights)
+    trained.rename(moved)
+    shutil.rmtree(moved / "pipeline")
+    assert main(["export", str(moved)]) == 0
+    again = load_file(moved / weights)
+    assert all(torch.equal(exported[k], again[k]) for k in exported)
+    assert not trained.exists()  # the folder it trained in is neither read nor recreated
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
