@@ -233,7 +233,7 @@ def _export(args: argparse.Namespace) -> int:
     from onestep.runs import export_run
 
     _quiet_loading()
-    pipeline = export_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    pipeline = export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.step)
     stock = stock_folder(pipeline)  # an SD-family one-step student is also exported as a stock diffusers folder
     print(json.dumps({"pipeline": str(pipeline), **({"diffusers": str(stock)} if stock.is_dir() else {})}))
     return 0
@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export the pipeline of a run from its newest checkpoint")
     export.add_argument("run_dir")
-    export.add_argument("--out", default=None, help="default: RUN_DIR/pipeline")
+    export.add_argument("--step", type=int, default=None, help="export the kept checkpoint of this step instead "
+                        "(train.keep_checkpoints keeps several)")
+    export.add_argument("--out", default=None, help="default: RUN_DIR/pipeline, with --step RUN_DIR/pipeline-STEP")
     export.set_defaults(run=_export)
 
     tiny = sub.add_parser("tiny", help="write a tiny random diffusers folder of a layout, to try recipes on")

@@ -22,7 +22,8 @@ from onestep.models.loading import resolve_path
 
 IDENTITY_KEYS = ("method", "data", "teacher", "init_generator", "init_critic", "options")
 # dotted keys (fnmatch patterns) inside the identity keys that a resumed run may change
-RESUMABLE = ("data.num_workers", "data.batch_size", "teacher.offload", "options.*optimizer.lr")
+RESUMABLE = ("data.num_workers", "data.batch_size", "teacher.offload", "options.*optimizer.lr",
+             "options.regression.pairs")  # read only if drawn for this run's teacher and conditions
 NOTES = {"data.batch_size": "the optimizer state, LR schedule and EMA continue at their step; each step now sees "
                             "a different number of samples"}
 

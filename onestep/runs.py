@@ -27,6 +27,7 @@ from onestep.tasks.ingredients import (  # noqa: F401  (also importable from her
     read_prompt_list,
     use_attention,
 )
+from onestep.training.checkpoints import checkpoint_at
 from onestep.training.trainer import Trainer, process_state
 
 
@@ -175,8 +176,9 @@ def build_trainer(cfg: RunConfig, overwrite: bool = False) -> Trainer:
     return Trainer(task, cfg.output_dir, cfg.train, run_config=to_dict(cfg))
 
 
-def export_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Rebuild a run from its saved config, load its newest checkpoint and export the pipeline (EMA weights)."""
+def export_run(run_dir: Path, out: Path | None = None, step: int | None = None) -> Path:
+    """Rebuild a run from its saved config, load its newest checkpoint (or the one of `step`) and export the
+    pipeline (EMA weights)."""
     saved = run_dir / RUN_CONFIG
     if not saved.is_file():
         raise UserInputError(f"{run_dir} is not a onestep run folder (no {RUN_CONFIG})")
@@ -189,12 +191,16 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
         metrics = None
     metrics = metrics if isinstance(metrics, dict) else None
     if cfg.method == "msd" and cfg.options.student is None:
+        if step is not None:
+            raise UserInputError("an MSD run assembles its students' pipelines: export RUN_DIR/student_K --step N "
+                                 "first, then RUN_DIR without --step")
         out = assemble_students(cfg, out)
     else:
+        checkpoint = checkpoint_at(run_dir / "checkpoints", step) if step is not None else None
         trainer = build_trainer(cfg)
-        if not trainer.resume():
+        if not trainer.resume(checkpoint):
             raise UserInputError(f"{run_dir} has no complete checkpoint to export")
-        out = out or run_dir / "pipeline"
+        out = out or run_dir / ("pipeline" if step is None else f"pipeline-{step}")
         with trainer.ema_weights():
             trainer.task.export_pipeline(out)
         if metrics is not None and metrics.get("step") != trainer.step:

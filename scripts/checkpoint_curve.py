@@ -28,22 +28,16 @@ from onestep.training.checkpoints import complete_checkpoints, read_state
 
 def judge_checkpoints(cfg, checkpoints: list[Path], metrics: list[str]) -> Iterator[dict]:
     """The run's evaluation (plus `metrics`) of each checkpoint in turn: one trainer, built once in a scratch run
-    folder, resumes from each checkpoint linked there alone."""
+    folder (the run's own is left as it is), resumes from each checkpoint."""
     with tempfile.TemporaryDirectory() as scratch:
-        linked = Path(scratch) / "checkpoints"
-        linked.mkdir()
         evaluation = dataclasses.replace(cfg.eval, metrics=[*cfg.eval.metrics, *metrics])
         run_cfg = dataclasses.replace(cfg, output_dir=scratch, eval=evaluation)
         write_json_atomic(Path(scratch) / RUN_CONFIG, to_dict(run_cfg))  # the scratch folder holds this run
         trainer = build_trainer(run_cfg)
         for checkpoint in checkpoints:
-            link = linked / checkpoint.name
-            link.symlink_to(checkpoint.resolve())
-            if not trainer.resume():
-                raise UserInputError(f"{checkpoint} is not a complete checkpoint")
+            trainer.resume(checkpoint)
             with trainer.ema_weights():
                 yield {"step": trainer.step, **trainer.task.evaluate()}
-            link.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,6 +177,23 @@ def test_a_moved_run_folder_exports_its_own_checkpoint(tmp_path):
     assert not trained.exists()  # the folder it trained in is neither read nor recreated
 
 
+def test_export_step_exports_that_checkpoint_beside_the_newest(tmp_path):
+    from safetensors.torch import load_file
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    common = [str(DEMO), "train.max_minutes=null", "train.eval_every=0", "eval.num_samples=20", "data.batch_size=4",
+              "options.generator_every=1"]  # a generator update at every step
+    assert main(["train", *common, f"output_dir={short}", "train.max_steps=2"]) == 0
+    assert main(["train", *common, f"output_dir={long}", "train.max_steps=4", "train.checkpoint_every=2",
+                 "train.keep_checkpoints=5"]) == 0
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert main(["export", str(long), "--step", "2"]) == 0
+    at_2, at_4 = load_file(long / "pipeline-2" / weights), load_file(long / "pipeline" / weights)
+    trained_2 = load_file(short / "pipeline" / weights)  # training is deterministic: the same weights at step 2
+    assert all(torch.equal(at_2[k], trained_2[k]) for k in at_2)
+    assert not all(torch.equal(at_2[k], at_4[k]) for k in at_2)
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -195,6 +212,7 @@ def test_bad_inputs_against_a_finished_run_leave_every_file_byte_identical(tmp_p
         ["train", DEMO, f"output_dir={out}", "options.generator_timesteps=[200]"],  # a different run
         ["train", ROOT / "configs" / "digits" / "sfd.yaml", f"output_dir={out}", "options.forget=[10]"],
         ["export", tmp_path / "not_a_run"],
+        ["export", out, "--step", "1"],  # no checkpoint kept at that step
         ["sample", out, "--out", out / "grid.jpg"],
         ["fid", out / "pipeline", "--reference", tmp_path / "missing.npz"],
     ]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from onestep.data.conditions import RealImages
+from onestep.data.conditions import ConditionSampler, RealImages
 from onestep.distillers import build_distiller
 from onestep.distillers.dmd import DMD1Options, DMDOptions, distribution_matching_loss
 from onestep.models.conditioning import Condition
@@ -229,6 +229,32 @@ def test_regression_pairs_come_from_teacher_ddim_and_are_cached(tmp_path):
     assert len(cached) == 1
     again = PairedRegression(teacher, dmd.conditions, options, tmp_path)
     assert torch.equal(again.targets, reg.targets)
+
+
+def test_regression_pairs_of_an_earlier_run_are_read_only_when_drawn_for_the_same_teacher(tmp_path, monkeypatch):
+    import dataclasses
+
+    import onestep.distillers.regression as regression
+    from onestep.distillers.regression import PairedRegression, RegressionOptions
+
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    dmd = _dmd()
+    options = RegressionOptions(weight=1.0, num_pairs=4, teacher_steps=2)
+    drawn = PairedRegression(teacher, dmd.conditions, options, tmp_path / "first" / "cache")
+    (pairs,) = (tmp_path / "first" / "cache").glob("regression-pairs-*.safetensors")
+    monkeypatch.setattr(regression, "sample_teacher", lambda *a, **k: pytest.fail("pairs drawn again"))
+    given = dataclasses.replace(options, pairs=str(pairs))
+    read = PairedRegression(teacher, dmd.conditions, given, tmp_path / "second" / "cache")
+    assert torch.equal(read.targets, drawn.targets) and torch.equal(read.noise, drawn.noise)
+    assert not (tmp_path / "second").exists()  # read, not copied
+    others = [(Teacher(teacher.unet, scheduler(), guidance_scale=2.0), dmd.conditions, given),  # guidance
+              (teacher, ConditionSampler(classes=[2, 1, 0]), given),  # the same number of other conditions
+              (teacher, dmd.conditions, dataclasses.replace(given, num_pairs=5))]
+    for t, c, o in others:
+        with pytest.raises(ValueError, match="drawn for another"):
+            PairedRegression(t, c, o)
+    with pytest.raises(ValueError, match="is not a file"):
+        PairedRegression(teacher, dmd.conditions, dataclasses.replace(options, pairs=str(tmp_path / "missing")))
 
 
 @pytest.mark.parametrize("distance", ["mse", "pseudo_huber"])

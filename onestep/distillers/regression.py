@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from onestep.data.conditions import ConditionSampler
@@ -26,6 +27,9 @@ class RegressionOptions:
     num_pairs: int = 1000  # (noise, teacher sample) pairs drawn once
     teacher_steps: int = 50  # DDIM steps of the teacher's deterministic sampler
     batch_size: int = 16  # pairs per regression step
+    # an earlier run's pairs file (its OUTPUT_DIR/cache/regression-pairs-*.safetensors) to read instead of drawing
+    # them again: it must have been drawn with this teacher, guidance, conditions and these num_pairs / teacher_steps
+    pairs: str | None = None
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,14 +60,20 @@ class PairedRegression:
         return lpips.LPIPS(net="vgg").eval().requires_grad_(False)
 
     def _key(self) -> str:
-        o = self.options
+        """What the pairs depend on: the teacher (its weights' sum, guidance), the conditions and the sampler."""
+        o, c = self.options, self.conditions
+        listed = c.prompts if c.prompts is not None else (c.classes.tolist() if c.classes is not None else [])
         identity = {"num_pairs": o.num_pairs, "steps": o.teacher_steps, "shape": list(self.teacher.sample_shape),
-                    "conditions": len(self.conditions), "guidance": self.teacher.guidance_scale,
+                    "conditions": hashlib.sha256(json.dumps(listed).encode()).hexdigest(),
+                    "guidance": self.teacher.guidance_scale,
                     "teacher": sum(float(p.double().sum()) for p in self.teacher.unet.parameters())}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def _pairs(self, cache_dir: Path | None):
-        path = cache_dir / f"regression-pairs-{self._key()}.safetensors" if cache_dir is not None else None
+        key = self._key()
+        if self.options.pairs is not None:
+            return self._read_given(Path(self.options.pairs), key)
+        path = cache_dir / f"regression-pairs-{key}.safetensors" if cache_dir is not None else None
         if path is not None and path.is_file():
             data = load_file(path)
             return data["noise"], data["index"], data["targets"]
@@ -76,8 +86,20 @@ class PairedRegression:
         if path is not None:
             with atomic_file(path) as f:
                 f.write(save({"noise": noise, "index": index, "targets": targets},
-                             metadata={"options": json.dumps(asdict(self.options))}))
+                             metadata={"options": json.dumps(asdict(self.options)), "key": key}))
         return noise, index, targets
+
+    @staticmethod
+    def _read_given(path: Path, key: str):
+        """`options.pairs`: read, never written, and refused unless drawn for what this run would draw."""
+        if not path.is_file():
+            raise ValueError(f"regression.pairs {path} is not a file (an earlier run's "
+                             "OUTPUT_DIR/cache/regression-pairs-*.safetensors)")
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                raise ValueError(f"regression.pairs {path} was drawn for another teacher, guidance, condition list, "
+                                 "num_pairs or teacher_steps than this run's")
+            return f.get_tensor("noise"), f.get_tensor("index"), f.get_tensor("targets")
 
     def loss(self, generator) -> torch.Tensor:
         """Mean distance between G(z_i, c_i) and y_i over a random minibatch of pairs (one-step read-out)."""

@@ -73,6 +73,23 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
+def require_intact(checkpoint: Path) -> Path:
+    """`checkpoint` if it is complete and intact, else a UserInputError that says what is wrong."""
+    what = damage(checkpoint) if (checkpoint / COMPLETE_MARKER).is_file() else "not a complete checkpoint"
+    if what is not None:
+        raise UserInputError(f"checkpoint {checkpoint}: {what}")
+    return checkpoint
+
+
+def checkpoint_at(root: Path, step: int) -> Path:
+    """The complete, intact checkpoint of `step` under `root`; a missing one is a UserInputError naming those kept."""
+    found = checkpoint_dir(root, step)
+    if not (found / COMPLETE_MARKER).is_file():
+        kept = ", ".join(str(step_of(c)) for c in complete_checkpoints(root)) or "none"
+        raise UserInputError(f"no complete checkpoint of step {step} in {root} (steps kept: {kept})")
+    return require_intact(found)
+
+
 def verified_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint whose files are intact, and one line for each newer one that is damaged."""
     damaged = []

@@ -27,6 +27,7 @@ from onestep.training.checkpoints import (
     latest_checkpoint,
     read_state,
     refuse_changed_frozen_tensors,
+    require_intact,
     save_checkpoint,
     verified_checkpoint,
 )
@@ -341,10 +342,13 @@ class Trainer:
         save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.step, state,
                         self.config.keep_checkpoints)
 
-    def resume(self) -> bool:
-        """Load the newest complete, intact checkpoint in output_dir/checkpoints, if any; a damaged newer one is named
-        in one line on stderr (and in the log) and passed over."""
-        found, damaged = verified_checkpoint(self.output_dir / "checkpoints")
+    def resume(self, checkpoint: Path | None = None) -> bool:
+        """Load `checkpoint`, or else the newest complete, intact checkpoint in output_dir/checkpoints, if any (a
+        damaged newer one is named in one line on stderr, and in the log, and passed over)."""
+        if checkpoint is not None:
+            found, damaged = require_intact(checkpoint), []
+        else:
+            found, damaged = verified_checkpoint(self.output_dir / "checkpoints")
         for line in damaged:
             if self.accelerator.is_main_process:
                 print(f"onestep: {line}", file=sys.stderr)
