@@ -293,7 +293,7 @@ def _bench(args: argparse.Namespace) -> int:
         from onestep.bench.modes import run_modes_suite
 
         run_modes_suite([Path(r) for r in args.runs], Path(args.out), args.num_samples or 10000,
-                        max(args.teacher_steps), args.seeds)
+                        max(args.teacher_steps), args.seeds, args.mode_set)
         return 0
     if args.suite == "compare":
         from onestep.bench.t2i_teacher import T2I_STEPS, is_t2i_run, run_t2i_benchmark
@@ -434,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds of the FD samples")
     bench.add_argument("--forget", type=int, nargs="+", default=[],
                        help="forgotten classes: add unlearning accuracy and FD on the remaining classes per row")
+    bench.add_argument("--mode-set", default="squares",
+                       help="modes: the mode set the teacher was trained on (scripts/make_modes_data.py --mode-set)")
     bench.add_argument("--no-cache", action="store_true",
                        help="compare: resample the teacher's rows instead of reading the teacher-row cache")
     bench.set_defaults(run=_bench)

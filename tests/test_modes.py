@@ -8,7 +8,7 @@ import torch
 from conftest import save_folder, scheduler, tiny_unet
 
 from onestep.cli import main
-from onestep.data.modes import MODES, QUADRANTS, draw_square, make_modes_images, submode_weights, write_modes_folder
+from onestep.data.modes import MODE_SETS, QUADRANTS, draw_square, make_modes_images, write_modes_folder
 from onestep.errors import UserInputError
 from onestep.eval.modes import OFF_MODE, ModeCounts, classify_modes, count_modes, coverage
 
@@ -17,16 +17,37 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-def test_generated_set_has_exact_weights_and_the_rule_recovers_every_label(tmp_path):
-    images, modes, quadrants = make_modes_images(2000, seed=3)
+SQUARES, SECONDARIES = MODE_SETS["squares"], MODE_SETS["secondaries"]
+RED, GREEN = SQUARES.channels[:2]
+
+
+@pytest.mark.parametrize("name", sorted(MODE_SETS))
+def test_generated_set_has_exact_weights_and_the_rule_recovers_every_label(name):
+    modes_of = MODE_SETS[name]
+    images, modes, quadrants = make_modes_images(2000, seed=3, modes_of=modes_of)
     assert images.shape == (2000, 8, 8, 3) and images.dtype == np.uint8
-    cells = np.zeros((len(MODES), len(QUADRANTS)))
+    cells = np.zeros((len(modes_of.modes), len(QUADRANTS)))
     np.add.at(cells, (modes, quadrants), 1)
-    np.testing.assert_array_equal(cells, submode_weights() * 2000)  # stratified, not drawn
-    found_modes, found_quadrants = classify_modes(as_tensor(images))
+    np.testing.assert_allclose(cells, modes_of.submode_weights() * 2000)  # stratified, not drawn
+    found_modes, found_quadrants = classify_modes(as_tensor(images), modes_of)
     np.testing.assert_array_equal(found_modes.numpy(), modes)
     np.testing.assert_array_equal(found_quadrants.numpy(), quadrants)
-    assert (make_modes_images(2000, seed=3)[0] == images).all()  # seeded
+    assert (make_modes_images(2000, seed=3, modes_of=modes_of)[0] == images).all()  # seeded
+    other = SQUARES if modes_of is SECONDARIES else SECONDARIES  # no image of one set is a mode of the other
+    assert (classify_modes(as_tensor(images), other)[0] == OFF_MODE).all()
+
+
+def test_secondaries_have_unequal_submodes_and_a_blend_of_two_is_off_mode():
+    np.testing.assert_allclose(SECONDARIES.submode_weights().sum(), 1.0)
+    assert SECONDARIES.submode_weights()[2, 3] == pytest.approx(0.01)  # magenta, bottom-right: the rarest
+    yellow, cyan, _ = SECONDARIES.channels
+    blend = ((draw_square(yellow, 1, (0, 0), 1.0).astype(float) + draw_square(cyan, 1, (0, 0), 1.0)) / 2)
+    modes, _ = classify_modes(as_tensor(np.stack([blend.astype(np.uint8), draw_square(yellow, 1, (0, 0), 0.8)])),
+                              SECONDARIES)
+    assert modes.tolist() == [OFF_MODE, 0]
+
+
+def test_write_modes_folder_refuses_a_folder_in_use(tmp_path):
     write_modes_folder(tmp_path / "data", 80)
     assert len(list((tmp_path / "data").glob("*.png"))) == 80
     with pytest.raises(UserInputError, match="not an empty folder"):
@@ -34,12 +55,12 @@ def test_generated_set_has_exact_weights_and_the_rule_recovers_every_label(tmp_p
 
 
 def test_images_of_no_mode_are_off_mode():
-    red_top_left = draw_square(0, 0, (1, 1), 1.0)
+    red_top_left = draw_square(RED, 0, (1, 1), 1.0)
     yellow = red_top_left.copy()
     yellow[..., 1] = yellow[..., 0]  # red + green: a mixed colour, no mode
     pinkish = red_top_left.copy()
     pinkish[..., 2] = (0.4 * red_top_left[..., 0]).astype(np.uint8)  # a channel neither on nor off
-    two = red_top_left | draw_square(1, 3, (0, 0), 1.0)  # two squares
+    two = red_top_left | draw_square(GREEN, 3, (0, 0), 1.0)  # two squares
     straddling = np.zeros_like(red_top_left)
     straddling[2:5, 3:6, 0] = 255  # one square across two quadrants
     big = np.zeros_like(red_top_left)
@@ -99,15 +120,17 @@ def test_cli_modes_suite_on_a_tiny_run(tmp_path, capsys):
     run = _run_folder(tmp_path / "run", teacher_dir, tiny_unet(None, channels=3, seed=1))
     out = tmp_path / "bench"
     code = main(["bench", "--suite", "modes", str(run), "--out", str(out), "--num-samples", "12",
-                 "--teacher-steps", "2", "--seeds", "0", "1"])
+                 "--teacher-steps", "2", "--seeds", "0", "1", "--mode-set", "secondaries"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "modes.json").read_text())
+    assert report["mode_set"] == "secondaries" and set(report["rows"][1]["mode_shares"]) == set(SECONDARIES.names)
     assert [r["name"] for r in report["rows"]] == ["teacher DDIM 2", "dmd2 (run)"]
     for row in report["rows"]:  # random networks draw noise: every sample off-mode, no sub-mode to compare
         assert row["num_samples"] == 24 and row["off_mode"] == 1.0 and row["worst_submode_ratio"] is None
     assert [r["target_met"] for r in report["rows"]] == [None, False]  # the teacher is the reference
     table = (out / "modes.md").read_text()
     assert "N = 24 samples per sampler" in table and "| dmd2 (run) | 1 |" in table
+    assert "mode set secondaries" in table and "quadrants 0.4 / 0.3 / 0.2 / 0.1" in table
     assert "missed" in table and "reference" in table
     # a class-conditional teacher has no unconditional modes: one line, exit 2
     conditional = tmp_path / "conditional"
@@ -116,3 +139,6 @@ def test_cli_modes_suite_on_a_tiny_run(tmp_path, capsys):
                  "--out", str(tmp_path / "bench2"), "--num-samples", "4", "--teacher-steps", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "unconditional teacher" in err and "Traceback" not in err
+    code = main(["bench", "--suite", "modes", str(run), "--out", str(tmp_path / "bench3"), "--mode-set", "tulips"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown mode set 'tulips'" in err and not (tmp_path / "bench3").exists()

@@ -1,4 +1,4 @@
-"""Which mode and sub-mode an image of the generated mode set (`onestep.data.modes`) shows, decided by rule, and how
+"""Which mode and sub-mode an image of a generated mode set (`onestep.data.modes`) shows, decided by rule, and how
 a sampler's mode and sub-mode rates compare with its teacher's.
 
 No learned classifier is involved, so the measurement cannot be fooled by features a student happens to match: an
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onestep.data.modes import MODES, QUADRANTS, SIDE
+from onestep.data.modes import MODE_SETS, QUADRANTS, SIDE, ModeSet
 
 
 LIT = 0.4  # a pixel is lit when its brightest channel exceeds this (squares are drawn at 0.75..1, background 0)
@@ -25,8 +25,9 @@ IN_QUADRANT = 0.85  # share of the lit pixels inside the square's quadrant
 OFF_MODE = -1
 
 
-def classify_modes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mode, quadrant) of each uint8 (N, 3, 8, 8) image; both OFF_MODE (-1) where the image fits no mode."""
+def classify_modes(images: torch.Tensor, modes_of: ModeSet = MODE_SETS["squares"]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mode, quadrant) of each uint8 (N, 3, 8, 8) image in `modes_of`; both OFF_MODE (-1) where it fits no mode."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"classify_modes needs uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
     x = images.float() / 255.0
@@ -36,7 +37,7 @@ def classify_modes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # the lit region's colour: which channels are on (> CHANNEL_ON) / off (< CHANNEL_OFF), on average
     colour = (x * lit[:, None]).sum((2, 3)) / count.clamp(min=1)[:, None]
     on, off = colour > CHANNEL_ON, colour < CHANNEL_OFF
-    patterns = torch.tensor([channels for channels, _ in MODES.values()], dtype=torch.bool)  # (modes, 3)
+    patterns = torch.from_numpy(modes_of.channels).bool()  # (modes, 3)
     matches = ((on[:, None] == patterns) & (on | off)[:, None]).all(-1)  # (N, modes)
     mode = torch.where(matches.any(1), matches.float().argmax(1), OFF_MODE)
     # compact: bounding box of the lit pixels
@@ -59,20 +60,24 @@ def classify_modes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class ModeCounts:
-    """How many of `total` samples fell in each (mode, quadrant) cell; the rest are off-mode."""
+    """How many of `total` samples fell in each (mode, quadrant) cell of `modes_of`; the rest are off-mode."""
 
     cells: np.ndarray  # (modes, quadrants) int
     total: int
+    modes_of: ModeSet
 
     @classmethod
-    def of(cls, modes: torch.Tensor, quadrants: torch.Tensor) -> ModeCounts:
-        cells = np.zeros((len(MODES), len(QUADRANTS)), np.int64)
+    def of(cls, modes: torch.Tensor, quadrants: torch.Tensor, modes_of: ModeSet = MODE_SETS["squares"]
+           ) -> ModeCounts:
+        cells = np.zeros((len(modes_of.modes), len(QUADRANTS)), np.int64)
         on = modes != OFF_MODE
         np.add.at(cells, (modes[on].numpy(), quadrants[on].numpy()), 1)
-        return cls(cells, len(modes))
+        return cls(cells, len(modes), modes_of)
 
     def __add__(self, other: ModeCounts) -> ModeCounts:
-        return ModeCounts(self.cells + other.cells, self.total + other.total)
+        if other.modes_of != self.modes_of:
+            raise ValueError("cannot add counts of two different mode sets")
+        return ModeCounts(self.cells + other.cells, self.total + other.total, self.modes_of)
 
     @property
     def mode_shares(self) -> np.ndarray:
@@ -89,8 +94,8 @@ class ModeCounts:
         return 1.0 - self.cells.sum() / self.total
 
 
-def count_modes(images: torch.Tensor) -> ModeCounts:
-    return ModeCounts.of(*classify_modes(images))
+def count_modes(images: torch.Tensor, modes_of: ModeSet = MODE_SETS["squares"]) -> ModeCounts:
+    return ModeCounts.of(*classify_modes(images, modes_of), modes_of)
 
 
 def coverage(sample: ModeCounts, teacher: ModeCounts) -> dict:
@@ -107,7 +112,7 @@ def coverage(sample: ModeCounts, teacher: ModeCounts) -> dict:
     se_mode = math.sqrt(p[worst_mode] * (1 - p[worst_mode]) / sample.total
                         + q[worst_mode] * (1 - q[worst_mode]) / teacher.total)
     rs, rt = sample.submode_rates, teacher.submode_rates
-    names = list(MODES)
+    names = sample.modes_of.names
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(rt > 0, rs / rt, np.nan)  # undefined where the teacher never drew the sub-mode
     row = {"mode_shares": dict(zip(names, p.tolist(), strict=True)),
