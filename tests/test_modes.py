@@ -131,6 +131,7 @@ def test_cli_modes_suite_on_a_tiny_run(tmp_path, capsys):
     table = (out / "modes.md").read_text()
     assert "N = 24 samples per sampler" in table and "| dmd2 (run) | 1 |" in table
     assert "mode set secondaries" in table and "quadrants 0.4 / 0.3 / 0.2 / 0.1" in table
+    assert "was it trained on another (--mode-set)?" in capsys.readouterr().err  # a random teacher: all off-mode
     assert "missed" in table and "reference" in table
     # a class-conditional teacher has no unconditional modes: one line, exit 2
     conditional = tmp_path / "conditional"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,9 @@ def run_modes_suite(runs: list[Path], out: Path, num_samples: int = 10000, teach
         raise UserInputError(f"suite modes needs an unconditional teacher (configs/modes/teacher.yaml); "
                              f"{teacher_path} is conditional")
     reference = sampler_counts(teacher, modes_of, num_samples, seeds)
+    if reference.off_mode > 0.5:  # most likely a teacher of the other set: every row would be meaningless
+        print(f"warning: the teacher draws {reference.off_mode:.0%} off-mode samples of mode set {modes!r}; "
+              f"was it trained on another (--mode-set)?", file=sys.stderr)
     rows = [mode_row(f"teacher DDIM {teacher_steps}", reference, reference, teacher.nfe, target_met=None)]
     for run, cfg in configs.items():
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
