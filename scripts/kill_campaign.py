@@ -60,7 +60,7 @@ def train_command(run: Path, images: Path, steps: int, batch: int, shard: int) -
             f"data.latent_cache_shard_size={shard}", "data.num_workers=0", f"data.batch_size={batch}",
             "options.gan=true", f"train.max_steps={steps}", "train.max_minutes=null", "train.checkpoint_every=2",
             "train.keep_checkpoints=2", "train.log_every=1", "eval.num_samples=4", "eval.features=none",
-            "eval.metrics=[]"]
+            "eval.metrics=[]", "options.regression.num_pairs=4", "options.regression.teacher_steps=2"]
 
 
 def run_env() -> dict:

@@ -265,7 +265,8 @@ def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
     out = tiny_t2i_teacher / "dmd2"
     assert main(["train", str(ROOT / "configs/t2i/dmd2.yaml"), f"output_dir={out}",
                  f"teacher.path={tiny_t2i_teacher / 'teacher' / 'pipeline'}", "train.max_steps=2",
-                 "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8", "train.eval_every=0"]) == 0
+                 "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8", "train.eval_every=0",
+                 "options.regression.num_pairs=4", "options.regression.teacher_steps=2"]) == 0
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert {"fd_t2i/student", "digit_acc/student", "colour_acc/student", "colour_balance/student",
             "fd_t2i_mlp/student"} <= set(final)  # the second judge's FD beside the first's, on the same samples
@@ -287,9 +288,9 @@ TINY_RUN = ["train.max_steps=2", "train.max_minutes=null", "data.batch_size=4", 
             "train.eval_every=0"]
 
 
-@pytest.mark.parametrize("method", ["sfd", "msd", "disback", "boot"])
+@pytest.mark.parametrize("method", ["sid", "sfd", "sida", "msd", "disback", "boot"])
 def test_every_t2i_recipe_trains_and_is_judged_on_the_t2i_metrics(tiny_t2i_teacher, method):
-    """configs/t2i/{sfd,msd,disback,boot}.yaml (sid.yaml is sfd.yaml without forgetting) run on the toy teacher
+    """configs/t2i/{sid,sfd,sida,msd,disback,boot}.yaml run on the toy teacher
     and report FD-t2i and the three metrics; SFD also on the forgotten "seven" prompts and on the rest."""
     import json
 

@@ -61,6 +61,7 @@ MODE_SETS: dict[str, ModeSet] = {
     "secondaries": ModeSet({"yellow": ((1, 1, 0), 0.6), "cyan": ((0, 1, 1), 0.3), "magenta": ((1, 0, 1), 0.1)},
                            quadrant_weights=(0.4, 0.3, 0.2, 0.1)),
 }
+SQUARES = MODE_SETS["squares"]  # the first set, every function's default
 
 
 def mode_set(name: str) -> ModeSet:
@@ -79,7 +80,7 @@ def draw_square(channels: np.ndarray, quadrant: int, offset: tuple[int, int], br
     return image
 
 
-def make_modes_images(num_images: int, seed: int = 0, modes_of: ModeSet = MODE_SETS["squares"]
+def make_modes_images(num_images: int, seed: int = 0, modes_of: ModeSet = SQUARES
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 images (N, 8, 8, 3) with their modes (N,) and quadrants (N,), in a seeded random order.
 
@@ -104,7 +105,7 @@ def make_modes_images(num_images: int, seed: int = 0, modes_of: ModeSet = MODE_S
 
 
 def write_modes_folder(folder: Path, num_images: int = 4000, seed: int = 0,
-                       modes_of: ModeSet = MODE_SETS["squares"]) -> Path:
+                       modes_of: ModeSet = SQUARES) -> Path:
     """The images as PNG files in `folder` (an imagefolder for `data.name: image_folder`); refuses a non-empty
     folder so nothing on disk is overwritten."""
     from PIL import Image

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onestep.data.modes import MODE_SETS, QUADRANTS, SIDE, ModeSet
+from onestep.data.modes import QUADRANTS, SIDE, SQUARES, ModeSet
 
 
 LIT = 0.4  # a pixel is lit when its brightest channel exceeds this (squares are drawn at 0.75..1, background 0)
@@ -25,7 +25,7 @@ IN_QUADRANT = 0.85  # share of the lit pixels inside the square's quadrant
 OFF_MODE = -1
 
 
-def classify_modes(images: torch.Tensor, modes_of: ModeSet = MODE_SETS["squares"]
+def classify_modes(images: torch.Tensor, modes_of: ModeSet = SQUARES
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mode, quadrant) of each uint8 (N, 3, 8, 8) image in `modes_of`; both OFF_MODE (-1) where it fits no mode."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -67,7 +67,7 @@ class ModeCounts:
     modes_of: ModeSet
 
     @classmethod
-    def of(cls, modes: torch.Tensor, quadrants: torch.Tensor, modes_of: ModeSet = MODE_SETS["squares"]
+    def of(cls, modes: torch.Tensor, quadrants: torch.Tensor, modes_of: ModeSet = SQUARES
            ) -> ModeCounts:
         cells = np.zeros((len(modes_of.modes), len(QUADRANTS)), np.int64)
         on = modes != OFF_MODE
@@ -94,7 +94,7 @@ class ModeCounts:
         return 1.0 - self.cells.sum() / self.total
 
 
-def count_modes(images: torch.Tensor, modes_of: ModeSet = MODE_SETS["squares"]) -> ModeCounts:
+def count_modes(images: torch.Tensor, modes_of: ModeSet = SQUARES) -> ModeCounts:
     return ModeCounts.of(*classify_modes(images, modes_of), modes_of)
 
 
