@@ -230,3 +230,29 @@ def test_both_losses_noise_their_samples_with_unit_noise(method):
     for (x, _, _), (x_t, t) in ((samples[0], generator_input), (samples[1], fake_inputs[critic_start])):
         eps = (x_t - schedule.alpha(t) * x.detach()) / schedule.sigma(t)
         assert abs(eps.mean()) < 0.03 and abs(eps.std() - 1) < 0.02
+
+
+def test_regression_term_adds_weight_times_chw_times_the_paired_distance_and_reaches_only_the_generator(tmp_path):
+    from onestep.distillers.regression import RegressionOptions
+
+    regression = RegressionOptions(weight=0.5, num_pairs=6, teacher_steps=2, batch_size=3)
+    teacher = Teacher(tiny_unet(num_classes=3), scheduler())
+    sid = build_distiller("sid", teacher, SiDOptions(regression=regression), batch_size=4, regression_cache=tmp_path)
+    assert list(tmp_path.glob("regression-pairs-*.safetensors"))  # drawn once, cached like DMD's
+    (generator_update, _) = sid.updates()
+    torch.manual_seed(0)
+    out = generator_update.loss(sid.generator)
+    torch.manual_seed(0)
+    sid_only = sid.generator_loss(sid.generator).loss
+    distance = sid.regression.loss(sid.generator)  # the same pairs: the RNG is where the combined loss drew them
+    chw = 1 * 8 * 8
+    assert torch.allclose(out.loss, sid_only + 0.5 * chw * distance, rtol=1e-5)
+    assert out.logs["regression"] == pytest.approx(distance.item(), rel=1e-5) and "score_gap" in out.logs
+    out.loss.backward()
+    assert any(p.grad is not None for p in sid.generator.parameters())
+    assert all(p.grad is None for p in [*sid.fake.parameters(), *teacher.unet.parameters()])
+    assert _sid().regression is None  # off by default: SiD's loss alone
+    with pytest.raises(ValueError, match="forgotten concept"):
+        from onestep.distillers.sfd import SFDOptions
+
+        SFDOptions(forget=[1], override_class=0, regression=regression).validate()

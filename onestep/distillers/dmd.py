@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from onestep.distillers.base import Distiller
-from onestep.distillers.regression import PairedRegression, RegressionOptions
+from onestep.distillers.regression import RegressionOptions, paired_regression
 from onestep.errors import UserInputError
 from onestep.models.attention import differentiable_twice
 from onestep.models.augment import augment_ops, diff_augment
@@ -127,8 +127,7 @@ class DMD(Distiller):
         if options.gan and real is None:
             raise ValueError("the GAN term needs real images (data.name digits, image_folder or dataset)")
         self.real = real
-        self.regression = (PairedRegression(teacher, self.conditions, options.regression, regression_cache)
-                           if options.regression.weight > 0 else None)
+        self.regression = paired_regression(teacher, self.conditions, options.regression, regression_cache)
         T = teacher.schedule.num_train_timesteps
         # [dm_t_min T, dm_t_max T] inclusive: DMD2 samples t in [20, 980]
         self.dm_range = (round(options.dm_t_min * T), min(round(options.dm_t_max * T), T - 1) + 1)
@@ -181,11 +180,8 @@ class DMD(Distiller):
             loss_gan = gan_generator_loss(logits).mean()
             loss = loss + self.options.gan_generator_weight * loss_gan
             logs["gan"] = loss_gan.item()
-        if self.regression is not None:
-            loss_reg = self.regression.loss(generator)
-            loss = loss + self.options.regression.weight * loss_reg
-            logs["regression"] = loss_reg.item()
-        return LossOutput(loss, logs)
+        out = LossOutput(loss, logs)
+        return self.regression.add_to(out, generator) if self.regression is not None else out
 
     # --- critic -------------------------------------------------------------------------------------------------
     def critic_loss(self, fake) -> LossOutput:

@@ -15,6 +15,7 @@ from onestep.data.conditions import ConditionSampler
 from onestep.files import atomic_file
 from onestep.models.teacher import Teacher
 from onestep.sampling.teacher import sample_teacher
+from onestep.training.updates import LossOutput
 
 
 DISTANCES = ("mse", "pseudo_huber", "lpips")
@@ -30,6 +31,12 @@ class RegressionOptions:
     # an earlier run's pairs file (its OUTPUT_DIR/cache/regression-pairs-*.safetensors) to read instead of drawing
     # them again: it must have been drawn with this teacher, guidance, conditions and these num_pairs / teacher_steps
     pairs: str | None = None
+
+
+def paired_regression(teacher: Teacher, conditions: ConditionSampler, options: RegressionOptions,
+                      cache_dir: Path | None = None) -> PairedRegression | None:
+    """The term when its weight is on (its pairs drawn or read now), else None."""
+    return PairedRegression(teacher, conditions, options, cache_dir) if options.weight > 0 else None
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,3 +123,9 @@ class PairedRegression:
         if x_img.shape[1] == 1:
             x_img, y_img = x_img.repeat(1, 3, 1, 1), y_img.repeat(1, 3, 1, 1)
         return self._lpips(x_img, y_img).mean()
+
+    def add_to(self, out: LossOutput, generator, scale: float = 1.0) -> LossOutput:
+        """A generator loss plus weight x scale x this term (logged unweighted as `regression`); `scale` puts the
+        per-element distance in the units of a loss that sums over elements (SiD's)."""
+        loss = self.loss(generator)
+        return LossOutput(out.loss + self.options.weight * scale * loss, {**out.logs, "regression": loss.item()})

@@ -58,6 +58,8 @@ class SFDOptions(SiDOptions):
             raise ValueError("override fixed needs override_class")
         for pattern in self.prompt_rewrites:
             re.compile(pattern)
+        if self.regression.weight > 0:  # its pairs would pull the student back to the teacher's forgotten concept
+            raise ValueError("sfd does not take options.regression: the teacher's pairs include the forgotten concept")
 
 
 class SFD(SiD):

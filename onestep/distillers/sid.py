@@ -12,12 +12,14 @@ Algorithm (1:1 alternation):
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from onestep.distillers.base import Distiller
+from onestep.distillers.regression import RegressionOptions, paired_regression
 from onestep.models.conditioning import Condition
 from onestep.models.critics import FakeScore
 from onestep.models.denoising import denoising_loss, sample_timesteps
@@ -68,6 +70,10 @@ class SiDOptions:
     # teacher and the fake score, so its activation memory is ~3 UNets' worth without it
     gradient_checkpointing: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters instead of full fine-tuning (models/lora.py)
+    # DMD's paired regression (distillers/regression.py), off by default: a pull toward the teacher's own samples that
+    # SiD's score-gap loss lacks. Its distance is summed over C, H, W as SiD's loss is, so that a weight strikes the
+    # balance it strikes against DMD's per-element loss
+    regression: RegressionOptions = field(default_factory=RegressionOptions)
 
     def validate(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
@@ -89,9 +95,11 @@ class SiD(Distiller):
 
     options_cls = SiDOptions
 
-    def __init__(self, teacher, options: SiDOptions, conditions=None, judge=None, batch_size: int = 64, **_unused):
+    def __init__(self, teacher, options: SiDOptions, conditions=None, judge=None, batch_size: int = 64,
+                 regression_cache=None, **_unused):
         t_init = teacher.schedule.generator_timestep(options.init_ve_sigma)
         super().__init__(teacher, options, conditions, judge, [t_init], batch_size)
+        self.regression = paired_regression(teacher, self.conditions, options.regression, regression_cache)
         self.fake = FakeScore.from_teacher(teacher.unet, teacher.schedule,
                                             share_frozen=self.shares_base(critic=True))
         t_lo, t_hi = (int(teacher.schedule.timestep_for_ve_sigma(s)) for s in (options.sigma_min, options.sigma_max))
@@ -102,9 +110,16 @@ class SiD(Distiller):
 
     def updates(self) -> list[Update]:
         o = self.options
-        return [Update("generator", self.generator, self.generator_loss, o.generator_optimizer,
+        return [Update("generator", self.generator, self.regressed_generator_loss, o.generator_optimizer,
                        ema_decay=o.generator_ema),
                 Update("critic", self.fake, self.critic_loss, o.critic_optimizer)]
+
+    def regressed_generator_loss(self, generator) -> LossOutput:
+        """The method's generator loss (SiD's, SiDA's, SFD's) plus the paired regression term when it is on."""
+        out = self.generator_loss(generator)
+        if self.regression is None:
+            return out
+        return self.regression.add_to(out, generator, scale=math.prod(self.teacher.sample_shape))
 
     def guided(self, call: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], x_t: torch.Tensor,
                t: torch.Tensor, condition: Condition, scale: float) -> torch.Tensor:

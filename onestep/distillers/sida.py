@@ -79,8 +79,8 @@ class SiDA(SiD):
     options_cls = SiDAOptions
 
     def __init__(self, teacher, options: SiDAOptions, conditions=None, judge=None, batch_size: int = 64, real=None,
-                 **_unused):
-        super().__init__(teacher, options, conditions, judge, batch_size)
+                 regression_cache=None, **_unused):
+        super().__init__(teacher, options, conditions, judge, batch_size, regression_cache)
         if real is None:
             raise ValueError("sida's discriminator needs real images (data.name digits, image_folder or dataset)")
         self.real = real
