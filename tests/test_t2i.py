@@ -295,7 +295,8 @@ def test_every_t2i_recipe_trains_and_is_judged_on_the_t2i_metrics(tiny_t2i_teach
     import json
 
     out = tiny_t2i_teacher / method
-    extra = {"sfd": ["eval.num_samples=40"],
+    extra = {"sid": ["options.regression.num_pairs=4", "options.regression.teacher_steps=2"],
+             "sfd": ["eval.num_samples=40"],
              "msd": ["train.max_steps=1", "train.checkpoint_every=1", "options.num_students=2"],
              "disback": ["options.num_checkpoints=1", "options.steps_per_checkpoint=1", "options.switch_every=1"]}
     assert main(["train", str(ROOT / f"configs/t2i/{method}.yaml"), f"output_dir={out}",
