@@ -7,6 +7,8 @@ Algorithm (1:1 alternation):
              omega = sg(1 / mean_CHW |x_g - mu_real|),
              L_theta = mean_batch sum_CHW omega (mu_real - mu_fake) * [(mu_real - x_g) - alpha (mu_real - mu_fake)]
   with both score networks' parameters frozen in the generator loss (gradients reach G through their inputs).
+  optional (options.regression, not in the paper): + w C H W mean_i ||G(z_i, c_i) - y_i||^2 on DMD's cached pairs of
+             noise z_i and the teacher's ODE sample y_i (distillers/regression.py)
 """
 
 from __future__ import annotations
