@@ -20,6 +20,9 @@ from onestep.models.tiny_folders import save_folder
 torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
 
+# DMD's (and t2i SiD's) regression pairs in a test run: 4 pairs of 2 teacher steps instead of 1,000 of 50
+TINY_PAIRS = ["options.regression.num_pairs=4", "options.regression.teacher_steps=2"]
+
 
 def tiny_unet(num_classes: int | None = 3, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)

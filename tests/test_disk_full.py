@@ -10,12 +10,13 @@ import pytest
 
 from onestep.cli import main
 from onestep.training.checkpoints import verified_checkpoint
+from tests.conftest import TINY_PAIRS
 
 
 def overrides(out: Path, max_steps: int) -> list[str]:
     return ["configs/t2i/dmd2.yaml", f"output_dir={out}", f"train.max_steps={max_steps}", "train.max_minutes=null",
             "train.checkpoint_every=2", "data.batch_size=2", "eval.num_samples=4", "eval.features=none",
-            "eval.metrics=[]", "options.regression.num_pairs=4", "options.regression.teacher_steps=2"]
+            "eval.metrics=[]", *TINY_PAIRS]
 
 
 @pytest.fixture(scope="module")

@@ -257,6 +257,23 @@ def test_regression_pairs_of_an_earlier_run_are_read_only_when_drawn_for_the_sam
         PairedRegression(teacher, dmd.conditions, dataclasses.replace(options, pairs=str(tmp_path / "missing")))
 
 
+def test_regression_pairs_take_their_own_guidance_when_given(tmp_path):
+    import dataclasses
+
+    from onestep.distillers.regression import PairedRegression, RegressionOptions
+
+    unet, dmd = tiny_unet(num_classes=3), _dmd()
+    options = RegressionOptions(weight=1.0, num_pairs=4, teacher_steps=2)
+    at_two = PairedRegression(Teacher(unet, scheduler(), guidance_scale=2.0), dmd.conditions, options, tmp_path)
+    at_one = Teacher(unet, scheduler(), guidance_scale=1.0)
+    given = PairedRegression(at_one, dmd.conditions, dataclasses.replace(options, guidance_scale=2.0))
+    assert torch.allclose(given.targets, at_two.targets, atol=1e-6)  # the sampler ran at 2, the real score stays at 1
+    assert not torch.allclose(PairedRegression(at_one, dmd.conditions, options).targets, at_two.targets, atol=1e-3)
+    (pairs,) = tmp_path.glob("regression-pairs-*.safetensors")  # and a file drawn at 2 serves it
+    read = PairedRegression(at_one, dmd.conditions, dataclasses.replace(options, guidance_scale=2.0, pairs=str(pairs)))
+    assert torch.equal(read.targets, at_two.targets)
+
+
 @pytest.mark.parametrize("distance", ["mse", "pseudo_huber"])
 def test_regression_distances(distance, tmp_path):
     from onestep.distillers.regression import PairedRegression, RegressionOptions

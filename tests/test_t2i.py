@@ -15,6 +15,7 @@ from onestep.data.digits_t2i import (
     load_digits_t2i,
     parse_caption,
 )
+from tests.conftest import TINY_PAIRS
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +267,7 @@ def test_dmd2_distills_the_t2i_teacher(tiny_t2i_teacher):
     assert main(["train", str(ROOT / "configs/t2i/dmd2.yaml"), f"output_dir={out}",
                  f"teacher.path={tiny_t2i_teacher / 'teacher' / 'pipeline'}", "train.max_steps=2",
                  "train.max_minutes=null", "data.batch_size=4", "eval.num_samples=8", "train.eval_every=0",
-                 "options.regression.num_pairs=4", "options.regression.teacher_steps=2"]) == 0
+                 *TINY_PAIRS]) == 0
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert {"fd_t2i/student", "digit_acc/student", "colour_acc/student", "colour_balance/student",
             "fd_t2i_mlp/student"} <= set(final)  # the second judge's FD beside the first's, on the same samples
@@ -295,7 +296,7 @@ def test_every_t2i_recipe_trains_and_is_judged_on_the_t2i_metrics(tiny_t2i_teach
     import json
 
     out = tiny_t2i_teacher / method
-    extra = {"sid": ["options.regression.num_pairs=4", "options.regression.teacher_steps=2"],
+    extra = {"sid": TINY_PAIRS,
              "sfd": ["eval.num_samples=40"],
              "msd": ["train.max_steps=1", "train.checkpoint_every=1", "options.num_students=2"],
              "disback": ["options.num_checkpoints=1", "options.steps_per_checkpoint=1", "options.switch_every=1"]}

@@ -28,6 +28,9 @@ class RegressionOptions:
     num_pairs: int = 1000  # (noise, teacher sample) pairs drawn once
     teacher_steps: int = 50  # DDIM steps of the teacher's deterministic sampler
     batch_size: int = 16  # pairs per regression step
+    # the teacher's guidance for the pairs; None: the real score's (`teacher.guidance_scale`), as in DMD. Another
+    # scale lets the pairs come from the teacher's best sampling scale while the real score distils below it
+    guidance_scale: float | None = None
     # an earlier run's pairs file (its OUTPUT_DIR/cache/regression-pairs-*.safetensors) to read instead of drawing
     # them again: it must have been drawn with this teacher, guidance, conditions and these num_pairs / teacher_steps
     pairs: str | None = None
@@ -66,13 +69,18 @@ class PairedRegression:
                              "disk; use mse or pseudo_huber otherwise") from None
         return lpips.LPIPS(net="vgg").eval().requires_grad_(False)
 
+    @property
+    def guidance_scale(self) -> float:
+        given = self.options.guidance_scale
+        return self.teacher.guidance_scale if given is None else given
+
     def _key(self) -> str:
         """What the pairs depend on: the teacher (its weights' sum, guidance), the conditions and the sampler."""
         o, c = self.options, self.conditions
         listed = c.prompts if c.prompts is not None else (c.classes.tolist() if c.classes is not None else [])
         identity = {"num_pairs": o.num_pairs, "steps": o.teacher_steps, "shape": list(self.teacher.sample_shape),
                     "conditions": hashlib.sha256(json.dumps(listed).encode()).hexdigest(),
-                    "guidance": self.teacher.guidance_scale,
+                    "guidance": self.guidance_scale,
                     "teacher": sum(float(p.double().sum()) for p in self.teacher.unet.parameters())}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -89,7 +97,8 @@ class PairedRegression:
         noise = torch.randn((n, *self.teacher.sample_shape), generator=rng)
         index = torch.randint(0, max(len(self.conditions), 1), (n,), generator=rng)
         condition = self.conditions.condition(index, self.teacher.device)
-        targets = sample_teacher(self.teacher, condition, n, self.options.teacher_steps, "ddim", noise=noise).cpu()
+        targets = sample_teacher(self.teacher, condition, n, self.options.teacher_steps, "ddim", self.guidance_scale,
+                                 noise=noise).cpu()
         if path is not None:
             with atomic_file(path) as f:
                 f.write(save({"noise": noise, "index": index, "targets": targets},
