@@ -56,6 +56,9 @@ class PairedRegression:
                  cache_dir: Path | None = None):
         if options.distance not in DISTANCES:
             raise ValueError(f"regression.distance must be one of {DISTANCES}, got {options.distance!r}")
+        if options.guidance_scale is not None and len(conditions) == 0:
+            raise ValueError("regression.guidance_scale needs a conditional teacher: an unconditional one has no "
+                             "guidance to set (leave it null)")
         self.teacher, self.conditions, self.options = teacher, conditions, options
         self._lpips = self._load_lpips() if options.distance == "lpips" else None
         self.noise, self.index, self.targets = self._pairs(cache_dir)
