@@ -272,8 +272,8 @@ def test_regression_pairs_take_their_own_guidance_when_given(tmp_path):
     (pairs,) = tmp_path.glob("regression-pairs-*.safetensors")  # and a file drawn at 2 serves it
     read = PairedRegression(at_one, dmd.conditions, dataclasses.replace(options, guidance_scale=2.0, pairs=str(pairs)))
     assert torch.equal(read.targets, at_two.targets)
+    unconditional = Teacher(tiny_unet(num_classes=None), scheduler())
     with pytest.raises(ValueError, match="needs a conditional teacher"):  # guidance would silently do nothing
-        unconditional = Teacher(tiny_unet(num_classes=None), scheduler())
         PairedRegression(unconditional, ConditionSampler(), dataclasses.replace(options, guidance_scale=2.0))
 
 
